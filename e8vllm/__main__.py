@@ -1,0 +1,3 @@
+from e8vllm.cli import main
+
+main()
