@@ -107,6 +107,16 @@ def e8p_decode_blocks(words: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _alpha() -> float:
+    """The trained scale factor, stored in ``e8_tables.json`` (key ``e8p-2``) by :func:`train_alpha`."""
+    from .e8 import _stored_tables
+
+    entry = _stored_tables().get("e8p-2")
+    if entry is None:
+        raise ValueError("no trained E8P scale in e8_tables.json; run `python -m e8vllm.codecs.e8p`")
+    return float(entry["alpha"])
+
+
+def train_alpha() -> float:
     """Scale (in RMS units) minimizing E8P's MSE on RMS-normalized Gaussian vectors (seeded)."""
     g = torch.Generator().manual_seed(4321)
     x = torch.randn(2000, 64, generator=g)
@@ -188,3 +198,14 @@ def _factory(head_dim: int, **kw) -> E8PCodec:
 register("e8p-2bit", 132, _factory, family="e8", nominal_bits=2.0,
          summary="E8P ball-shaped 2-bit E8 codebook (256-entry table + signs + ±¼ shift), "
                  "per-vector scale search, Hadamard rotation, fp16 scale")
+
+
+if __name__ == "__main__":  # pragma: no cover - regenerates the stored scale
+    import json
+
+    from .e8 import TABLES_PATH
+
+    tables = json.loads(TABLES_PATH.read_text())
+    tables["e8p-2"] = {"alpha": train_alpha()}
+    TABLES_PATH.write_text(json.dumps(tables))
+    print(tables["e8p-2"])

@@ -210,3 +210,23 @@ def test_e8_bad_input(bad):
         codecs.get("e8-4bit", head_dim=60)
     with pytest.raises(ValueError):
         codecs.get("e8-5bit", head_dim=64)
+
+
+def test_e8p_codebook_and_exact_encoder():
+    """E8P: 2^16 distinct points of E8 ± ¼, encoder = brute-force argmin, 2-bit target <= 0.095."""
+    from e8vllm.codecs.e8p import e8p_decode_blocks, e8p_encode_blocks, e8p_table
+
+    table = e8p_table()
+    assert table.shape == (256, 8) and (table.square().sum(1) <= 12).all()
+    book = e8p_decode_blocks(torch.arange(1 << 16))
+    assert torch.unique(book, dim=0).shape[0] == 1 << 16
+    assert (is_member_e8(book - 0.25) | is_member_e8(book + 0.25)).all()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1500, 8, generator=g) * torch.tensor([0.5, 1.0, 2.0]).repeat(500)[:, None]
+    words, err = e8p_encode_blocks(x)
+    torch.testing.assert_close(err, (e8p_decode_blocks(words) - x).square().sum(1), rtol=1e-4, atol=1e-5)
+    brute = torch.cdist(x.double(), book.double()).square().min(1).values
+    torch.testing.assert_close(err.double(), brute, rtol=1e-4, atol=1e-5)
+    u = torch.randn(20_000, 8, generator=g)
+    mse = e8p_encode_blocks(u / 0.95)[1].mean().item() * 0.95 ** 2 / 8
+    assert mse <= 0.095, mse
