@@ -13,6 +13,9 @@ ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
 source "$ROOT/scripts/env.sh" || exit 1
 
 export VLLM_TARGET_DEVICE="${VLLM_TARGET_DEVICE:-cpu}"
+# Load only our vLLM plugin: the peer package glq (installed for the codec benchmark) ships a
+# vllm.general_plugins entry point of its own that would otherwise run in every vLLM process.
+export VLLM_PLUGINS="${VLLM_PLUGINS:-e8vllm}"
 # OMP_NUM_THREADS and TRITON_INTERPRET are deliberately left as the caller has them
 # (tests that need TRITON_INTERPRET=1 set it themselves).
 
