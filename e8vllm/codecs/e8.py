@@ -347,9 +347,9 @@ class E8Codec(Codec):
         """Rotated vectors y float32 [N, D] -> (fields int64 [N, D], fp16-exact scale float32 [N])."""
         n, d = y.shape
         rms = y.square().mean(1).sqrt()
-        best_err = torch.full((n,), INF)
-        best_fields = torch.zeros((n, d), dtype=torch.int64)
-        best_scale = torch.zeros(n)
+        best_err = torch.full((n,), INF, device=y.device)
+        best_fields = torch.zeros((n, d), dtype=torch.int64, device=y.device)
+        best_scale = torch.zeros(n, device=y.device)
         lo, hi = (0.75, 1.25)
         for f in _scale_factors(self.n_scales, lo, hi):
             s = fp16_round(rms * f)
@@ -371,7 +371,7 @@ class E8Codec(Codec):
         """x: float [N, D] -> uint8 [N, code_bytes] (packed fields, then the fp16 scale)."""
         y = check_vectors(x, self.head_dim)
         if y.shape[0] == 0:
-            return torch.empty((0, self.code_bytes), dtype=torch.uint8)
+            return torch.empty((0, self.code_bytes), dtype=torch.uint8, device=y.device)
         y = cached_rotation(self.head_dim, self.seed).forward(y)
         fields, scale = self.encode_rotated(y)
         return torch.cat([pack_bits(fields, self.bits), fp16_bytes(scale)], 1)
@@ -445,12 +445,12 @@ class E8VoronoiCodec(Codec):
         """u [M, 8] (units of the fine step) -> (indices mod q int64 [M, 8], reconstruction [M, 8])."""
         q = 1 << self.bits
         p = nearest_e8(u)
-        k = torch.round(p.double() @ _GINV).long() % q
+        k = torch.round(p.double() @ _GINV.to(p.device)).long() % q
         return k, self._reconstruct(k)
 
     def _reconstruct(self, k: torch.Tensor) -> torch.Tensor:
         q = 1 << self.bits
-        p = (k.double() @ _G).float()
+        p = (k.double() @ _G.to(k.device)).float()
         return p - q * nearest_e8(p / q)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -458,10 +458,12 @@ class E8VoronoiCodec(Codec):
         y = check_vectors(x, self.head_dim)
         n, d = y.shape
         if n == 0:
-            return torch.empty((0, self.code_bytes), dtype=torch.uint8)
+            return torch.empty((0, self.code_bytes), dtype=torch.uint8, device=y.device)
         y = cached_rotation(self.head_dim, self.seed).forward(y)
         rms = y.square().mean(1).sqrt()
-        best = (torch.full((n,), INF), torch.zeros((n, d), dtype=torch.int64), torch.zeros(n))
+        dev = y.device
+        best = (torch.full((n,), INF, device=dev), torch.zeros((n, d), dtype=torch.int64, device=dev),
+                torch.zeros(n, device=dev))
         for f in _scale_factors(self.n_scales, 0.6, 1.6):
             s = fp16_round(rms * f * self.step)
             s = torch.where(s > 0, s, torch.ones_like(s))

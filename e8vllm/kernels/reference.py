@@ -1,0 +1,522 @@
+r"""Vectorized PyTorch write path and paged attention over a packed E8 KV cache.
+
+Cache layout (what vLLM 0.32's CPU backend hands an attention impl after our ``customize_spec``,
+``KVCacheLayout.LBHNC``; and what our 0.26 ``get_kv_cache_shape`` returns)::
+
+    kv_cache: uint8 [num_blocks, H_kv, block_size, slot_bytes]        (a strided view is fine)
+    slot    = [ K code (k_codec.code_bytes) | V code (v_codec.code_bytes) ]
+
+A token at absolute position ``p`` of sequence ``i`` lives at block ``block_table[i, p // bs]``,
+offset ``p % bs``; ``slot_mapping`` (write path) gives ``block * bs + offset`` per new token,
+``-1`` = padding (skipped).
+
+Three pieces:
+
+(a) :func:`write_kv_cache` encodes key/value [T, H_kv, D] with the K and V codecs and scatters the
+    codes by ``slot_mapping``.
+(b) :func:`paged_attention` computes causal GQA attention for a whole vLLM batch (prefill, chunked
+    prefill and decode mixed, described by ``query_start_loc`` / ``seq_lens`` / ``block_table``),
+    reading K and V **only from the cache**, so prefill tokens also see quantized K/V. It decodes
+    each needed cache slot once per call (shared prefix blocks once), in the rotated domain: an
+    orthonormal rotation R gives q·k = (Rq)·(Rk), so queries are rotated once, codes are decoded
+    without the per-vector inverse rotation, and the attention output (a convex combination of
+    rotated values) is rotated back once. Decode rows (one query token) of all sequences go
+    through one padded, masked, fused SDPA call (GQA via ``enable_gqa``); each prefill / chunked
+    prefill sequence through one SDPA call with a bottom-right-aligned causal mask.
+    The write path uses :func:`fast_e8_encode`, the codec's encoder with its scale search batched
+    (bit-identical codes, checked against ``codec.encode`` when a format is built).
+(c) :func:`reference_attention` is the obviously-correct float64 version: per sequence, gather the
+    dequantized cache with ``codec.decode`` and loop over heads with plain softmax attention.
+
+Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from e8vllm.codecs.base import Codec
+from e8vllm.hadamard import HadamardRotation, rotation
+
+__all__ = ["E8KVFormat", "unpack_fields", "pack_fields", "fast_e8_encode", "write_kv_cache", "paged_attention", "reference_attention",
+           "gather_dequantized", "check_cache_layout", "codec_names"]
+
+#: float32 elements of the biggest score / gathered-K temporary built at once (~64 MiB).
+SCORE_BUDGET = 1 << 24
+#: vectors per write above which the codec's own (per-factor) encoder is used: the batched
+#: search only saves call overhead, and is slightly slower once the work is memory-bound.
+FAST_ENCODE_MAX = 1024
+
+
+def codec_names(k_bits: int, v_bits: int, variant: str = "") -> tuple[str, str]:
+    """Registry names of the K and V codecs for a dtype's bits ('' = scale search, 'rms')."""
+    if variant not in ("", "rms"):
+        raise ValueError(f"codec variant must be '' or 'rms', got {variant!r}")
+    suffix = "-rms" if variant == "rms" else ""
+    return f"e8-{k_bits}bit{suffix}", f"e8-{v_bits}bit{suffix}"
+
+
+def _rotated_parts(codec: Codec) -> tuple[HadamardRotation, int, int] | None:
+    """(rotation, bits, packed field bytes) when ``codec`` stores 'bit-packed fields + fp16 scale'
+    of a rotated vector and can decode them without the inverse rotation; else None."""
+    from e8vllm.codecs.e8 import E8Codec  # deferred: loads the trained tables
+
+    if not isinstance(codec, E8Codec):
+        return None
+    nb = codec.head_dim * codec.bits // 8
+    if codec.code_bytes != nb + 2:  # pragma: no cover - guards a future format change
+        return None
+    return rotation(codec.head_dim, codec.seed), codec.bits, nb
+
+
+def unpack_fields(packed: Tensor, bits: int) -> Tensor:
+    """Bit-unpack fields stored by ``codecs.base.pack_bits`` (little-endian bit stream).
+
+    Eight fields of ``bits`` bits fill exactly ``bits`` bytes, so each group of ``bits`` bytes is
+    read as one little-endian word and split by shifts (no per-bit expansion).
+
+    Args:
+        packed: uint8 [..., M * bits / 8], M a multiple of 8.
+        bits: 1..8.
+    Returns:
+        int64 [..., M], each < 2**bits.
+    """
+    lead = packed.shape[:-1]
+    g = packed.reshape(*lead, -1, bits).to(torch.int64)  # [..., M/8, bits]
+    word = g[..., 0]
+    for i in range(1, bits):
+        word = word | (g[..., i] << (8 * i))
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    fields = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., M/8, 8]
+    return fields.reshape(*lead, -1)
+
+
+def pack_fields(fields: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`unpack_fields` (same bytes as ``codecs.base.pack_bits``).
+
+    Args:
+        fields: int [..., M] each < 2**bits, M a multiple of 8.
+    Returns:
+        uint8 [..., M * bits / 8].
+    """
+    lead = fields.shape[:-1]
+    f = fields.to(torch.int64).reshape(*lead, -1, 8)
+    shifts = torch.arange(8, device=fields.device, dtype=torch.int64) * bits
+    word = (f << shifts).sum(-1)  # disjoint bit ranges: sum == or
+    byte_shifts = torch.arange(bits, device=fields.device, dtype=torch.int64) * 8
+    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF  # [..., M/8, bits]
+    return out.to(torch.uint8).reshape(*lead, -1)
+
+
+#: scale-factor range of ``E8Codec.encode_rotated`` (mirrored; guarded by ``_fast_encoder_ok``)
+_E8_SCALE_RANGE = (0.75, 1.25)
+
+
+def fast_e8_encode(codec: Codec, x: Tensor) -> Tensor:
+    """``E8Codec.encode`` with its per-vector scale search done in one batched block-code call.
+
+    Same expressions per scale factor as the codec (so bit-identical codes: every block of the
+    block-code search is independent of the others, and the first strictly-best factor wins as
+    in the codec's loop), but one ``BlockCode.encode`` over all factors instead of one per
+    factor: ~n_scales x fewer small-tensor calls, which dominates the per-token write cost.
+
+    Args:
+        codec: an ``E8Codec``.
+        x: float [N, D].
+    Returns:
+        uint8 [N, code_bytes].
+    """
+    from e8vllm.codecs.base import check_vectors
+    from e8vllm.codecs.e8 import _scale_factors
+    from e8vllm.codecs.uniform import cached_rotation, fp16_round
+
+    d = codec.head_dim
+    y = check_vectors(x, d)
+    n = y.shape[0]
+    if n == 0:
+        return torch.empty((0, codec.code_bytes), dtype=torch.uint8, device=y.device)
+    y = cached_rotation(d, codec.seed).forward(y)  # type: ignore[attr-defined]
+    rms = y.square().mean(1).sqrt()
+    # float32 factors: ``rms * f`` with a Python float f also multiplies in float32
+    fs = torch.tensor(_scale_factors(codec.n_scales, *_E8_SCALE_RANGE),  # type: ignore[attr-defined]
+                      dtype=torch.float32, device=y.device)
+    m = fs.shape[0]
+    scales = fp16_round(rms[None, :] * fs[:, None])  # [m, n]
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    fields, err = codec.code.encode((y[None] / scales[..., None]).reshape(-1, 8))  # type: ignore[attr-defined]
+    err = err.reshape(m, n, -1).sum(2) * scales.square()
+    best = torch.argmin(err, dim=0) if m > 1 else torch.zeros(n, dtype=torch.int64, device=y.device)
+    ar = torch.arange(n, device=y.device)
+    fields = fields.reshape(m, n, d)[best, ar]
+    scale = scales[best, ar]
+    sb = scale.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
+    return torch.cat([pack_fields(fields, codec.bits), sb], 1)  # type: ignore[attr-defined]
+
+
+def _fast_encoder_ok(codec: Codec) -> bool:
+    """True when :func:`fast_e8_encode` reproduces ``codec.encode`` bit for bit on a probe batch
+    (Gaussian vectors, outliers, tiny and zero vectors); otherwise the codec's own encoder is used."""
+    from e8vllm.codecs.e8 import E8Codec
+
+    if type(codec) is not E8Codec or not all(hasattr(codec, a) for a in ("n_scales", "code", "bits", "seed")):
+        return False
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(96, codec.head_dim, generator=g)
+    x[:16, 5] *= 40.0
+    x[16:24] *= 1e-3
+    x[24:26] = 0.0
+    x[26:32] = x[26:32].round()
+    try:
+        return bool(torch.equal(fast_e8_encode(codec, x), codec.encode(x)))
+    except Exception:  # pragma: no cover - any drift in the codec internals
+        return False
+
+
+@dataclass(frozen=True)
+class E8KVFormat:
+    """The packed (token, kv-head) slot: ``[K code | V code]`` of ``slot_bytes`` bytes.
+
+    Attributes:
+        head_size: D.
+        k_codec, v_codec: codecs for keys and values (``encode`` [N, D] -> uint8 [N, code_bytes]).
+    """
+
+    head_size: int
+    k_codec: Codec
+    v_codec: Codec
+    _k_rot: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _v_rot: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _fast: tuple[bool, bool] = field(default=(False, False), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, c in (("k_codec", self.k_codec), ("v_codec", self.v_codec)):
+            if c.head_dim != self.head_size:
+                raise ValueError(f"{name} is for head_dim {c.head_dim}, format for {self.head_size}")
+        object.__setattr__(self, "_k_rot", _rotated_parts(self.k_codec))
+        object.__setattr__(self, "_v_rot", _rotated_parts(self.v_codec))
+        fk = _fast_encoder_ok(self.k_codec)
+        fv = fk if self.v_codec == self.k_codec else _fast_encoder_ok(self.v_codec)
+        object.__setattr__(self, "_fast", (fk, fv))
+
+    @classmethod
+    def from_bits(cls, head_size: int, k_bits: int, v_bits: int, variant: str = "") -> "E8KVFormat":
+        """The format of ``e8_k{k_bits}v{v_bits}`` (codecs ``e8-{b}bit[-rms]``).
+
+        Raises ValueError for a head size the rotation/codec does not support.
+        """
+        import e8vllm.codecs as codecs
+
+        kn, vn = codec_names(k_bits, v_bits, variant)
+        return cls(head_size, codecs.get(kn, head_dim=head_size), codecs.get(vn, head_dim=head_size))
+
+    # ---- sizes ------------------------------------------------------------------------------
+    @property
+    def k_bytes(self) -> int:
+        return self.k_codec.code_bytes
+
+    @property
+    def v_bytes(self) -> int:
+        return self.v_codec.code_bytes
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes per (token, kv-head): K code + V code."""
+        return self.k_bytes + self.v_bytes
+
+    # ---- encoding ---------------------------------------------------------------------------
+    @property
+    def uses_fast_encoder(self) -> tuple[bool, bool]:
+        """(K, V): whether :func:`fast_e8_encode` (verified bit-exact at construction) is used."""
+        return self._fast
+
+    def encode_kv(self, key: Tensor, value: Tensor) -> Tensor:
+        """key, value float [N, H, D] -> slots uint8 [N, H, slot_bytes] (``[K code | V code]``).
+
+        Bit-identical to ``cat([k_codec.encode(k), v_codec.encode(v)])``; K and V go through one
+        encoder call when they share the codec.
+        """
+        n, h, d = key.shape
+        kf, vf = key.reshape(n * h, d), value.reshape(n * h, d)
+        fast = self._fast if 2 * n * h <= FAST_ENCODE_MAX else (False, False)
+        if self.k_codec == self.v_codec:
+            enc = fast_e8_encode if fast[0] else (lambda c, x: c.encode(x))
+            both = enc(self.k_codec, torch.cat([kf, vf]))
+            ck, cv = both[: n * h], both[n * h:]
+        else:
+            ck = fast_e8_encode(self.k_codec, kf) if fast[0] else self.k_codec.encode(kf)
+            cv = fast_e8_encode(self.v_codec, vf) if fast[1] else self.v_codec.encode(vf)
+        return torch.cat([ck.reshape(n, h, -1), cv.reshape(n, h, -1)], dim=-1)
+
+    # ---- rotated domain ---------------------------------------------------------------------
+    @property
+    def k_rotation(self) -> HadamardRotation | None:
+        """R applied to queries (None: keys decode to the plain domain)."""
+        return None if self._k_rot is None else self._k_rot[0]
+
+    @property
+    def v_rotation(self) -> HadamardRotation | None:
+        """R whose inverse is applied to the attention output (None: identity)."""
+        return None if self._v_rot is None else self._v_rot[0]
+
+    @staticmethod
+    def _decode(codec: Codec, parts: tuple | None, codes: Tensor) -> Tensor:
+        """uint8 [..., code_bytes] -> float32 [..., D], rotated domain when ``parts``."""
+        lead = codes.shape[:-1]
+        flat = codes.reshape(-1, codes.shape[-1])
+        if flat.shape[0] == 0:
+            return torch.empty(*lead, codec.head_dim, dtype=torch.float32, device=codes.device)
+        if parts is None:
+            return codec.decode(flat.contiguous()).reshape(*lead, -1)
+        _rot, bits, nb = parts
+        fields = unpack_fields(flat[:, :nb], bits)
+        scale = flat[:, nb:nb + 2].contiguous().view(torch.float16).reshape(-1).float()
+        return codec.decode_rotated(fields, scale).reshape(*lead, -1)  # type: ignore[attr-defined]
+
+    def decode_kv_rotated(self, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Slots uint8 [..., slot_bytes] -> (K, V) float32 [..., D] each, rotated domains.
+
+        One decoder call for K and V together when they share the codec."""
+        kc, vc = slots[..., :self.k_bytes], slots[..., self.k_bytes:]
+        if self.k_codec == self.v_codec:
+            both = self._decode(self.k_codec, self._k_rot, torch.stack([kc, vc]))
+            return both[0], both[1]
+        return self.decode_k_rotated(kc), self.decode_v_rotated(vc)
+
+    def decode_k_rotated(self, codes: Tensor) -> Tensor:
+        """K codes uint8 [..., k_bytes] -> float32 [..., D] in the K rotation's domain."""
+        return self._decode(self.k_codec, self._k_rot, codes)
+
+    def decode_v_rotated(self, codes: Tensor) -> Tensor:
+        """V codes uint8 [..., v_bytes] -> float32 [..., D] in the V rotation's domain."""
+        return self._decode(self.v_codec, self._v_rot, codes)
+
+
+def check_cache_layout(kv_cache: Tensor, num_kv_heads: int, fmt: E8KVFormat, what: str = "") -> None:
+    """Raise RuntimeError unless ``kv_cache`` is uint8 [num_blocks, num_kv_heads, block_size, slot_bytes]."""
+    ok = (kv_cache.dtype == torch.uint8 and kv_cache.dim() == 4 and kv_cache.shape[1] == num_kv_heads
+          and kv_cache.shape[3] == fmt.slot_bytes)
+    if not ok:
+        raise RuntimeError(
+            f"e8vllm: KV cache page layout mismatch{' for ' + what if what else ''}: expected a uint8 "
+            f"[num_blocks, {num_kv_heads}, block_size, {fmt.slot_bytes}] view ({fmt.k_bytes} B K code + "
+            f"{fmt.v_bytes} B V code per token-head, head_size {fmt.head_size}), got {kv_cache.dtype} "
+            f"{list(kv_cache.shape)}. The page-size hook of e8vllm.vllm_plugin.spec did not apply "
+            f"(unsupported vLLM version or a feature that rebuilds KV specs, e.g. "
+            f"kv_cache_dtype_skip_layers / hybrid models / KV connectors).")
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) write path
+# ---------------------------------------------------------------------------------------------
+def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor,
+                   fmt: E8KVFormat) -> None:
+    """Encode and scatter new tokens into the packed cache (in place).
+
+    Args:
+        key, value: float [T', H_kv, D] (T' >= T; rows beyond ``slot_mapping`` are padding).
+        kv_cache: uint8 [num_blocks, H_kv, block_size, slot_bytes].
+        slot_mapping: int [T]; ``block * block_size + offset``, -1 = skip the token.
+        fmt: the slot format.
+    """
+    t = slot_mapping.shape[0]
+    if t == 0:
+        return
+    slots = slot_mapping.to(torch.int64)
+    valid = slots >= 0
+    key, value = key[:t], value[:t]
+    if not bool(valid.all()):
+        idx = valid.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return
+        slots, key, value = slots[idx], key[idx], value[idx]
+    bs = kv_cache.shape[2]
+    # advanced indices around a slice: the indexed result is [n, H, C]
+    kv_cache[slots // bs, :, slots % bs, :] = fmt.encode_kv(key, value).to(kv_cache.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) paged attention
+# ---------------------------------------------------------------------------------------------
+def _batch_slots(seq_lens: Tensor, block_table: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Cache slot of every (sequence, position < seq_len), flattened.
+
+    Returns (slots int64 [N], starts int64 [B]) with N = sum(seq_lens); sequence i owns
+    entries ``starts[i] : starts[i] + seq_lens[i]``.
+    """
+    lens = seq_lens.to(torch.int64)
+    b = lens.shape[0]
+    starts = torch.zeros(b, dtype=torch.int64, device=lens.device)
+    if b > 1:
+        starts[1:] = torch.cumsum(lens, 0)[:-1]
+    total = int(lens.sum())
+    seq_id = torch.repeat_interleave(torch.arange(b, device=lens.device), lens)
+    pos = torch.arange(total, device=lens.device) - starts[seq_id]
+    blk = block_table[seq_id, pos // block_size].to(torch.int64)
+    return blk * block_size + pos % block_size, starts
+
+
+def _gather_codes(kv_cache: Tensor, slots: Tensor) -> Tensor:
+    """uint8 [U, H, C] codes of the given slots (block * bs + off)."""
+    bs = kv_cache.shape[2]
+    return kv_cache[slots // bs, :, slots % bs, :]
+
+
+def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, seq_lens: Tensor,
+                    block_table: Tensor, fmt: E8KVFormat, *, num_kv_heads: int | None = None,
+                    scale: float | None = None, out: Tensor | None = None) -> Tensor:
+    """Causal GQA attention over the packed cache for one vLLM batch.
+
+    Sequence i has query rows ``query_start_loc[i]:query_start_loc[i+1]`` (q_i tokens, the last q_i
+    of its seq_lens[i] tokens, all already written to the cache); query token t of it sits at
+    position ``seq_lens[i] - q_i + t`` and attends to positions ``<= `` that. Query head j uses KV
+    head ``j // (H_q / H_kv)``.
+
+    Args:
+        query: float [T', H_q, D], T' >= T = query_start_loc[-1].
+        kv_cache: uint8 [num_blocks, H_kv, block_size, slot_bytes].
+        query_start_loc: int [B + 1]; seq_lens: int [>= B]; block_table: int [>= B, max_blocks].
+        fmt: slot format (codecs).
+        num_kv_heads: H_kv (default: kv_cache.shape[1]).
+        scale: softmax scale (default 1/sqrt(D)).
+        out: optional [T', H_q, D] output buffer (any float dtype), written in rows < T.
+    Returns:
+        ``out`` (or a new tensor of query's dtype [T', H_q, D]; rows >= T are zero).
+    """
+    d = fmt.head_size
+    h_kv = num_kv_heads if num_kv_heads is not None else kv_cache.shape[1]
+    h_q = query.shape[1]
+    if h_q % h_kv:
+        raise ValueError(f"{h_q} query heads is not a multiple of {h_kv} kv heads")
+    grp = h_q // h_kv
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if out is None:
+        out = torch.zeros(query.shape, dtype=query.dtype, device=query.device)
+    qsl = query_start_loc.tolist()
+    b = len(qsl) - 1
+    tq = qsl[-1]
+    if b <= 0 or tq == 0:
+        return out
+    lens_t = seq_lens[:b].to(torch.int64)
+    lens = lens_t.tolist()
+    qlens = [qsl[i + 1] - qsl[i] for i in range(b)]
+    for i in range(b):
+        if qlens[i] > lens[i]:
+            raise ValueError(f"sequence {i}: {qlens[i]} query tokens but seq_len {lens[i]}")
+
+    # -- decode every needed slot once (rotated domain) -------------------------------------
+    bs = kv_cache.shape[2]
+    slots, starts_t = _batch_slots(lens_t, block_table[:b], bs)
+    uniq, inv = torch.unique(slots, return_inverse=True)
+    codes = _gather_codes(kv_cache, uniq)  # [U, H, C]
+    k_all, v_all = fmt.decode_kv_rotated(codes)  # [U, H, D] each
+    starts = starts_t.tolist()
+
+    q = query[:tq].to(torch.float32)
+    if fmt.k_rotation is not None:
+        q = fmt.k_rotation.forward(q)
+    q = q * scale
+    o = torch.zeros(tq, h_q, d, dtype=torch.float32, device=query.device)
+
+    # -- decode rows (q_i == 1): batched, sorted by length, chunked by memory ---------------
+    dec = sorted((i for i in range(b) if qlens[i] == 1), key=lambda i: lens[i])
+    j = 0
+    while j < len(dec):
+        k_end = j + 1
+        per_pos = 2 * h_kv * d + h_q  # gathered K, V and the scores, per (row, key position)
+        while k_end < len(dec) and (k_end - j + 1) * lens[dec[k_end]] * per_pos <= SCORE_BUDGET:
+            k_end += 1
+        chunk = dec[j:k_end]
+        lmax = lens[chunk[-1]]
+        j = k_end
+        idx_t = torch.tensor(chunk, dtype=torch.int64, device=query.device)
+        ar = torch.arange(lmax, device=query.device)
+        valid = ar[None, :] < lens_t[idx_t][:, None]  # [Bd, Lmax]
+        flat = (starts_t[idx_t][:, None] + ar[None, :]).clamp(max=slots.shape[0] - 1)
+        kk = k_all[inv[flat]]  # [Bd, Lmax, H, D]
+        vv = v_all[inv[flat]]
+        rows = torch.tensor([qsl[i] for i in chunk], dtype=torch.int64, device=query.device)
+        qq = q[rows].unsqueeze(2)  # [Bd, H_q, 1, D]
+        od = F.scaled_dot_product_attention(qq, kk.permute(0, 2, 1, 3), vv.permute(0, 2, 1, 3),
+                                            attn_mask=valid[:, None, None, :], scale=1.0,
+                                            enable_gqa=grp > 1)  # q is pre-scaled
+        o[rows] = od.squeeze(2)
+
+    # -- prefill / chunked-prefill rows: one sequence at a time, fused SDPA (GQA), causal mask
+    #    aligned bottom-right (query t sits at position L - n + t); query-chunked for long ones
+    for i in range(b):
+        n, L = qlens[i], lens[i]
+        if n <= 1:
+            continue
+        pos = inv[starts[i]:starts[i] + L]
+        kk = k_all[pos].permute(1, 0, 2).unsqueeze(0)  # [1, H_kv, L, D]
+        vv = v_all[pos].permute(1, 0, 2).unsqueeze(0)
+        qi = q[qsl[i]:qsl[i] + n].permute(1, 0, 2).unsqueeze(0)  # [1, H_q, n, D]
+        step = max(1, SCORE_BUDGET // max(1, h_q * L))
+        key_pos = torch.arange(L, device=query.device)
+        for t0 in range(0, n, step):
+            t1 = min(n, t0 + step)
+            qpos = torch.arange(L - n + t0, L - n + t1, device=query.device)
+            mask = key_pos[None, :] <= qpos[:, None]  # [t, L] True = attend
+            oc = F.scaled_dot_product_attention(qi[:, :, t0:t1], kk, vv, attn_mask=mask, scale=1.0,
+                                                enable_gqa=grp > 1)  # q is pre-scaled
+            o[qsl[i] + t0:qsl[i] + t1] = oc[0].permute(1, 0, 2)
+
+    if fmt.v_rotation is not None:
+        o = fmt.v_rotation.inverse(o)
+    out[:tq] = o.to(out.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) float64 reference
+# ---------------------------------------------------------------------------------------------
+def gather_dequantized(kv_cache: Tensor, block_table_row: Tensor, seq_len: int,
+                       fmt: E8KVFormat) -> tuple[Tensor, Tensor]:
+    """K and V of one sequence's first ``seq_len`` positions via ``codec.decode``.
+
+    Returns (k, v), each float32 [seq_len, H_kv, D] (plain, un-rotated domain).
+    """
+    bs = kv_cache.shape[2]
+    h = kv_cache.shape[1]
+    ks, vs = [], []
+    for p in range(seq_len):
+        row = kv_cache[int(block_table_row[p // bs]), :, p % bs, :]  # [H, C]
+        ks.append(fmt.k_codec.decode(row[:, :fmt.k_bytes].contiguous()))
+        vs.append(fmt.v_codec.decode(row[:, fmt.k_bytes:].contiguous()))
+    if not ks:
+        z = torch.zeros(0, h, fmt.head_size)
+        return z, z.clone()
+    return torch.stack(ks), torch.stack(vs)
+
+
+def reference_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, seq_lens: Tensor,
+                        block_table: Tensor, fmt: E8KVFormat, *, scale: float | None = None) -> Tensor:
+    """Same contract as :func:`paged_attention`, float64 and loops. Returns float64 [T, H_q, D]."""
+    d = fmt.head_size
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    qsl = [int(x) for x in query_start_loc.tolist()]
+    b = len(qsl) - 1
+    h_q = query.shape[1]
+    h_kv = kv_cache.shape[1]
+    grp = h_q // h_kv
+    out = torch.zeros(qsl[-1], h_q, d, dtype=torch.float64)
+    for i in range(b):
+        n, L = qsl[i + 1] - qsl[i], int(seq_lens[i])
+        if n == 0:
+            continue
+        k, v = gather_dequantized(kv_cache, block_table[i], L, fmt)
+        k, v = k.double(), v.double()
+        for t in range(n):
+            last = L - n + t  # absolute position of this query token
+            qv = query[qsl[i] + t].double()  # [H_q, D]
+            for hq in range(h_q):
+                hk = hq // grp
+                s = (k[: last + 1, hk] @ qv[hq]) * scale  # [last+1]
+                p = torch.softmax(s, dim=0)
+                out[qsl[i] + t, hq] = p @ v[: last + 1, hk]
+    return out
