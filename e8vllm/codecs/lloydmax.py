@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 from . import register
 from .base import Codec, DecodeCost, check_codes, check_head_dim, check_vectors, fp16_bytes, pack_bits, packed_len, unpack_bits
@@ -38,6 +37,7 @@ def gaussian_lloyd_max(bits: int, tol: float = 1e-13, max_iter: int = 200_000) -
     Returns (levels float64 [2^b] increasing, thresholds float64 [2^b - 1] (midpoints), mse).
     The arrays are read-only (they are cached and shared).
     """
+    from scipy.stats import norm  # lazy: only for computing the tables
     n = 1 << bits
     levels = norm.ppf((np.arange(n) + 0.5) / n)  # start: quantiles
     for _ in range(max_iter):

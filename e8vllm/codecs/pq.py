@@ -32,9 +32,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import faiss
 import numpy as np
 import torch
+
+
+def _faiss():  # imported on first use: decoding E8 caches (GPU workers) must not need faiss
+    import faiss
+
+    return faiss
 
 from . import register
 from .base import Codec, DecodeCost, check_codes, check_head_dim, check_vectors, fp16_bytes
@@ -115,7 +120,7 @@ class PQ(Codec):
     def centroids(self) -> torch.Tensor:
         """float32 [M, 2^nbits, d_sub] (identical rows when shared)."""
         pq = self._pq()
-        c = faiss.vector_to_array(pq.centroids).reshape(self.m, pq.ksub, self.d_sub)
+        c = _faiss().vector_to_array(pq.centroids).reshape(self.m, pq.ksub, self.d_sub)
         return torch.from_numpy(c.copy())
 
     # ---- training -------------------------------------------------------------------
@@ -133,9 +138,9 @@ class PQ(Codec):
         if n_points < ksub:
             raise ValueError(f"{self.name}: need at least {ksub} training sub-vectors, got {n_points} "
                              f"({u.shape[0]} vectors)")
-        pq = faiss.ProductQuantizer(self.head_dim, self.m, self.nbits)
+        pq = _faiss().ProductQuantizer(self.head_dim, self.m, self.nbits)
         if self.is_shared:
-            pq.train_type = faiss.ProductQuantizer.Train_shared
+            pq.train_type = _faiss().ProductQuantizer.Train_shared
         pq.cp.seed = int(self.seed) + 1234
         pq.cp.niter = int(self.niter)
         pq.cp.max_points_per_centroid = int(self.max_points_per_centroid)
