@@ -3,6 +3,8 @@
     e8vllm prepare-model            build the SmolLM2-135M-Instruct model directory (cached)
     e8vllm dump-kv                  run SmolLM2 on real text, save per-layer K (after RoPE) and V
     e8vllm bench quant              SNR/MSE of every codec on Gaussian and real KV data
+    e8vllm bench quality            perplexity / top-1 agreement of SmolLM2 in vLLM per kv-cache dtype
+    e8vllm bench capacity           vLLM's KV capacity in tokens per kv-cache dtype at a fixed budget
 """
 
 from __future__ import annotations
@@ -52,6 +54,35 @@ def bench_quant_cmd(
     from e8vllm.bench.quant import run
 
     run(out_dir=out_dir, n_vectors=n_vectors, quick=quick)
+
+
+@bench_app.command("quality")
+def bench_quality_cmd(
+    out_dir: Path = typer.Option(Path("results"), help="Where to write quality.json, quality.md, quality.png."),
+    dtypes: Optional[str] = typer.Option(None, help="Comma-separated kv-cache dtypes (default: auto and every e8_*)."),
+    max_tokens: int = typer.Option(20480, help="Tokens of held-out text."),
+    window: int = typer.Option(1024, help="Tokens per prompt window."),
+    quick: bool = typer.Option(False, help="Tiny run (2 windows of 256 tokens, auto + e8_k4v4)."),
+) -> None:
+    """Perplexity of SmolLM2 through vLLM's prompt logprobs for each kv-cache dtype."""
+    from e8vllm.bench.quality import run
+
+    run(out_dir=out_dir, dtypes=dtypes.split(",") if dtypes else None, max_tokens=max_tokens,
+        window=window, quick=quick)
+
+
+@bench_app.command("capacity")
+def bench_capacity_cmd(
+    out_dir: Path = typer.Option(Path("results"), help="Where to write capacity.json, capacity.md."),
+    kv_space_gib: float = typer.Option(1.0, help="VLLM_CPU_KVCACHE_SPACE for every engine."),
+    dtypes: Optional[str] = typer.Option(None, help="Comma-separated kv-cache dtypes (default: auto and every e8_*)."),
+    max_model_len: int = typer.Option(8192, help="max_model_len (for the concurrency figure)."),
+) -> None:
+    """vLLM's own KV capacity (tokens, max concurrency) for each kv-cache dtype at one memory budget."""
+    from e8vllm.bench.capacity import run
+
+    run(out_dir=out_dir, kv_space_gib=kv_space_gib, dtypes=dtypes.split(",") if dtypes else None,
+        max_model_len=max_model_len)
 
 
 def main() -> None:
