@@ -31,9 +31,8 @@ import torch
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
                                                  CPUAttentionMetadata, CPUAttentionMetadataBuilder)
 
-from e8vllm.kernels.reference import check_cache_layout, paged_attention, write_kv_cache
-
 from . import spec as e8spec
+from .impl import E8ImplMixin
 
 __all__ = ["E8CPUAttentionBackend", "E8CPUMetadataBuilder", "E8CPUAttentionImpl"]
 
@@ -111,71 +110,38 @@ class E8CPUMetadataBuilder(CPUAttentionMetadataBuilder):
         )
 
 
-class E8CPUAttentionImpl(CPUAttentionBackendImpl):
-    """Stock CPU impl for non-e8 dtypes; the E8 packed-cache path for ``e8_*``.
-
-    Shapes (vLLM conventions): query [T, H_q, D], key/value [T, H_kv, D], output [T, H_q, D],
-    kv_cache uint8 [num_blocks, H_kv, block_size, slot_bytes] for e8.
-    """
+class E8CPUAttentionImpl(E8ImplMixin, CPUAttentionBackendImpl):
+    """Stock CPU impl for non-e8 dtypes; the E8 packed-cache path (:class:`.impl.E8ImplMixin`) for ``e8_*``."""
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
                  logits_soft_cap: float | None = None, attn_type: str = "decoder",
                  kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None,
                  **extra: Any) -> None:
-        self.e8 = e8spec.is_e8_dtype(kv_cache_dtype)
-        if self.e8:
-            e8spec.parse_e8_dtype(kv_cache_dtype)
-            e8spec.raise_if_unsupported(kv_cache_dtype, e8spec.layer_unsupported_reasons(
-                kv_cache_dtype, head_size=head_size, alibi_slopes=alibi_slopes,
-                sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, attn_type=attn_type,
-                sinks=sinks, num_heads=num_heads, num_kv_heads=num_kv_heads), "attention layer")
-            if extra:
-                raise e8spec.E8UnsupportedError(
-                    f"e8vllm: {kv_cache_dtype}: unsupported attention options {sorted(extra)}")
+        if self._e8_check_layer(kv_cache_dtype, num_heads=num_heads, head_size=head_size,
+                                num_kv_heads=num_kv_heads, alibi_slopes=alibi_slopes,
+                                sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                                attn_type=attn_type, sinks=sinks) and extra:
+            raise e8spec.E8UnsupportedError(
+                f"e8vllm: {kv_cache_dtype}: unsupported attention options {sorted(extra)}")
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
                          sinks, **extra)
         if self.e8:
             self.is_fp8_kv_cache = False
-            self.fmt = e8spec.kv_format(kv_cache_dtype, head_size)
-            e8spec.set_active_dtype(kv_cache_dtype)
-            self._layout_checked = False
-
-    def _check_layout(self, kv_cache: torch.Tensor) -> None:
-        if not self._layout_checked:
-            check_cache_layout(kv_cache, self.num_kv_heads, self.fmt,
-                               f"{self.kv_cache_dtype}, head_size {self.head_size}")
-            self._layout_checked = True
+            self._e8_setup(kv_cache_dtype, head_size)
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Encode key/value [T, H_kv, D] and scatter the codes by ``slot_mapping`` [T] (-1 skipped)."""
         if not self.e8:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if kv_cache.numel() == 0 or slot_mapping is None:
-            return None
-        self._check_layout(kv_cache)
-        write_kv_cache(key, value, kv_cache, slot_mapping, self.fmt)
-        return None
+        return self._e8_write(key, value, kv_cache, slot_mapping)
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: CPUAttentionMetadata | None, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention over the packed cache; returns ``output`` [T, H_q, D] (rows < num_actual_tokens)."""
         if not self.e8:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("e8vllm: fused output quantization is not supported")
-        if attn_metadata is None or kv_cache.numel() == 0:  # profiling / warm-up
-            return output
-        self._check_layout(kv_cache)
-        n = attn_metadata.num_actual_tokens
-        q = query[:n].view(n, self.num_heads, self.head_size)
-        out = output[:n].view(n, self.num_heads, self.head_size)
-        paged_attention(q, kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
-                        attn_metadata.block_table, self.fmt, num_kv_heads=self.num_kv_heads,
-                        scale=self.scale, out=out)
-        return output
+        return self._e8_forward(query, kv_cache, attn_metadata, output, output_scale, output_block_scale)

@@ -28,9 +28,8 @@ import torch
 from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, TritonAttentionImpl,
                                                     TritonAttentionMetadataBuilder)
 
-from e8vllm.kernels.reference import check_cache_layout, paged_attention, write_kv_cache
-
 from . import spec as e8spec
+from .impl import E8ImplMixin
 
 try:  # the enum lives in vllm.v1.attention.backend (0.32+) or the backends' utils (0.26)
     from vllm.v1.attention.backend import AttentionCGSupport
@@ -95,36 +94,25 @@ class E8TritonBackend(TritonAttentionBackend):
         return E8TritonMetadataBuilder
 
 
-class E8TritonImpl(TritonAttentionImpl):
-    """Stock Triton impl for non-e8 dtypes; the E8 packed-cache path (PyTorch, on GPU) for ``e8_*``.
-
-    Shapes: query [T, H_q, D], key/value [T, H_kv, D], output [T, H_q, D],
-    kv_cache uint8 [num_blocks, H_kv, block_size, slot_bytes] for e8.
-    """
+class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
+    """Stock Triton impl for non-e8 dtypes; the E8 packed-cache path (PyTorch, on GPU) for ``e8_*``."""
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
                  logits_soft_cap: float | None = None, attn_type: Any = "decoder",
                  kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None,
                  **extra: Any) -> None:
-        self.e8 = e8spec.is_e8_dtype(kv_cache_dtype)
-        if self.e8:
-            e8spec.parse_e8_dtype(kv_cache_dtype)
-            e8spec.raise_if_unsupported(kv_cache_dtype, e8spec.layer_unsupported_reasons(
-                kv_cache_dtype, head_size=head_size, alibi_slopes=alibi_slopes,
-                sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-                attn_type=str(getattr(attn_type, "value", attn_type)),
-                sinks=sinks, num_heads=num_heads, num_kv_heads=num_kv_heads), "attention layer")
+        e8 = self._e8_check_layer(kv_cache_dtype, num_heads=num_heads, head_size=head_size,
+                                  num_kv_heads=num_kv_heads, alibi_slopes=alibi_slopes,
+                                  sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                                  attn_type=attn_type, sinks=sinks)
         # the stock constructor only knows vLLM's dtypes: build it as "auto", then restore ours
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
-                         "auto" if self.e8 else kv_cache_dtype, logits_soft_cap, attn_type,
+                         "auto" if e8 else kv_cache_dtype, logits_soft_cap, attn_type,
                          kv_sharing_target_layer_name, sinks, **extra)
-        if self.e8:
-            self.kv_cache_dtype = kv_cache_dtype
+        if e8:
             self.supports_quant_query_input = False
-            self.fmt = e8spec.kv_format(kv_cache_dtype, head_size)
-            e8spec.set_active_dtype(kv_cache_dtype)
-            self._layout_checked = False
+            self._e8_setup(kv_cache_dtype, head_size)
 
     def fused_output_quant_supported(self, quant_key: Any) -> bool:
         return False if self.e8 else super().fused_output_quant_supported(quant_key)
@@ -132,21 +120,11 @@ class E8TritonImpl(TritonAttentionImpl):
     def fused_rope_kvcache_supported(self) -> bool:
         return False if self.e8 else super().fused_rope_kvcache_supported()
 
-    def _check_layout(self, kv_cache: torch.Tensor) -> None:
-        if not self._layout_checked:
-            check_cache_layout(kv_cache, self.num_kv_heads, self.fmt,
-                               f"{self.kv_cache_dtype}, head_size {self.head_size}")
-            self._layout_checked = True
-
     def do_kv_cache_update(self, layer: Any, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if not self.e8:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if kv_cache.numel() == 0 or slot_mapping is None:
-            return None
-        self._check_layout(kv_cache)
-        write_kv_cache(key, value, kv_cache, slot_mapping, self.fmt)
-        return None
+        return self._e8_write(key, value, kv_cache, slot_mapping)
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: Any, output: torch.Tensor,
@@ -155,15 +133,4 @@ class E8TritonImpl(TritonAttentionImpl):
         if not self.e8:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("e8vllm: fused output quantization is not supported")
-        if attn_metadata is None or kv_cache.numel() == 0:  # profiling / warm-up
-            return output
-        self._check_layout(kv_cache)
-        n = attn_metadata.num_actual_tokens
-        q = query[:n].view(n, self.num_heads, self.head_size)
-        out = output[:n].view(n, self.num_heads, self.head_size)
-        paged_attention(q, kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
-                        attn_metadata.block_table, self.fmt, num_kv_heads=self.num_kv_heads,
-                        scale=self.scale, out=out)
-        return output
+        return self._e8_forward(query, kv_cache, attn_metadata, output, output_scale, output_block_scale)
