@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from e8vllm.bench.quality import (RESULT_MARK, _cpu_model, _shutdown, engine_env, engine_info, plugin_dtypes,
+from e8vllm.bench.quality import (RESULT_MARK, write_result_atomic, _cpu_model, _shutdown, engine_env, engine_info, plugin_dtypes,
                                   resolve_dtype, run_worker_subprocess, safe_name, vllm_version)
 
 __all__ = ["run", "main", "parse_capacity_lines", "CAPACITY_RE"]
@@ -60,7 +60,7 @@ def _worker(name: str, kv_cache_dtype: str, max_model_len: int, result_path: Pat
     info = engine_info(llm, kv_cache_dtype)
     res = {"name": name, "kv_cache_dtype": kv_cache_dtype, "status": "ok", "start_s": time.perf_counter() - t0,
            "engine": info}
-    Path(result_path).write_text(json.dumps(res))
+    write_result_atomic(Path(result_path), res)
     print(f"{RESULT_MARK}{json.dumps(res)}", flush=True)
     _shutdown(llm)
 
@@ -159,9 +159,12 @@ def run(out_dir: Path, kv_space_gib: float = 1.0, dtypes: list[str] | None = Non
             ["e8vllm.bench.capacity", "--worker", d, "--kv-cache-dtype", spec["kv_cache_dtype"],
              "--max-model-len", str(max_model_len), "--result", str(res_path)],
             engine_env(kv_space_gib, spec["env"]), log_path, timeout_s)
-        if rc == 0 and res_path.exists():
+        if res_path.exists():  # written atomically after the measurement: complete whatever rc is
             r = json.loads(res_path.read_text())
             res_path.unlink()
+            if rc != 0:  # vLLM 0.32 CPU sometimes aborts in its own teardown, after our result is out
+                r["worker_exit_code"] = rc
+                print(f"{d}: worker exited with {rc} after writing its result (teardown)", flush=True)
             caps = parse_capacity_lines(log)
             r["log_capacity"] = caps[-1] if caps else None
             r["wall_s"] = wall

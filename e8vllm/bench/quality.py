@@ -182,6 +182,13 @@ def engine_env(kv_space_gib: float, extra: dict[str, str] | None = None) -> dict
     return env
 
 
+def write_result_atomic(path: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` as JSON so that the file exists only when complete (tmp file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+
+
 def run_worker_subprocess(args: list[str], env: dict[str, str], log_path: Path,
                           timeout_s: float = WORKER_TIMEOUT_S) -> tuple[int, float, str]:
     """Run ``python -m <args>`` (new session, cwd = repo root), output to ``log_path``.
@@ -324,7 +331,7 @@ def _worker(name: str, kv_cache_dtype: str, tokens_path: Path, result_path: Path
                        for j in range(len(windows))],
         "nll": [round(x, 6) for x in nll], "top1": top1,
     }
-    Path(result_path).write_text(json.dumps(res))
+    write_result_atomic(Path(result_path), res)
     print(f"{RESULT_MARK}{name}: PPL {res['ppl']:.4f} over {n} tokens, prefill {run_s:.1f} s", flush=True)
     _shutdown(llm)
 
@@ -620,10 +627,13 @@ def run(out_dir: Path, dtypes: list[str] | None = None, max_tokens: int = 20480,
             ["e8vllm.bench.quality", "--worker", d, "--kv-cache-dtype", spec["kv_cache_dtype"],
              "--tokens-file", str(tokens_path), "--result", str(res_path)],
             engine_env(kv_space_gib, spec["env"]), log_path, timeout_s)
-        if rc == 0 and res_path.exists():
+        if res_path.exists():  # written atomically after the measurement: complete whatever rc is
             r = json.loads(res_path.read_text())
             r["wall_s"] = wall
             r["note"] = spec["note"]
+            if rc != 0:  # vLLM 0.32 CPU sometimes aborts in its own teardown, after our result is out
+                r["worker_exit_code"] = rc
+                print(f"{d}: worker exited with {rc} after writing its result (teardown)", flush=True)
             res_path.write_text(json.dumps(r))
             per[d] = r
             print(f"{d}: PPL {r['ppl']:.4f} over {r['tokens']} tokens; engine start {r['start_s']:.0f} s, "
