@@ -124,7 +124,9 @@ def _helper_main(runs_json: str, out_json: str) -> None:
     for dtype in runs:
         results.append(_run_engine(model_dir, dtype))
         print(f"E8VLLM_RESULT {json.dumps(results[-1])}", flush=True)
-        Path(out_json).write_text(json.dumps(results))
+        tmp = Path(out_json + ".tmp")
+        tmp.write_text(json.dumps(results))
+        os.replace(tmp, out_json)  # the report exists only when complete
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -154,9 +156,11 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, __file__, json.dumps(runs), str(out)], cwd=ROOT,
                           env=_engine_env(), capture_output=True, text=True, timeout=900)
     log = proc.stdout + "\n" + proc.stderr
-    if proc.returncode != 0 or not out.exists():
+    results = {r["kv_cache_dtype"]: r for r in json.loads(out.read_text())} if out.exists() else {}
+    if set(results) != set(runs):
         pytest.fail(f"engine helper failed (rc {proc.returncode}):\n{log[-6000:]}")
-    results = {r["kv_cache_dtype"]: r for r in json.loads(out.read_text())}
+    if proc.returncode != 0:  # vLLM 0.32 CPU sometimes aborts in its own teardown, after every result
+        print(f"engine helper exited with {proc.returncode} after writing all results (vLLM teardown)")
     caps = [(m.group(1), int(m.group(2).replace(",", ""))) for m in CAPACITY_RE.finditer(log)]
     print(json.dumps({"wall_s": round(time.time() - t, 1), "results": results, "log_capacity": caps},
                      indent=1))
