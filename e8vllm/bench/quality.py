@@ -90,15 +90,9 @@ GOALS: tuple[dict[str, Any], ...] = (
 )
 
 
+from e8vllm.bench.conditions import cpu_model as _cpu_model  # noqa: E402
+
 # ----------------------------------------------------------------------------- small helpers
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _dist_version(*names: str) -> str | None:

@@ -177,14 +177,7 @@ def kv_datasets(kv_path: Path, n_test: int, n_train: int, seed: int = SEED,
 # ----------------------------------------------------------------------------- measurement
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from e8vllm.bench.conditions import cpu_model as _cpu_model  # noqa: E402
 
 
 def quality(x: torch.Tensor, xh: torch.Tensor) -> dict[str, float]:
