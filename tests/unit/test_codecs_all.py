@@ -10,12 +10,7 @@ import e8vllm.codecs as codecs
 ALL = codecs.names()
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make(name: str, head_dim: int):

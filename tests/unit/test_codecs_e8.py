@@ -22,12 +22,7 @@ from e8vllm.lattice import is_member_d8_dual, is_member_d8_half, is_member_e8, n
 KINDS = tuple(PARITY)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _points(n: int, seed: int = 0) -> torch.Tensor:

@@ -11,13 +11,7 @@ from e8vllm.hadamard import SUPPORTED_HEAD_DIMS, HadamardRotation, block_size, f
 SEEDS = (0, 1, 12345)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small tensors on a shared 2-core box: one intra-op thread avoids spin contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_block_sizes() -> None:

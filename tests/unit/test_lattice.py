@@ -22,13 +22,7 @@ from e8vllm import lattice as L
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small tensors on a shared 2-core box: one intra-op thread avoids spin contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BITS = torch.tensor(list(itertools.product((0.0, 1.0), repeat=8)), dtype=torch.float64)  # [256, 8]
