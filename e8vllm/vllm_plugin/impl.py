@@ -6,6 +6,10 @@ checks, the page-layout self-check, the write path and attention over the packed
 delegates ``do_kv_cache_update`` / ``forward`` to :meth:`_e8_write` / :meth:`_e8_forward` when
 ``self.e8`` is true, and to vLLM's stock impl otherwise.
 
+KV centering (:mod:`e8vllm.calibration`): when the model has a calibration file, the layer's
+per-KV-head means μ_K, μ_V are subtracted before the write path and μ_V is added to the attention
+output (softmax is shift-invariant, so μ_K needs no correction). Kernels see only centered data.
+
 Shapes (vLLM conventions): query [T, H_q, D], key/value [T, H_kv, D], output [T, H_q, D];
 kv_cache uint8 [num_blocks, H_kv, block_size, slot_bytes].
 """
@@ -16,7 +20,10 @@ from typing import Any
 
 import torch
 
+from e8vllm import telemetry
 from e8vllm.kernels.reference import check_cache_layout, paged_attention, write_kv_cache
+
+from e8vllm import calibration
 
 from . import spec as e8spec
 
@@ -32,6 +39,7 @@ class E8ImplMixin:
     num_kv_heads: int
     scale: float
     kv_cache_dtype: str
+    _e8_telemetry: "telemetry.Sampler | None" = None
 
     def _e8_check_layer(self, kv_cache_dtype: str, *, num_heads: int, head_size: int, num_kv_heads: int,
                         alibi_slopes: Any, sliding_window: Any, logits_soft_cap: Any, attn_type: Any,
@@ -53,6 +61,47 @@ class E8ImplMixin:
         self.fmt = e8spec.kv_format(kv_cache_dtype, head_size)
         e8spec.set_active_dtype(kv_cache_dtype)
         self._layout_checked = False
+        self._centers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._centers_done = False
+        self._e8_model: str | None = None
+        try:  # the model path, for its calibration file (constructors run under the vLLM config)
+            from vllm.config import get_current_vllm_config
+
+            self._e8_model = str(get_current_vllm_config().model_config.model)
+        except Exception:  # noqa: BLE001 - no config (unit tests): no centering unless the env names a file
+            self._e8_model = None
+
+    def _e8_centers(self, layer: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(μ_K, μ_V) float32 [H_kv, D] of this layer's local KV heads, or None (no calibration).
+
+        Resolved once, at the first call with the layer (its ``layer_name`` gives the index, the
+        tensor-parallel rank gives the heads). A calibration that does not fit the model is an error.
+        """
+        if self._centers_done:
+            return self._centers
+        path = calibration.find_calibration(self._e8_model)
+        if path is not None:
+            name = getattr(layer, "layer_name", None)
+            if not isinstance(name, str):
+                raise RuntimeError("e8vllm: KV centering needs the attention layer's name")
+            c = calibration.load_centers(str(path))
+            if c.head_dim != self.head_size:
+                raise e8spec.E8UnsupportedError(
+                    f"e8vllm: calibration {path} has head_dim {c.head_dim}, the model {self.head_size}")
+            try:
+                from vllm.distributed import (get_tensor_model_parallel_rank,
+                                              get_tensor_model_parallel_world_size)
+
+                rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+            except Exception:  # noqa: BLE001 - no distributed state (unit tests)
+                rank, size = 0, 1
+            heads = calibration.local_kv_heads(c.num_kv_heads, self.num_kv_heads, rank, size)
+            k, v = c.for_layer(calibration.layer_index(name), heads)
+            self._centers = (k.to(device), v.to(device))
+        self._centers_done = True
+        return self._centers
+        # live error telemetry (e8vllm.telemetry): None, i.e. no cost, unless the server turned it on
+        self._e8_telemetry = telemetry.sampler()
 
     def _check_layout(self, kv_cache: torch.Tensor) -> None:
         if not self._layout_checked:
@@ -61,15 +110,23 @@ class E8ImplMixin:
             self._layout_checked = True
 
     def _e8_write(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor | None) -> None:
-        """Encode key/value [T, H_kv, D] and scatter the codes by ``slot_mapping`` [T] (-1 skipped)."""
+                  slot_mapping: torch.Tensor | None, layer: Any = None) -> None:
+        """Encode key/value [T, H_kv, D] (centered) and scatter the codes by ``slot_mapping`` [T] (-1 skipped)."""
         if kv_cache.numel() == 0 or slot_mapping is None:
             return
         self._check_layout(kv_cache)
+        centers = self._e8_centers(layer, key.device)
+        if centers is not None:
+            k_c, v_c = centers
+            key = key.float() - k_c
+            value = value.float() - v_c
         write_kv_cache(key, value, kv_cache, slot_mapping, self.fmt)
+        if self._e8_telemetry is not None:
+            self._e8_telemetry.after_write(key, value, kv_cache, slot_mapping, self.fmt)
 
     def _e8_forward(self, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
-                    output: torch.Tensor, output_scale: Any = None, output_block_scale: Any = None) -> torch.Tensor:
+                    output: torch.Tensor, output_scale: Any = None, output_block_scale: Any = None,
+                    layer: Any = None) -> torch.Tensor:
         """Attention over the packed cache into ``output`` [T, H_q, D] (rows < num_actual_tokens)."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("e8vllm: fused output quantization is not supported")
@@ -82,4 +139,8 @@ class E8ImplMixin:
         paged_attention(q, kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                         attn_metadata.block_table, self.fmt, num_kv_heads=self.num_kv_heads,
                         scale=self.scale, out=out)
+        centers = self._e8_centers(layer, query.device)
+        if centers is not None:  # Σ p (v - μ_V) + μ_V
+            g = self.num_heads // self.num_kv_heads
+            out.view(n, self.num_kv_heads, g, self.head_size).add_(centers[1].to(out.dtype)[None, :, None, :])
         return output
