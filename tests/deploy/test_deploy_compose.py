@@ -1,0 +1,116 @@
+"""The YAML of the deployment: yamllint, and the wiring of deploy/compose.yaml (server,
+Prometheus scraping it, Grafana with the datasource and dashboard provisioned)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+VAR_REF = re.compile(r"\$\{[A-Z0-9_]+(:?[-?][^}]*)?\}")
+
+
+def _yamllint(*paths: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "yamllint", "--strict", "-c", str(ROOT / ".yamllint"), *paths],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_yamllint_clean():
+    p = _yamllint("deploy", ".yamllint", ".hadolint.yaml")
+    assert p.returncode == 0, p.stdout + p.stderr
+    # it really looked at the files (the helm templates, Go templates, are excluded by .yamllint)
+    listed = subprocess.run([sys.executable, "-m", "yamllint", "--list-files", "-c", str(ROOT / ".yamllint"), "deploy"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60).stdout.split()
+    assert {"deploy/compose.yaml", "deploy/prometheus.yml", "deploy/helm/e8vllm/values.yaml",
+            "deploy/grafana/provisioning/datasources/prometheus.yaml"} <= set(listed)
+    assert not any("/templates/" in f for f in listed)
+
+
+def test_yamllint_catches_bad_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: 1\na: 2\nb:   [1,2]\n")
+    assert _yamllint(str(bad)).returncode != 0
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def test_compose_services_and_profiles():
+    c = _compose()
+    svc = c["services"]
+    assert set(svc) == {"e8vllm", "e8vllm-cpu", "prometheus", "grafana"}
+    assert svc["e8vllm"]["profiles"] == ["gpu"] and svc["e8vllm-cpu"]["profiles"] == ["cpu"]
+    assert "profiles" not in svc["prometheus"] and "profiles" not in svc["grafana"]
+    gpu_dev = svc["e8vllm"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu_dev["driver"] == "nvidia" and gpu_dev["capabilities"] == ["gpu"]
+    assert svc["e8vllm"]["ipc"] == "host"
+    for name, dockerfile in (("e8vllm", "Dockerfile"), ("e8vllm-cpu", "deploy/Dockerfile.cpu")):
+        b = svc[name]["build"]
+        assert (DEPLOY / b["context"]).resolve() == ROOT and b["dockerfile"] == dockerfile
+        assert (ROOT / dockerfile).is_file()
+        assert svc[name]["ports"] == ["8000:8000"]
+        assert "e8vllm-cache:/cache" in svc[name]["volumes"]
+    # the CPU server answers to the name Prometheus scrapes
+    assert "e8vllm" in svc["e8vllm-cpu"]["networks"]["default"]["aliases"]
+
+
+def test_compose_has_no_secret_values():
+    """Secrets only come from the environment: every env value is a ${VAR} reference."""
+    for name, s in _compose()["services"].items():
+        env = s.get("environment", {})
+        assert isinstance(env, dict), f"{name}: use the mapping form"
+        for k, v in env.items():
+            if re.search(r"KEY|TOKEN|SECRET|PASSWORD", k):
+                assert isinstance(v, str) and VAR_REF.fullmatch(v), f"{name}: {k}={v!r} is not a ${{VAR}} reference"
+
+
+def test_compose_bind_mounts_exist_and_prometheus_scrapes_the_server():
+    c = _compose()
+    mounts = {}
+    for name, s in c["services"].items():
+        for v in s.get("volumes", []):
+            src, dst = v.split(":")[:2]
+            if src.startswith("."):
+                assert (DEPLOY / src).exists(), f"{name}: bind-mount source {src} missing"
+                mounts[(name, dst)] = (DEPLOY / src).resolve()
+    assert mounts[("prometheus", "/etc/prometheus/prometheus.yml")] == (DEPLOY / "prometheus.yml").resolve()
+    prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == ["e8vllm:8000"]
+    assert prom["scrape_configs"][0]["metrics_path"] == "/metrics"
+    names = set(c["services"]) | {a for s in c["services"].values()
+                                  for a in s.get("networks", {}).get("default", {}).get("aliases", [])}
+    host, port = targets[0].split(":")
+    assert host in names and port == "8000"
+
+
+def test_grafana_provisioning_wiring():
+    c = _compose()
+    g = c["services"]["grafana"]
+    vols = dict(v.split(":")[1::-1] for v in g["volumes"] if v.startswith("."))
+    prov = DEPLOY / vols["/etc/grafana/provisioning"]
+    ds = yaml.safe_load((prov / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert len(ds) == 1 and ds[0]["type"] == "prometheus" and ds[0]["isDefault"] is True
+    assert ds[0]["url"] == "http://prometheus:9090" and "prometheus" in c["services"]
+    assert "9090:9090" in c["services"]["prometheus"]["ports"]
+    providers = yaml.safe_load((prov / "dashboards" / "e8vllm.yaml").read_text())["providers"]
+    path = providers[0]["options"]["path"]
+    host_dir = DEPLOY / vols[path]
+    dashboards = sorted(host_dir.glob("*.json"))
+    assert [d.name for d in dashboards] == ["e8vllm.json"]
+    json.loads(dashboards[0].read_text())
+    home = g["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{path}/e8vllm.json"
+
+
+def test_dashboard_copy_in_the_helm_chart_is_identical():
+    a = (DEPLOY / "grafana" / "dashboards" / "e8vllm.json").read_bytes()
+    b = (DEPLOY / "helm" / "e8vllm" / "dashboards" / "e8vllm.json").read_bytes()
+    assert a == b, "deploy/helm/e8vllm/dashboards/e8vllm.json must be a copy of deploy/grafana/dashboards/e8vllm.json"
