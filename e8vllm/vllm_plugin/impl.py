@@ -61,6 +61,8 @@ class E8ImplMixin:
         self.fmt = e8spec.kv_format(kv_cache_dtype, head_size)
         e8spec.set_active_dtype(kv_cache_dtype)
         self._layout_checked = False
+        # live error telemetry (e8vllm.telemetry): None, i.e. no cost, unless the server turned it on
+        self._e8_telemetry = telemetry.sampler()
         self._centers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._centers_done = False
         self._e8_model: str | None = None
@@ -100,8 +102,6 @@ class E8ImplMixin:
             self._centers = (k.to(device), v.to(device))
         self._centers_done = True
         return self._centers
-        # live error telemetry (e8vllm.telemetry): None, i.e. no cost, unless the server turned it on
-        self._e8_telemetry = telemetry.sampler()
 
     def _check_layout(self, kv_cache: torch.Tensor) -> None:
         if not self._layout_checked:
@@ -116,13 +116,14 @@ class E8ImplMixin:
             return
         self._check_layout(kv_cache)
         centers = self._e8_centers(layer, key.device)
+        k_in, v_in = key, value
         if centers is not None:
             k_c, v_c = centers
             key = key.float() - k_c
             value = value.float() - v_c
         write_kv_cache(key, value, kv_cache, slot_mapping, self.fmt)
-        if self._e8_telemetry is not None:
-            self._e8_telemetry.after_write(key, value, kv_cache, slot_mapping, self.fmt)
+        if self._e8_telemetry is not None:  # error against the model's own K/V (centers added back)
+            self._e8_telemetry.after_write(k_in, v_in, kv_cache, slot_mapping, self.fmt, centers)
 
     def _e8_forward(self, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
                     output: torch.Tensor, output_scale: Any = None, output_block_scale: Any = None,

@@ -147,3 +147,24 @@ def test_sampler_off_without_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(tm.DIR_ENV, raising=False)
     monkeypatch.setitem(tm._SAMPLER, "pid", None)
     assert tm.sampler() is None
+
+
+def test_sampler_adds_kv_centers_back(tmp_path: Path) -> None:
+    """With KV centering the cache holds x - μ; the error is measured against x (x̂ = decode + μ)."""
+    fmt = E8KVFormat.from_bits(64, 4, 4)
+    h, bs = 2, 16
+    g = torch.Generator().manual_seed(2)
+    mu_k, mu_v = torch.randn(h, 64, generator=g) * 3, torch.randn(h, 64, generator=g) * 3
+    key = torch.randn(5, h, 64, generator=g) + mu_k
+    value = torch.randn(5, h, 64, generator=g) + mu_v
+    cache = torch.zeros(2, h, bs, fmt.slot_bytes, dtype=torch.uint8)
+    slots = torch.arange(5)
+    write_kv_cache(key - mu_k, value - mu_v, cache, slots, fmt)
+    s = tm.Sampler(tm.TelemetryConfig(tmp_path, sample_every=1, max_tokens=5))
+    s.after_write(key, value, cache, slots, fmt, (mu_k, mu_v))
+    got = tm.read_dir(tmp_path).stats["key"]
+    kc = (key - mu_k).reshape(-1, 64)
+    exp = tm.error_stats(key.reshape(-1, 64), fmt.k_codec.decode(fmt.k_codec.encode(kc)) + mu_k.repeat(5, 1))
+    assert got.squared_error == pytest.approx(exp.squared_error, rel=1e-4)
+    assert got.signal_energy == pytest.approx(exp.signal_energy, rel=1e-9)  # energy of x, not of x - μ
+    assert got.signal_energy > 5 * float(kc.pow(2).sum())
