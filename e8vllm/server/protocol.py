@@ -1,0 +1,140 @@
+"""Request models of the OpenAI-compatible API (pydantic v2). Responses are plain dicts built by the
+routes in OpenAI's shapes. Unknown fields are ignored (as OpenAI and vLLM do); fields we do not
+implement are rejected with 400 when set to a non-default value, never silently dropped."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+
+__all__ = ["StreamOptions", "CompletionRequest", "ChatMessage", "ChatRequest", "SamplingFields"]
+
+MAX_N = 16
+MAX_STOP = 8
+SEED_MAX = 2**63 - 1
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+Stop = Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP)], None]
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by completions and chat."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: Stop = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=SEED_MAX)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    user: StrictStr | None = None
+    # vLLM extras (extra_body)
+    top_k: StrictInt | None = Field(None, ge=-1, le=1 << 20)
+    min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = Field(0, ge=0, le=1 << 20)
+    # OpenAI fields we reject when used
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_nonempty(cls, v: Stop) -> Stop:
+        items = [v] if isinstance(v, str) else (v or [])
+        if any(s == "" for s in items):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> "SamplingFields":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        return self
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+PromptIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``. ``prompt``: a string, a list of strings, a list of token ids, or a
+    list of token-id lists (one choice block of ``n`` per prompt)."""
+
+    prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1, max_length=64)], PromptIds,
+                  Annotated[list[PromptIds], Field(min_length=1, max_length=64)]]
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "CompletionRequest":
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported (it must be unset or equal to n)")
+        return self
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[StrictStr, Annotated[list[TextPart], Field(max_length=256)], None] = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatRequest(SamplingFields):
+    """``POST /v1/chat/completions`` (text only; the prompt is the tokenizer's chat template)."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    tools: list | None = None
+    tool_choice: object | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "ChatRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
+        if self.tools:
+            raise ValueError("tools are not supported")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("response_format other than text is not supported")
+        return self
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -1,0 +1,51 @@
+"""``POST /v1/chat/completions``: the prompt is the tokenizer's own chat template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from ..errors import APIError
+from ..protocol import ChatRequest
+from . import common
+
+router = APIRouter()
+
+
+def _choice(i: int, text: str, lp: Any, finish: str | None, first: bool) -> dict:
+    delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+    return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
+
+
+def _final(i: int, text: str, lp: Any, finish: str | None) -> dict:
+    return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+            "finish_reason": finish}
+
+
+def chat_prompt(handle: Any, body: ChatRequest) -> list[int]:
+    """Token ids of the templated conversation (add_generation_prompt=True); 400 if it cannot render."""
+    tok = handle.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, "the model's tokenizer has no chat template; use /v1/completions", code="no_chat_template")
+    msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (jinja raise_exception)
+        raise APIError(400, f"the chat template rejected the messages: {e}", param="messages",
+                       code="invalid_value") from e
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request) -> Any:
+    ctx = common.context(request)
+    handle = ctx.ready()
+    common.check_model(handle, body.model)
+    ids = chat_prompt(handle, body)
+    max_tokens = common.prompt_budget(handle, len(ids), body.token_limit(), None)
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    fmt = common.Formatter("chat.completion", "chat.completion.chunk", _choice, _final,
+                           common.chat_logprobs(k or 0), common.merge_chat_logprobs)
+    params = common.sampling_params(body, max_tokens, k)
+    return await common.run(request, ctx, handle, body, [ids], params, fmt, k)
