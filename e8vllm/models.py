@@ -401,12 +401,14 @@ def _replaceable(path: Path) -> bool:
 # --------------------------------------------------------------------------- main entry
 
 
-def prepare_model(out: Path | None = None, force: bool = False) -> Path:
+def prepare_model(out: Path | None = None, force: bool = False, calibrate_kv: bool = True) -> Path:
     """Build (or find cached) the SmolLM2-135M-Instruct Hugging Face model directory.
 
     Args:
         out: target directory (default :func:`default_model_dir`).
         force: rebuild even if ``out`` is a finished directory for the current GGUF.
+        calibrate_kv: also write the KV centers file (:mod:`e8vllm.calibration`) if it is
+            missing (about 10 s: the model runs over 4,096 tokens of the KV-side license texts).
 
     Returns:
         ``out``, a directory loadable by ``transformers.AutoModelForCausalLM`` and vLLM.
@@ -424,6 +426,7 @@ def prepare_model(out: Path | None = None, force: bool = False) -> Path:
 
     if not force and is_prepared(out, gguf_path):
         logger.info("model directory %s is ready (cached)", out)
+        _ensure_calibration(out, calibrate_kv)
         return out
     if out.exists() and not _replaceable(out):
         raise FileExistsError(f"{out} exists and is not an e8vllm model directory; choose another --out")
@@ -476,6 +479,7 @@ def prepare_model(out: Path | None = None, force: bool = False) -> Path:
         if out.exists():
             if not force and is_prepared(out, gguf_path):  # another process won the race
                 _remove_tree(tmp)
+                _ensure_calibration(out, calibrate_kv)
                 return out
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.rename(out, old)
@@ -488,4 +492,20 @@ def prepare_model(out: Path | None = None, force: bool = False) -> Path:
     dt = time.perf_counter() - t0
     logger.info("built %s from %s in %.1f s", out, gguf_path.name, dt)
     console.print(f"[green]model directory[/green] {out} built from {gguf_path.name} in {dt:.1f} s")
+    _ensure_calibration(out, calibrate_kv)
     return out
+
+
+def _ensure_calibration(model_dir: Path, enabled: bool) -> None:
+    """Write the KV centers (:mod:`e8vllm.calibration`) into ``model_dir`` if missing."""
+    if not enabled:
+        return
+    from e8vllm.calibration import CALIBRATION_FILE, calibrate
+
+    import time as _time
+
+    t0 = _time.perf_counter()
+    fresh = not (model_dir / CALIBRATION_FILE).is_file()
+    calibrate(model_dir)  # keeps a valid file, replaces a missing / old-format one
+    if fresh:
+        logger.info("KV calibration of %s written in %.1f s", model_dir, _time.perf_counter() - t0)

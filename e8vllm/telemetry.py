@@ -268,9 +268,10 @@ class Sampler:
         self._info_written = False
 
     def after_write(self, key: Any, value: Any, kv_cache: Any, slot_mapping: Any, fmt: Any,
-                    centers: tuple[Any, Any] | None = None) -> None:
-        """Called right after the write path stored ``key`` / ``value`` (minus ``centers``, the
-        per-head means (μ_K, μ_V) [H, D] of KV centering, when set) into ``kv_cache``."""
+                    centers: dict[str, Any] | None = None) -> None:
+        """Called right after the write path stored ``key`` / ``value`` (mapped by ``centers``, the
+        layer's KV calibration ``{"k_mean", "k_scale", "v_mean", "v_scale"}`` [H, D] each, when set:
+        :mod:`e8vllm.calibration`) into ``kv_cache``."""
         self.calls += 1
         if self.calls % self.cfg.sample_every:
             return
@@ -293,10 +294,10 @@ class Sampler:
 
 
 def measure(key: Any, value: Any, kv_cache: Any, slot_mapping: Any, fmt: Any,
-            max_tokens: int, centers: tuple[Any, Any] | None = None) -> tuple[TensorStats, TensorStats]:
+            max_tokens: int, centers: dict[str, Any] | None = None) -> tuple[TensorStats, TensorStats]:
     """Error stats of up to ``max_tokens`` tokens just written: codes read back from ``kv_cache``
     (uint8 [num_blocks, H, block_size, slot_bytes]) at ``slot_mapping`` [T] (-1 = skipped),
-    decoded, un-rotated (plus ``centers`` [H, D] each, if the write path subtracted them), against
+    decoded, un-rotated (and mapped back by ``centers``, the KV calibration, if the write path used one), against
     the model's ``key`` / ``value`` [T', H, D] (T' >= T)."""
     import torch
 
@@ -314,10 +315,10 @@ def measure(key: Any, value: Any, kv_cache: Any, slot_mapping: Any, fmt: Any,
         v_rot = fmt.decode_v_rotated(codes[..., fmt.k_bytes:]).reshape(-1, d)
         k_hat = k_rot if fmt.k_rotation is None else fmt.k_rotation.inverse(k_rot)
         v_hat = v_rot if fmt.v_rotation is None else fmt.v_rotation.inverse(v_rot)
-        if centers is not None:
+        if centers is not None:  # undo the KV calibration map: x = x' / scale + mean
             h = codes.shape[1]
-            k_hat = (k_hat.reshape(-1, h, d) + centers[0].float()).reshape(-1, d)
-            v_hat = (v_hat.reshape(-1, h, d) + centers[1].float()).reshape(-1, d)
+            k_hat = (k_hat.reshape(-1, h, d) / centers["k_scale"].float() + centers["k_mean"].float()).reshape(-1, d)
+            v_hat = (v_hat.reshape(-1, h, d) / centers["v_scale"].float() + centers["v_mean"].float()).reshape(-1, d)
         k = key[idx].reshape(-1, d)
         v = value[idx].reshape(-1, d)
         return error_stats(k, k_hat), error_stats(v, v_hat)

@@ -76,6 +76,8 @@ KV_SPACE_GIB = 2
 """VLLM_CPU_KVCACHE_SPACE of the quality engines (integer GiB: vLLM 0.32 parses an int)."""
 DEBUG_CODECS_ENV = "E8VLLM_DEBUG_CODECS"
 CODECS_PREFIX = "codecs:"
+NOCENTER_SUFFIX = "@nocenter"
+CALIBRATION_ENV = "E8VLLM_KV_CALIBRATION"
 CARRIER_DTYPE = "e8_k4v4"
 """The e8 dtype whose engine runs a ``codecs:`` pseudo-dtype (its codecs are replaced)."""
 WORKER_TIMEOUT_S = 3600.0
@@ -118,7 +120,14 @@ def resolve_dtype(name: str) -> dict[str, Any]:
     """How to run dtype label ``name``: ``{"name", "kv_cache_dtype", "env", "note"}``.
 
     ``codecs:KC[/VC]`` -> the :data:`CARRIER_DTYPE` engine with ``E8VLLM_DEBUG_CODECS=KC,VC``.
+    A ``@nocenter`` suffix (e.g. ``e8_k4v4@nocenter``) runs the same engine with KV centering
+    off (``E8VLLM_KV_CALIBRATION=none``, :mod:`e8vllm.calibration`): the ablation row.
     """
+    if name.endswith(NOCENTER_SUFFIX):
+        base = resolve_dtype(name[: -len(NOCENTER_SUFFIX)])
+        note = "; ".join(x for x in (base["note"], f"KV centering off ({CALIBRATION_ENV}=none)") if x)
+        return {"name": name, "kv_cache_dtype": base["kv_cache_dtype"],
+                "env": {**base["env"], CALIBRATION_ENV: "none"}, "note": note}
     if name.startswith(CODECS_PREFIX):
         kc, _, vc = name[len(CODECS_PREFIX):].partition("/")
         kc, vc = kc.strip(), (vc.strip() or kc.strip())
@@ -172,6 +181,7 @@ def engine_env(kv_space_gib: float, extra: dict[str, str] | None = None) -> dict
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     env.pop(DEBUG_CODECS_ENV, None)
+    env.pop(CALIBRATION_ENV, None)
     env.update(extra or {})
     return env
 
@@ -242,6 +252,12 @@ def engine_info(llm: Any, kv_cache_dtype: str) -> dict[str, Any]:
         "debug_codecs": os.environ.get(DEBUG_CODECS_ENV) or None,
         "torch_threads": torch.get_num_threads(),
     }
+    if kv_cache_dtype.startswith("e8_"):
+        from e8vllm.calibration import find_calibration
+
+        calib = find_calibration(mc.model)
+        info["kv_centering"] = calib is not None
+        info["kv_calibration"] = str(calib) if calib is not None else None
     if cc.cache_dtype != kv_cache_dtype:
         raise RuntimeError(f"engine cache dtype is {cc.cache_dtype!r}, asked for {kv_cache_dtype!r}")
     if kv_cache_dtype.startswith("e8_"):
@@ -380,7 +396,9 @@ def evaluate_goals(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                            detail=f"{g['dtype']}: ΔPPL {r['dppl_pct']:+.2f} % (limit +{g['max_dppl_pct']} %)")
         else:
             int4 = {n: r for n, r in ok.items() if _is_int4(n, r)}
-            e8 = {n: r for n, r in ok.items() if n.startswith("e8_") and not _is_int4(n, r)}
+            # like with like: the INT rows run the e8 backend with centering, so ablations are left out
+            e8 = {n: r for n, r in ok.items()
+                  if n.startswith("e8_") and NOCENTER_SUFFIX not in n and not _is_int4(n, r)}
             if not int4:
                 res.update(status="not evaluated", detail="no INT4 baseline was run (the plugin registers no "
                            "INT4 kv-cache dtype; a 'codecs:int4-sym' run would provide one)")

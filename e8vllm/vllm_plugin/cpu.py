@@ -135,7 +135,7 @@ class E8CPUAttentionImpl(E8ImplMixin, CPUAttentionBackendImpl):
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if not self.e8:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        return self._e8_write(key, value, kv_cache, slot_mapping)
+        return self._e8_write(key, value, kv_cache, slot_mapping, layer)
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: CPUAttentionMetadata | None, output: torch.Tensor,
@@ -144,4 +144,4 @@ class E8CPUAttentionImpl(E8ImplMixin, CPUAttentionBackendImpl):
         if not self.e8:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        return self._e8_forward(query, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+        return self._e8_forward(query, kv_cache, attn_metadata, output, output_scale, output_block_scale, layer)

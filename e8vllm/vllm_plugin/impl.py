@@ -6,9 +6,9 @@ checks, the page-layout self-check, the write path and attention over the packed
 delegates ``do_kv_cache_update`` / ``forward`` to :meth:`_e8_write` / :meth:`_e8_forward` when
 ``self.e8`` is true, and to vLLM's stock impl otherwise.
 
-KV centering (:mod:`e8vllm.calibration`): when the model has a calibration file, the layer's
-per-KV-head means μ_K, μ_V are subtracted before the write path and μ_V is added to the attention
-output (softmax is shift-invariant, so μ_K needs no correction). Kernels see only centered data.
+KV calibration (:mod:`e8vllm.calibration`): when the model has a calibration file, the layer
+stores ``a ⊙ (k − μ_K)`` and ``b ⊙ (v − μ_V)``, attends with ``q ⊘ a`` and maps the output back
+with ``o ⊘ b + μ_V`` (exact: softmax is shift-invariant). Kernels see only the mapped data.
 
 Shapes (vLLM conventions): query [T, H_q, D], key/value [T, H_kv, D], output [T, H_q, D];
 kv_cache uint8 [num_blocks, H_kv, block_size, slot_bytes].
@@ -73,11 +73,13 @@ class E8ImplMixin:
         except Exception:  # noqa: BLE001 - no config (unit tests): no centering unless the env names a file
             self._e8_model = None
 
-    def _e8_centers(self, layer: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(μ_K, μ_V) float32 [H_kv, D] of this layer's local KV heads, or None (no calibration).
+    def _e8_centers(self, layer: Any, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """This layer's calibration for its local KV heads, or None (no calibration file).
 
-        Resolved once, at the first call with the layer (its ``layer_name`` gives the index, the
-        tensor-parallel rank gives the heads). A calibration that does not fit the model is an error.
+        ``{"k_mean", "k_scale", "v_mean", "v_scale"}`` float32 [H_kv, D], plus ``q_inv`` (1 / k_scale
+        per query head) [H_q, D] and ``v_inv`` (1 / v_scale) [H_kv, D]. Resolved once, at the first
+        call with the layer (its ``layer_name`` gives the index, the tensor-parallel rank the heads).
+        A calibration that does not fit the model is an error.
         """
         if self._centers_done:
             return self._centers
@@ -85,7 +87,7 @@ class E8ImplMixin:
         if path is not None:
             name = getattr(layer, "layer_name", None)
             if not isinstance(name, str):
-                raise RuntimeError("e8vllm: KV centering needs the attention layer's name")
+                raise RuntimeError("e8vllm: the KV calibration needs the attention layer's name")
             c = calibration.load_centers(str(path))
             if c.head_dim != self.head_size:
                 raise e8spec.E8UnsupportedError(
@@ -98,8 +100,11 @@ class E8ImplMixin:
             except Exception:  # noqa: BLE001 - no distributed state (unit tests)
                 rank, size = 0, 1
             heads = calibration.local_kv_heads(c.num_kv_heads, self.num_kv_heads, rank, size)
-            k, v = c.for_layer(calibration.layer_index(name), heads)
-            self._centers = (k.to(device), v.to(device))
+            t = {k: v.to(device) for k, v in c.for_layer(calibration.layer_index(name), heads).items()}
+            grp = self.num_heads // self.num_kv_heads
+            t["q_inv"] = (1.0 / t["k_scale"]).repeat_interleave(grp, dim=0)
+            t["v_inv"] = 1.0 / t["v_scale"]
+            self._centers = t
         self._centers_done = True
         return self._centers
 
@@ -117,10 +122,9 @@ class E8ImplMixin:
         self._check_layout(kv_cache)
         centers = self._e8_centers(layer, key.device)
         k_in, v_in = key, value
-        if centers is not None:
-            k_c, v_c = centers
-            key = key.float() - k_c
-            value = value.float() - v_c
+        if centers is not None:  # a ⊙ (k − μ_K), b ⊙ (v − μ_V)
+            key = (key.float() - centers["k_mean"]) * centers["k_scale"]
+            value = (value.float() - centers["v_mean"]) * centers["v_scale"]
         write_kv_cache(key, value, kv_cache, slot_mapping, self.fmt)
         if self._e8_telemetry is not None:  # error against the model's own K/V (centers added back)
             self._e8_telemetry.after_write(k_in, v_in, kv_cache, slot_mapping, self.fmt, centers)
@@ -137,11 +141,14 @@ class E8ImplMixin:
         n = attn_metadata.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        c = self._e8_centers(layer, query.device)
+        if c is not None:  # q ⊘ a: the same logits up to a per-query shift
+            q = q.float() * c["q_inv"]
         paged_attention(q, kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                         attn_metadata.block_table, self.fmt, num_kv_heads=self.num_kv_heads,
                         scale=self.scale, out=out)
-        centers = self._e8_centers(layer, query.device)
-        if centers is not None:  # Σ p (v - μ_V) + μ_V
+        if c is not None:  # o ⊘ b + μ_V, per KV head's group of query heads
             g = self.num_heads // self.num_kv_heads
-            out.view(n, self.num_kv_heads, g, self.head_size).add_(centers[1].to(out.dtype)[None, :, None, :])
+            o = out.view(n, self.num_kv_heads, g, self.head_size)
+            o.copy_(o.float() * c["v_inv"][None, :, None, :] + c["v_mean"][None, :, None, :])
         return output

@@ -105,3 +105,22 @@ def test_summary_and_goals_are_computed() -> None:
     assert goals["e8_beats_int4"]["pairs"][0]["e8"] == "e8_k4v4"
     del per["codecs:int4-sym"]
     assert {g["id"]: g for g in evaluate_goals(summarize(per))}["e8_beats_int4"]["status"] == "not evaluated"
+
+
+def test_resolve_dtype_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pure logic: plain dtypes, codec swaps and the no-centering ablation map to engine + env."""
+    from e8vllm.bench.quality import engine_env, resolve_dtype
+
+    assert resolve_dtype("e8_k3v3") == {"name": "e8_k3v3", "kv_cache_dtype": "e8_k3v3", "env": {}, "note": ""}
+    r = resolve_dtype("codecs:int4-sym-rot")
+    assert r["kv_cache_dtype"] == "e8_k4v4" and r["env"] == {"E8VLLM_DEBUG_CODECS": "int4-sym-rot,int4-sym-rot"}
+    r = resolve_dtype("e8_k4v2@nocenter")
+    assert r["kv_cache_dtype"] == "e8_k4v2" and r["env"] == {"E8VLLM_KV_CALIBRATION": "none"}
+    r = resolve_dtype("codecs:int4-sym/int8@nocenter")
+    assert r["env"] == {"E8VLLM_DEBUG_CODECS": "int4-sym,int8", "E8VLLM_KV_CALIBRATION": "none"}
+    assert "centering off" in r["note"]
+    with pytest.raises(ValueError):
+        resolve_dtype("codecs:")
+    monkeypatch.setenv("E8VLLM_KV_CALIBRATION", "none")  # a caller's switch must not leak into every row
+    assert "E8VLLM_KV_CALIBRATION" not in engine_env(2, resolve_dtype("e8_k4v4")["env"])
+    assert engine_env(2, resolve_dtype("e8_k4v4@nocenter")["env"])["E8VLLM_KV_CALIBRATION"] == "none"

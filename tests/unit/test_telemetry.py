@@ -149,22 +149,25 @@ def test_sampler_off_without_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tm.sampler() is None
 
 
-def test_sampler_adds_kv_centers_back(tmp_path: Path) -> None:
-    """With KV centering the cache holds x - μ; the error is measured against x (x̂ = decode + μ)."""
+def test_sampler_undoes_the_kv_calibration_map(tmp_path: Path) -> None:
+    """With the KV calibration the cache holds a ⊙ (x - μ); the error is measured against x
+    (x̂ = decode ⊘ a + μ), and the signal energy is that of x."""
     fmt = E8KVFormat.from_bits(64, 4, 4)
     h, bs = 2, 16
     g = torch.Generator().manual_seed(2)
-    mu_k, mu_v = torch.randn(h, 64, generator=g) * 3, torch.randn(h, 64, generator=g) * 3
-    key = torch.randn(5, h, 64, generator=g) + mu_k
-    value = torch.randn(5, h, 64, generator=g) + mu_v
+    c = {"k_mean": torch.randn(h, 64, generator=g) * 3, "v_mean": torch.randn(h, 64, generator=g) * 3,
+         "k_scale": torch.rand(h, 64, generator=g) + 0.5, "v_scale": torch.rand(h, 64, generator=g) + 0.5}
+    key = torch.randn(5, h, 64, generator=g) + c["k_mean"]
+    value = torch.randn(5, h, 64, generator=g) + c["v_mean"]
     cache = torch.zeros(2, h, bs, fmt.slot_bytes, dtype=torch.uint8)
     slots = torch.arange(5)
-    write_kv_cache(key - mu_k, value - mu_v, cache, slots, fmt)
+    kc = (key - c["k_mean"]) * c["k_scale"]
+    write_kv_cache(kc, (value - c["v_mean"]) * c["v_scale"], cache, slots, fmt)
     s = tm.Sampler(tm.TelemetryConfig(tmp_path, sample_every=1, max_tokens=5))
-    s.after_write(key, value, cache, slots, fmt, (mu_k, mu_v))
+    s.after_write(key, value, cache, slots, fmt, c)
     got = tm.read_dir(tmp_path).stats["key"]
-    kc = (key - mu_k).reshape(-1, 64)
-    exp = tm.error_stats(key.reshape(-1, 64), fmt.k_codec.decode(fmt.k_codec.encode(kc)) + mu_k.repeat(5, 1))
+    k_hat = fmt.k_codec.decode(fmt.k_codec.encode(kc.reshape(-1, 64))).reshape(5, h, 64) / c["k_scale"] + c["k_mean"]
+    exp = tm.error_stats(key.reshape(-1, 64), k_hat.reshape(-1, 64))
     assert got.squared_error == pytest.approx(exp.squared_error, rel=1e-4)
-    assert got.signal_energy == pytest.approx(exp.signal_energy, rel=1e-9)  # energy of x, not of x - μ
-    assert got.signal_energy > 5 * float(kc.pow(2).sum())
+    assert got.signal_energy == pytest.approx(exp.signal_energy, rel=1e-9)  # energy of x, not of the mapped x
+    assert got.signal_energy > 5 * float((key - c["k_mean"]).pow(2).sum())

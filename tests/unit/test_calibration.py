@@ -1,0 +1,202 @@
+"""KV centering (e8vllm.calibration) and its use by the attention impl (E8ImplMixin).
+
+* the impl's write + attention with centers equals float64 attention over the *uncentered*
+  dequantized cache (k̂ + μ_K, v̂ + μ_V): softmax shift invariance, checked numerically;
+* with a large common key component, centering lowers the attention error against exact
+  (unquantized) attention;
+* the file format, the environment switch, tensor-parallel head selection, layer names.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from e8vllm import calibration as cal
+from e8vllm.calibration import KVCenters, find_calibration, layer_index, local_kv_heads
+from e8vllm.kernels.reference import gather_dequantized
+from e8vllm.vllm_plugin import spec as e8spec
+from e8vllm.vllm_plugin.impl import E8ImplMixin
+
+D = 64
+H_KV, H_Q, LAYERS = 3, 9, 4
+
+
+class _Impl(E8ImplMixin):
+    def __init__(self, dtype: str) -> None:
+        self.num_heads, self.num_kv_heads, self.head_size = H_Q, H_KV, D
+        self.scale = 1.0 / math.sqrt(D)
+        self.e8 = True
+        self._e8_setup(dtype, D)
+
+
+def _centers(seed: int = 0, scaled: bool = True) -> KVCenters:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(LAYERS, H_KV, D, generator=g) * 3.0
+    k[..., 5] += 12.0
+    v = torch.randn(LAYERS, H_KV, D, generator=g) * 0.7
+    ks = torch.rand(LAYERS, H_KV, D, generator=g) * 1.5 + 0.25 if scaled else None
+    vs = torch.rand(LAYERS, H_KV, D, generator=g) * 1.5 + 0.25 if scaled else None
+    return KVCenters(k, v, ks, vs, {"tokens": "synthetic"})
+
+
+@pytest.fixture()
+def calib_file(tmp_path, monkeypatch):
+    c = _centers()
+    path = c.save(tmp_path / cal.CALIBRATION_FILE)
+    monkeypatch.setenv(cal.CALIBRATION_ENV, str(path))
+    cal.load_centers.cache_clear()
+    e8spec._reset_active_dtype()
+    yield c
+    e8spec._reset_active_dtype()
+    cal.load_centers.cache_clear()
+
+
+def _float64_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
+    """Causal GQA attention of the last ``n`` of L tokens: q [n, H_q, D], k/v [L, H_kv, D]."""
+    L, grp = k.shape[0], H_Q // H_KV
+    out = torch.zeros(n, H_Q, D, dtype=torch.float64)
+    for t in range(n):
+        last = L - n + t
+        for h in range(H_Q):
+            s = (k[: last + 1, h // grp].double() @ q[t, h].double()) / math.sqrt(D)
+            out[t, h] = torch.softmax(s, 0) @ v[: last + 1, h // grp].double()
+    return out
+
+
+def _run(impl: _Impl, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, layer_no: int,
+         block_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Write k/v [L, H_kv, D] through the impl, attend with q [n, H_q, D]; returns (out, cache, block_row)."""
+    L, n = k.shape[0], q.shape[0]
+    nb = -(-L // block_size)
+    cache = torch.zeros(nb + 2, H_KV, block_size, impl.fmt.slot_bytes, dtype=torch.uint8)
+    blocks = torch.randperm(nb + 2, generator=torch.Generator().manual_seed(1))[:nb].to(torch.int32)
+    pos = torch.arange(L)
+    slots = blocks[pos // block_size].long() * block_size + pos % block_size
+    layer = SimpleNamespace(layer_name=f"model.layers.{layer_no}.self_attn.attn")
+    impl._e8_write(k, v, cache, slots, layer)
+    meta = SimpleNamespace(num_actual_tokens=n, query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+                           seq_lens=torch.tensor([L], dtype=torch.int32), block_table=blocks[None])
+    out = torch.zeros(n, H_Q * D)
+    impl._e8_forward(q.reshape(n, H_Q * D), cache, meta, out, layer=layer)
+    return out.view(n, H_Q, D), cache, blocks
+
+
+@pytest.mark.parametrize("dtype", ["e8_k4v4", "e8_k3v2"])
+@pytest.mark.parametrize("L,n", [(45, 45), (45, 1), (70, 9)])
+def test_centered_impl_equals_attention_over_uncentered_cache(calib_file: KVCenters, dtype: str, L: int,
+                                                              n: int) -> None:
+    g = torch.Generator().manual_seed(L + n)
+    layer_no = 2
+    mk, mv = calib_file.k_mean[layer_no], calib_file.v_mean[layer_no]
+    a, b = calib_file.k_scale[layer_no], calib_file.v_scale[layer_no]
+    k = mk + torch.randn(L, H_KV, D, generator=g)
+    v = mv + torch.randn(L, H_KV, D, generator=g)
+    q = torch.randn(n, H_Q, D, generator=g)
+    impl = _Impl(dtype)
+    out, cache, blocks = _run(impl, k, v, q, layer_no)
+    kc, vc = gather_dequantized(cache, blocks, L, impl.fmt)  # what the cache holds: mapped codes
+    want = _float64_attention(q, kc.double() / a.double() + mk.double(), vc.double() / b.double() + mv.double(), n)
+    diff = (out.double() - want).abs().max().item()
+    assert diff <= 1e-4 * want.abs().max().item() + 1e-5, diff
+    # the cache really holds a ⊙ (k - μ) (not the raw keys): mean near 0, channel spread follows a
+    assert kc.mean(0).abs().max().item() < 0.5 < mk.abs().max().item()
+    ratio = (kc.std(0) / a).mean(0) / (k - mk).std(0).mean(0)
+    assert 0.8 < ratio.median().item() < 1.25
+
+
+def test_centering_lowers_attention_error(calib_file: KVCenters, monkeypatch, tmp_path) -> None:
+    """Keys with a large common component: error vs exact attention drops with centering
+    (centers only: the synthetic scales above are random, not calibrated)."""
+    calib_file = _centers(scaled=False)
+    monkeypatch.setenv(cal.CALIBRATION_ENV, str(calib_file.save(tmp_path / "centers_only.safetensors")))
+    g = torch.Generator().manual_seed(7)
+    layer_no, L = 1, 96
+    mk, mv = calib_file.k_mean[layer_no], calib_file.v_mean[layer_no]
+    k = mk + torch.randn(L, H_KV, D, generator=g)
+    v = mv + torch.randn(L, H_KV, D, generator=g)
+    q = torch.randn(L, H_Q, D, generator=g) * 0.5
+    exact = _float64_attention(q, k, v, L)
+    errs = {}
+    for mode in ("centered", "none"):
+        if mode == "none":
+            monkeypatch.setenv(cal.CALIBRATION_ENV, "none")
+        e8spec._reset_active_dtype()
+        out, _, _ = _run(_Impl("e8_k4v4"), k, v, q, layer_no)
+        errs[mode] = (out.double() - exact).pow(2).mean().item()
+    assert errs["centered"] < 0.5 * errs["none"], errs
+
+
+def test_file_roundtrip_and_validation(tmp_path) -> None:
+    c = _centers(3)
+    p = c.save(tmp_path / "c.safetensors")
+    back = KVCenters.load(p)
+    for n in ("k_mean", "v_mean", "k_scale", "v_scale"):
+        assert torch.equal(getattr(back, n), getattr(c, n))
+    assert back.meta == {"tokens": "synthetic"}
+    part = back.for_layer(3, [2, 0])
+    assert torch.equal(part["k_mean"], c.k_mean[3, [2, 0]]) and torch.equal(part["v_scale"], c.v_scale[3, [2, 0]])
+    assert torch.equal(KVCenters(c.k_mean, c.v_mean).k_scale, torch.ones_like(c.k_mean))  # centering only
+    with pytest.raises(ValueError):
+        back.for_layer(4, [0])
+    with pytest.raises(ValueError):
+        back.for_layer(0, [3])
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="not an e8vllm KV calibration"):
+        KVCenters.load(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError):
+        KVCenters(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5))
+    with pytest.raises(ValueError):
+        KVCenters(torch.full((1, 1, 8), float("nan")), torch.zeros(1, 1, 8))
+    with pytest.raises(ValueError, match="positive"):
+        KVCenters(torch.zeros(1, 1, 8), torch.zeros(1, 1, 8), torch.zeros(1, 1, 8))
+
+
+def test_channel_scales_formula() -> None:
+    """a² ∝ sqrt(weight / energy), mean a² = 1, clipped to [1/8, 8]."""
+    from e8vllm.calibration import channel_scales
+
+    w = torch.tensor([[4.0, 1.0, 1.0, 1.0]])
+    e = torch.tensor([[1.0, 1.0, 4.0, 1.0]])
+    a = channel_scales(w, e)
+    a2 = torch.tensor([[2.0, 1.0, 0.5, 1.0]]) / 1.125
+    assert torch.allclose(a, a2.sqrt(), rtol=1e-6)
+    assert channel_scales(torch.tensor([[1e12, 1.0]]), torch.ones(1, 2)).min().item() == pytest.approx(1 / 8)
+
+
+def test_find_calibration(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(cal.CALIBRATION_ENV, raising=False)
+    assert find_calibration(tmp_path) is None
+    f = _centers().save(tmp_path / cal.CALIBRATION_FILE)
+    assert find_calibration(tmp_path) == f
+    assert find_calibration(None) is None
+    monkeypatch.setenv(cal.CALIBRATION_ENV, "none")
+    assert find_calibration(tmp_path) is None
+    monkeypatch.setenv(cal.CALIBRATION_ENV, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(FileNotFoundError):
+        find_calibration(tmp_path)
+
+
+def test_local_kv_heads() -> None:
+    assert local_kv_heads(8, 8, 0, 1) == list(range(8))
+    assert local_kv_heads(8, 4, 1, 2) == [4, 5, 6, 7]
+    assert local_kv_heads(8, 1, 5, 8) == [5]
+    assert local_kv_heads(2, 1, 3, 4) == [1]  # replicated: ranks 2, 3 hold head 1
+    assert local_kv_heads(3, 3, 0, 1) == [0, 1, 2]
+    with pytest.raises(ValueError):
+        local_kv_heads(3, 1, 0, 2)
+    with pytest.raises(ValueError):
+        local_kv_heads(8, 4, 2, 2)
+
+
+def test_layer_index() -> None:
+    assert layer_index("model.layers.7.self_attn.attn") == 7
+    assert layer_index("language_model.model.layers.12.self_attn.attn") == 12
+    assert layer_index("transformer.h.3.attn.attn") == 3
+    with pytest.raises(ValueError):
+        layer_index("attn")
