@@ -2,6 +2,7 @@
 
     e8vllm serve [MODEL]            OpenAI-compatible server (default: SmolLM2 on CPU, e8_k4v4 KV cache)
     e8vllm prepare-model            build the SmolLM2-135M-Instruct model directory (cached)
+    e8vllm calibrate MODEL          write the KV calibration (centers, channel scales) of a model
     e8vllm dump-kv                  run SmolLM2 on real text, save per-layer K (after RoPE) and V
     e8vllm bench quant              SNR/MSE of every codec on Gaussian and real KV data
     e8vllm bench quality            perplexity / top-1 agreement of SmolLM2 in vLLM per kv-cache dtype
@@ -80,6 +81,23 @@ def prepare_model_cmd(
 
     path = prepare_model(out=out, force=force)
     typer.echo(str(path))
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    model: Path = typer.Argument(..., help="Local model directory (Hugging Face layout, transformers-loadable)."),
+    out: Optional[Path] = typer.Option(None, help="Output file (default: MODEL/e8vllm/kv_calibration.safetensors)."),
+    tokens: int = typer.Option(4096, help="Calibration tokens (Debian license texts, KV side of the split)."),
+    text: Optional[Path] = typer.Option(None, help="Calibration text file or directory instead."),
+    force: bool = typer.Option(False, help="Recompute even if a valid file exists."),
+) -> None:
+    """Write the KV calibration (per-head centers and channel scales) that E8 KV dtypes use."""
+    import json
+
+    from e8vllm.calibration import calibrate, describe
+
+    path = calibrate(model, out=out, num_tokens=tokens, force=force, text_path=text)
+    typer.echo(json.dumps(describe(path), indent=2))
 
 
 @app.command("dump-kv")
