@@ -5,7 +5,8 @@
 #   docker run --gpus all --ipc=host -p 8000:8000 -v e8vllm-cache:/cache e8vllm:gpu
 #
 # The base is pinned by tag and by digest (the multi-platform manifest of v0.26.0).
-# Nothing secret is baked in: pass E8VLLM_API_KEY / HF_TOKEN at run time (-e, a secret).
+# Nothing secret is baked in: pass VLLM_API_KEY (accepted bearer tokens, comma-separated) and
+# HF_TOKEN (gated models) at run time (-e, a secret).
 FROM vllm/vllm-openai:v0.26.0@sha256:ffb2d59b1c059a5bd8d781320c9f5189de8293693b7d95da54befddaa54abf52
 
 LABEL org.opencontainers.image.title="e8vllm" \
@@ -43,8 +44,9 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
-# On CUDA the E8 pages live in vLLM's CUSTOM attention-backend slot, so the backend is named.
-# `docker run ... e8vllm:gpu MODEL --kv-cache-dtype e8_k4v4 --attention-backend CUSTOM
-# --tensor-parallel-size 2` replaces the default arguments below.
-ENTRYPOINT ["e8vllm", "serve", "--host", "0.0.0.0", "--port", "8000"]
-CMD ["--kv-cache-dtype", "e8_k4v4", "--attention-backend", "CUSTOM"]
+# On CUDA (vLLM 0.26) the E8 pages live in vLLM's CUSTOM attention-backend slot, which vLLM never
+# picks by itself: the entrypoint names it (for other kv-cache dtypes the plugin's CUSTOM backend
+# runs vLLM's Triton backend). Arguments after the image name replace CMD, e.g.
+# `docker run ... e8vllm:gpu MODEL --kv-cache-dtype e8_k4v4 --tensor-parallel-size 2`.
+ENTRYPOINT ["e8vllm", "serve", "--host", "0.0.0.0", "--port", "8000", "--engine-arg", "attention_config={\"backend\": \"CUSTOM\"}"]
+CMD ["--kv-cache-dtype", "e8_k4v4"]

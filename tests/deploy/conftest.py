@@ -33,3 +33,26 @@ def helm_bin() -> Path:
 def prometheus_dir() -> Path:
     """Directory holding Debian's ``prometheus`` and ``promtool`` binaries."""
     return deploy_tools.prometheus()
+
+
+@pytest.fixture
+def serve_config(monkeypatch):
+    """Parse `e8vllm serve` arguments with the real CLI and return the ServerConfig it would
+    serve with (the server itself is not started)."""
+    from typer.testing import CliRunner
+
+    import e8vllm.server.app as server_app
+    from e8vllm.cli import app
+
+    captured = []
+    monkeypatch.setattr(server_app, "serve", captured.append)
+
+    def parse(args: list[str], env: dict[str, str] | None = None):
+        captured.clear()
+        assert args[:1] == ["serve"], args
+        r = CliRunner().invoke(app, args, env=env or {"VLLM_API_KEY": ""}, catch_exceptions=False)
+        assert r.exit_code == 0, f"e8vllm {' '.join(args)}:\n{r.output}"
+        (cfg,) = captured
+        return cfg
+
+    return parse

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,17 @@ def test_dashboard_copy_in_the_helm_chart_is_identical():
     a = (DEPLOY / "grafana" / "dashboards" / "e8vllm.json").read_bytes()
     b = (DEPLOY / "helm" / "e8vllm" / "dashboards" / "e8vllm.json").read_bytes()
     assert a == b, "deploy/helm/e8vllm/dashboards/e8vllm.json must be a copy of deploy/grafana/dashboards/e8vllm.json"
+
+
+def test_compose_commands_are_what_the_real_cli_accepts(serve_config):
+    """The default `command` of each server service, after the image's entrypoint, parses."""
+    from deploy_checks import exec_form, parse_dockerfile
+
+    svc = _compose()["services"]
+    for name, dockerfile in (("e8vllm", "Dockerfile"), ("e8vllm-cpu", "deploy/Dockerfile.cpu")):
+        m = re.fullmatch(r"\$\{E8VLLM_ARGS:-(.*)\}", svc[name]["command"])
+        assert m, svc[name]["command"]
+        (entry,) = [i for i in parse_dockerfile((ROOT / dockerfile).read_text()) if i.keyword == "ENTRYPOINT"]
+        cfg = serve_config(exec_form(entry.args)[1:] + shlex.split(m.group(1)))
+        assert cfg.kv_cache_dtype == "e8_k4v4" and cfg.host == "0.0.0.0" and cfg.port == 8000
+    assert set(svc["e8vllm"]["environment"]) == {"VLLM_API_KEY", "HF_TOKEN"}

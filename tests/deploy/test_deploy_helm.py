@@ -48,14 +48,18 @@ def test_defaults_render_valid_manifests(helm_bin):
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
     c = objs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1" and c["resources"]["requests"]["nvidia.com/gpu"] == "1"
-    args = c["args"]
-    assert args[:2] == ["--kv-cache-dtype", "e8_k4v4"], "no model argument: the embedded default"
-    assert args[args.index("--attention-backend") + 1] == "CUSTOM"
-    assert args[args.index("--tensor-parallel-size") + 1] == "1"
+    assert c["args"] == ["--kv-cache-dtype", "e8_k4v4", "--tensor-parallel-size", "1"], "no model: the embedded default"
     assert "env" not in c, "no environment by default (no literal secrets)"
 
 
-def test_scaled_out_render(helm_bin):
+def _gpu_entrypoint() -> list[str]:
+    from deploy_checks import exec_form, parse_dockerfile
+
+    (entry,) = [i for i in parse_dockerfile((ROOT / "Dockerfile").read_text()) if i.keyword == "ENTRYPOINT"]
+    return exec_form(entry.args)
+
+
+def test_scaled_out_render(helm_bin, serve_config):
     objs = _render(helm_bin, "--api-versions", "monitoring.coreos.com/v1",
                    "--set", "model=meta-llama/Llama-3.1-8B-Instruct,tensorParallelSize=4,pipelineParallelSize=2",
                    "--set", "replicaCount=3,maxModelLen=32768,gpuMemoryUtilization=0.9",
@@ -71,12 +75,18 @@ def test_scaled_out_render(helm_bin):
     args = c["args"]
     assert args[0] == "meta-llama/Llama-3.1-8B-Instruct"
     flags = dict(zip(args[1::2], args[2::2]))
-    assert flags == {"--kv-cache-dtype": "e8_k4v4", "--attention-backend": "CUSTOM", "--tensor-parallel-size": "4",
-                     "--pipeline-parallel-size": "2", "--max-model-len": "32768", "--gpu-memory-utilization": "0.9"}
+    assert flags == {"--kv-cache-dtype": "e8_k4v4", "--tensor-parallel-size": "4",
+                     "--engine-arg": "pipeline_parallel_size=2", "--max-model-len": "32768",
+                     "--gpu-memory-utilization": "0.9"}
+    # the GPU image's entrypoint + these args, through the real `e8vllm serve` CLI
+    cfg = serve_config(_gpu_entrypoint()[1:] + args)
+    assert (cfg.model, cfg.tensor_parallel_size, cfg.max_model_len, cfg.gpu_memory_utilization) == (
+        "meta-llama/Llama-3.1-8B-Instruct", 4, 32768, 0.9)
+    assert cfg.engine_args == {"attention_config": {"backend": "CUSTOM"}, "pipeline_parallel_size": 2}
     # GPUs per pod = TP x PP
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
     # the API key only from a Secret
-    (key,) = [e for e in c["env"] if e["name"] == "E8VLLM_API_KEY"]
+    (key,) = [e for e in c["env"] if e["name"] == "VLLM_API_KEY"]  # what `e8vllm serve` reads
     assert key["valueFrom"]["secretKeyRef"] == {"name": "e8vllm-api-key", "key": "api-key"}
     # probes on /health, with a start-up window for model loading
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
