@@ -30,6 +30,11 @@ def helm_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
+def compose_bin() -> Path:
+    return deploy_tools.compose()
+
+
+@pytest.fixture(scope="session")
 def prometheus_dir() -> Path:
     """Directory holding Debian's ``prometheus`` and ``promtool`` binaries."""
     return deploy_tools.prometheus()

