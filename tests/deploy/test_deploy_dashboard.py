@@ -6,6 +6,7 @@ test_deploy_prometheus_e2e.py."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -83,6 +84,32 @@ def test_dashboard_covers_the_issue():
     text = DASHBOARD.read_text()
     for q in ("histogram_quantile(0.01,", "histogram_quantile(0.5,", "histogram_quantile(0.99,", "10 * log10("):
         assert q in text
+
+
+def _tsc_check(tsc: Path, dash: dict, d: Path) -> subprocess.CompletedProcess:
+    """Type-check the dashboard as a `Dashboard` object literal against @grafana/schema
+    (excess-property and literal-type checks included)."""
+    d.mkdir()
+    (d / "node_modules").symlink_to(tsc.parents[1])
+    (d / "tsconfig.json").write_text(json.dumps({
+        "compilerOptions": {"strict": True, "noEmit": True, "module": "nodenext", "moduleResolution": "nodenext",
+                            "target": "es2022", "skipLibCheck": True, "types": []}, "files": ["check.ts"]}))
+    (d / "check.ts").write_text('import type { Dashboard } from "@grafana/schema";\n'
+                                f"export const dashboard: Dashboard = {json.dumps(dash, indent=1)};\n")
+    return subprocess.run([str(tsc), "-p", str(d / "tsconfig.json")], capture_output=True, text=True, timeout=300)
+
+
+def test_dashboard_matches_grafana_schema(grafana_tsc, tmp_path):
+    dash = load_dashboard(DASHBOARD)
+    p = _tsc_check(grafana_tsc, dash, tmp_path / "ok")
+    assert p.returncode == 0, p.stdout + p.stderr
+    # the check is live: a string size, an unknown panel field are rejected
+    for n, (field, value, message) in enumerate([("gridPos", {"h": "8", "w": 6, "x": 0, "y": 0}, "to type 'number'"),
+                                                 ("colour", "red", "'\"colour\"' does not exist")]):
+        bad = load_dashboard(DASHBOARD)
+        next(p for p in bad["panels"] if p["type"] != "row")[field] = value
+        p = _tsc_check(grafana_tsc, bad, tmp_path / f"bad{n}")
+        assert p.returncode != 0 and message in p.stdout, p.stdout
 
 
 def test_dashboard_structure():
