@@ -185,7 +185,10 @@ def kv_summary(vllm_config: Any, model_name: str) -> dict[str, Any]:
     per_token_model = layers * kv_heads * model_slot
     kv_bytes = tokens * per_token
     model_bytes = tokens * per_token_model
-    model_capacity = (kv_bytes // per_token_model) // block * block if per_token_model else 0
+    # the model dtype's capacity in the same memory: vLLM's KV budget when it has one (CPU:
+    # VLLM_CPU_KVCACHE_SPACE, or --kv-cache-memory-bytes), else the bytes the cache was given
+    budget = int(getattr(cc, "kv_cache_memory_bytes", None) or kv_bytes)
+    model_capacity = (budget // per_token_model) // block * block if per_token_model else 0
     mml = int(mc.max_model_len)
     return {
         "model": model_name, "kv_cache_dtype": dtype, "model_dtype": str(model_dtype).replace("torch.", ""),
@@ -221,44 +224,54 @@ class Generation:
     Engine failures surface as exceptions from the iteration. :meth:`close` (also on
     cancellation) aborts every engine request still running."""
 
-    def __init__(self, handle: EngineHandle, prompts: list[list[int]], params: Any, active: set[str]) -> None:
+    def __init__(self, handle: EngineHandle, prompts: list[list[int]], params: Any, active: set[str],
+                 n: int | None = None) -> None:
+        """``n``: choices per prompt. When it is larger than ``params.n`` (vLLM refuses n > 1 with
+        greedy sampling), each prompt is submitted ``n // params.n`` times."""
         self.handle, self.prompts, self.params = handle, prompts, params
+        self.n = int(params.n) if n is None else int(n)
+        copies = self.n // int(params.n)
+        if copies * int(params.n) != self.n:
+            raise ValueError(f"n={self.n} is not a multiple of the engine's n={params.n}")
+        # one engine request per (prompt, copy): (prompt index, first choice index)
+        self.entries = [(i, i * self.n + c * int(params.n)) for i in range(len(prompts)) for c in range(copies)]
         base = uuid.uuid4().hex
-        self.request_ids = [f"e8-{base}-{i}" for i in range(len(prompts))]
+        self.request_ids = [f"e8-{base}-{k}" for k in range(len(self.entries))]
         self._q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._active = active
-        self._open = len(prompts)
-        self.n = int(params.n)
+        self._open = len(self.entries)
 
-    async def _pump(self, i: int) -> None:
-        rid = self.request_ids[i]
+    async def _pump(self, k: int) -> None:
+        rid = self.request_ids[k]
+        i = self.entries[k][0]
         try:
             gen = self.handle.engine.generate({"prompt_token_ids": self.prompts[i]}, self.params, rid)
             async for out in gen:
-                await self._q.put((i, out))
+                await self._q.put((k, out))
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            await self._q.put((i, e))
+            await self._q.put((k, e))
         finally:
-            self._q.put_nowait((i, None))
+            self._q.put_nowait((k, None))
 
     def start(self) -> None:
         self._active.update(self.request_ids)
-        self._tasks = [asyncio.create_task(self._pump(i)) for i in range(len(self.prompts))]
+        self._tasks = [asyncio.create_task(self._pump(k)) for k in range(len(self.entries))]
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         while self._open:
-            i, item = await self._q.get()
+            k, item = await self._q.get()
             if item is None:
                 self._open -= 1
-                self._active.discard(self.request_ids[i])
+                self._active.discard(self.request_ids[k])
                 continue
             if isinstance(item, BaseException):
                 raise item
+            i, first_choice = self.entries[k]
             for o in item.outputs:
-                yield Delta(choice=i * self.n + int(o.index), prompt_index=i, text=o.text,
+                yield Delta(choice=first_choice + int(o.index), prompt_index=i, text=o.text,
                             token_ids=list(o.token_ids), logprobs=list(o.logprobs) if o.logprobs else None,
                             finish_reason=o.finish_reason, prompt_tokens=len(self.prompts[i]))
 

@@ -67,9 +67,17 @@ def engine_error(exc: BaseException) -> APIError:
     seen = 0
     while cause is not None and seen < 5:
         name = type(cause).__name__
+        mro = {c.__name__ for c in type(cause).__mro__}
         if name == "EngineDeadError":
             return APIError(503, "the inference engine is dead; the server must be restarted",
                             code="engine_dead")
+        if "GracefulHTTPError" in mro:  # vLLM's own status (queue full: 429/503)
+            status = int(getattr(cause, "http_status", 503))
+            return APIError(status, str(cause) or name, code=None)
+        if "VLLMNotFoundError" in mro:
+            return APIError(404, str(cause) or name, code="not_found")
+        if "VLLMClientError" in mro:  # VLLMValidationError etc.: the request's fault
+            return APIError(400, str(cause) or name, code="invalid_value")
         if isinstance(cause, (ValueError, TypeError, OverflowError)):
             msg = str(cause) or type(cause).__name__
             code = "context_length_exceeded" if "context length" in msg or "too long" in msg else None

@@ -95,7 +95,9 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) 
     """vLLM SamplingParams (DELTA outputs); its own validation errors become 400."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-    kw: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens, "stop": req.stop_list() or None,
+    greedy = req.temperature == 0
+    # vLLM refuses n > 1 with greedy sampling; Generation submits n copies with n=1 instead
+    kw: dict[str, Any] = {"n": 1 if greedy else req.n, "max_tokens": max_tokens, "stop": req.stop_list() or None,
                           "seed": req.seed, "logprobs": logprobs, "ignore_eos": req.ignore_eos,
                           "output_kind": RequestOutputKind.DELTA,
                           "temperature": 1.0 if req.temperature is None else req.temperature,
@@ -194,7 +196,7 @@ async def run(request: Request, ctx: AppContext, handle: EngineHandle, req: Samp
     rid = f"{'cmpl' if fmt.object_name == 'text_completion' else 'chatcmpl'}-{time.time_ns():x}"
     created = int(time.time())
     timer = _Timer(ctx.metrics)
-    gen = Generation(handle, prompts, params, ctx.active)
+    gen = Generation(handle, prompts, params, ctx.active, n=req.n)
     gen.start()
     watcher = asyncio.create_task(_watch_disconnect(request, gen))
     it = gen.__aiter__()
