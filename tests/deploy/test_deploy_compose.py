@@ -143,6 +143,8 @@ def test_docker_compose_resolves_both_profiles(compose_bin, serve_config):
         # the default command, after the image's entrypoint, through the real `e8vllm serve` CLI
         c = serve_config(_entrypoint(dockerfile)[1:] + s["command"])
         assert (c.kv_cache_dtype, c.host, c.port, c.api_keys) == ("e8_k4v4", "0.0.0.0", 8000, ())
+        # compose waits longer than the server's drain on SIGTERM before it kills the container
+        assert int(re.fullmatch(r"(\d+)s", s["stop_grace_period"]).group(1)) > c.shutdown_timeout_s
         binds = [v for x in cfg["services"].values() for v in x.get("volumes", []) if v["type"] == "bind"]
         assert len(binds) == 3 and all(Path(v["source"]).exists() for v in binds)
 

@@ -99,6 +99,8 @@ def test_scaled_out_render(helm_bin, serve_config):
     assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
     assert vols["cache"]["persistentVolumeClaim"]["claimName"] == objs["PersistentVolumeClaim"]["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+    # Kubernetes waits longer than the server's drain on SIGTERM before it kills the pod
+    assert pod["terminationGracePeriodSeconds"] > cfg.shutdown_timeout_s
 
     # Service -> pods, ServiceMonitor -> Service
     svc = objs["Service"]
