@@ -81,6 +81,7 @@ def server(tmp_path_factory):
     port = _free_port()
     log = d / "server.log"
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_PLUGINS="e8vllm", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("VLLM_API_KEY", None)  # no auth: the test's requests carry no key
     cmd = [sys.executable, "-m", "e8vllm", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--kv-cache-dtype", "e8_k4v4", "--max-model-len", "2048"]
     with open(log, "wb") as fh:
