@@ -1,0 +1,122 @@
+"""A second real server: ``kv_cache_dtype=auto`` (the stock bf16 cache), no API key, same KV budget.
+
+Checked: requests work without a key; the e8kv gauges report ratio 1 / 16 bits and the error
+counters stay 0 (``/v1/kv_cache`` says why); vLLM's own capacity of this bf16 engine equals the
+``cache="model_dtype"`` capacity the e8_k4v4 server reports; and, last, SIGTERM: /health and new
+requests get 503 at once, a short in-flight stream finishes normally, a long one is aborted after
+the drain timeout (``finish_reason: "abort"``, then ``data: [DONE]``), and the process group exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Iterator
+
+import httpx
+import pytest
+
+from .conftest import MODEL, ServerProcess
+from .test_metrics import one, scrape
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+DRAIN_S = 5
+
+
+@pytest.fixture(scope="module")
+def auto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    s = ServerProcess(tmp_path_factory.mktemp("autosrv"), "auto",
+                      ["--kv-cache-dtype", "auto", "--shutdown-timeout", str(DRAIN_S)], api_key=None)
+    yield s
+    s.stop()
+
+
+def test_no_auth_needed(auto_server) -> None:
+    r = httpx.post(auto_server.url + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3},
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    r = auto_server.client(api_key="anything").chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert r.choices[0].message.content
+    assert httpx.get(auto_server.url + "/v1/models").json()["data"][0]["kv_cache_dtype"] == "auto"
+
+
+def test_auto_reports_no_compression(auto_server, e8_server) -> None:
+    m = scrape(auto_server.url)
+    assert one(m, "e8kv_compression_ratio") == 1.0
+    assert one(m, "e8kv_kv_cache_bytes_saved") == 0.0
+    assert one(m, "e8kv_bits_per_value", tensor="key") == 16.0
+    (labels,) = m["e8kv_config_info"]
+    assert dict(labels)["kv_cache_dtype"] == "auto" and dict(labels)["codec_key"] == "bfloat16"
+    for t in ("key", "value"):
+        assert one(m, "e8kv_quant_squared_error_total", tensor=t) == 0.0
+        assert one(m, "e8kv_quant_sampled_vectors_total", tensor=t) == 0.0
+    kv = httpx.get(auto_server.url + "/v1/kv_cache").json()
+    assert kv["telemetry"]["enabled"] is False and "auto" in kv["telemetry"]["reason"]
+    assert kv["quantization_error"]["key"]["snr_db"] is None
+    # vLLM's own capacity for bf16 at the same budget == what the e8 server says bf16 would hold
+    info = dict(next(iter(m["vllm:cache_config_info"])))
+    vllm_tokens = int(info["num_gpu_blocks"]) * int(info["block_size"])
+    assert one(m, "e8kv_kv_cache_capacity_tokens", cache="e8") == vllm_tokens
+    e8m = scrape(e8_server.url)
+    assert one(e8m, "e8kv_kv_cache_capacity_tokens", cache="model_dtype") == vllm_tokens
+    ratio = one(e8m, "e8kv_kv_cache_capacity_tokens", cache="e8") / vllm_tokens
+    print(f"\ncapacity: auto {vllm_tokens} tokens (vLLM), e8_k4v4 "
+          f"{int(one(e8m, 'e8kv_kv_cache_capacity_tokens', cache='e8'))} tokens: {ratio:.2f}x")
+    assert ratio > 3.7
+
+
+def _stream(url: str, max_tokens: int, out: dict) -> None:
+    body = {"model": MODEL, "prompt": "Write a long story about a dragon.", "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out.setdefault("events", []).append(line[6:])
+    except httpx.HTTPError as e:
+        out["error"] = repr(e)
+
+
+def test_sigterm_drains_then_aborts(auto_server) -> None:
+    short, long_ = {}, {}
+    ts = [threading.Thread(target=_stream, args=(auto_server.url, 24, short)),
+          threading.Thread(target=_stream, args=(auto_server.url, 900, long_))]
+    for t in ts:
+        t.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (short.get("events") and long_.get("events")):
+        time.sleep(0.05)
+    assert short.get("events") and long_.get("events"), (short, long_)
+    t_sig = time.monotonic()
+    auto_server.proc.send_signal(signal.SIGTERM)
+    # refused at once while draining
+    time.sleep(0.3)
+    h = httpx.get(auto_server.url + "/health", timeout=5)
+    assert h.status_code == 503 and h.json()["error"]["code"] == "shutting_down"
+    r = httpx.post(auto_server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+                   timeout=5)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+    for t in ts:
+        t.join(120)
+    assert short["status"] == 200 and long_["status"] == 200 and "error" not in short and "error" not in long_
+    assert short["events"][-1] == "[DONE]" and long_["events"][-1] == "[DONE]"
+    fin = lambda ev: [json.loads(e)["choices"][0]["finish_reason"] for e in ev[:-1]  # noqa: E731
+                      if json.loads(e)["choices"][0]["finish_reason"]]
+    assert fin(short["events"]) == ["length"]
+    assert fin(long_["events"]) == ["abort"]
+    n_long = len(long_["events"]) - 2
+    assert 0 < n_long < 900
+    rc = auto_server.proc.wait(60)
+    took = time.monotonic() - t_sig
+    assert rc == 0, auto_server.log_tail()
+    assert took < DRAIN_S + 30
+    with pytest.raises(ProcessLookupError):  # engine core / worker processes are gone too
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            os.killpg(auto_server.proc.pid, 0)
+            time.sleep(0.5)
