@@ -1,0 +1,148 @@
+"""The server's engine-free parts: config validation, error mapping, auth / body-cap / shutdown-gate
+middleware (through FastAPI's ASGI app with no engine), request models, and the KV metric exposition."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from e8vllm import telemetry
+from e8vllm.server.config import ServerConfig, parse_engine_arg
+from e8vllm.server.errors import APIError, engine_error
+from e8vllm.server.metrics import KVCollector, telemetry_summary
+from e8vllm.server.protocol import ChatRequest, CompletionRequest
+
+
+def test_config_validation() -> None:
+    c = ServerConfig(api_keys=["a"], engine_args={"max_num_batched_tokens": 512})
+    assert c.api_keys == ("a",) and c.engine_kwargs("/m")["max_num_batched_tokens"] == 512
+    assert c.engine_kwargs("/m")["kv_cache_dtype"] == "e8_k4v4"
+    for bad in ({"port": 0}, {"kv_cache_dtype": "e8_k9v9"}, {"api_keys": ("",)}, {"max_model_len": 0},
+                {"gpu_memory_utilization": 1.5}, {"max_request_bytes": 10}, {"shutdown_timeout_s": -1},
+                {"engine_args": {"model": "x"}}, {"max_logprobs": 50}):
+        with pytest.raises(ValueError):
+            ServerConfig(**bad)
+    assert parse_engine_arg("max-num-seqs=8") == ("max_num_seqs", 8)
+    assert parse_engine_arg("swap_space=abc") == ("swap_space", "abc")
+    with pytest.raises(ValueError):
+        parse_engine_arg("novalue")
+    env = ServerConfig.from_env({"E8VLLM_SERVE_KV_CACHE_DTYPE": "auto", "VLLM_API_KEY": "k1,k2",
+                                 "E8VLLM_SERVE_ENGINE_ARGS": '{"max_num_seqs": 4}'})
+    assert env.kv_cache_dtype == "auto" and env.api_keys == ("k1", "k2") and env.engine_args == {"max_num_seqs": 4}
+
+
+def test_engine_error_mapping() -> None:
+    class VLLMClientError(Exception):
+        pass
+
+    class VLLMValidationError(VLLMClientError):
+        pass
+
+    class EngineDeadError(Exception):
+        pass
+
+    class EngineGenerateError(Exception):
+        pass
+
+    assert engine_error(ValueError("prompt too long")).status == 400
+    assert engine_error(VLLMValidationError("n must be 1")).status == 400
+    assert engine_error(EngineDeadError()).status == 503
+    wrapped = EngineGenerateError()
+    wrapped.__cause__ = ValueError("bad")
+    assert engine_error(wrapped).status == 400
+    assert engine_error(RuntimeError("boom")).status == 500
+    e = APIError(404, "x", code="model_not_found")
+    assert engine_error(e) is e and e.type == "not_found_error"
+
+
+def test_request_models() -> None:
+    CompletionRequest(model="m", prompt=[1, 2, 3])
+    CompletionRequest(model="m", prompt=[[1], [2, 3]], stop="x")
+    for bad in ({"prompt": []}, {"prompt": "x", "n": 0}, {"prompt": "x", "temperature": float("nan")},
+                {"prompt": "x", "echo": True}, {"prompt": "x", "stream_options": {"include_usage": True}},
+                {"prompt": "x", "stop": ""}, {"prompt": "x", "seed": -1}, {"prompt": "x", "max_tokens": True},
+                {"prompt": "x", "logit_bias": {"5": 1.0}}, {"prompt": [-1]}):
+        with pytest.raises(ValueError):
+            CompletionRequest(model="m", **bad)
+    r = ChatRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                        {"type": "text", "text": "b"}]}],
+                    max_completion_tokens=3, max_tokens=9)
+    assert r.messages[0].text() == "ab" and r.token_limit() == 3
+    with pytest.raises(ValueError):
+        ChatRequest(model="m", messages=[{"role": "user", "content": "a"}], top_logprobs=2)
+
+
+def _app(**kw):
+    from e8vllm.server.app import build_app
+
+    return build_app(ServerConfig(**kw))
+
+
+def _call(app, method: str, path: str, **kw) -> httpx.Response:
+    async def go() -> httpx.Response:
+        # no lifespan: the engine is never started, so /v1 routes that pass the middleware answer 503
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.request(method, path, **kw)
+
+    return asyncio.run(go())
+
+
+def test_middleware_without_engine() -> None:
+    app = _app(api_keys=("secret",), max_request_bytes=2048)
+    r = _call(app, "GET", "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert _call(app, "GET", "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    ok = {"Authorization": "Bearer secret"}
+    r = _call(app, "GET", "/v1/models", headers=ok)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_ready"
+    assert _call(app, "GET", "/health").status_code == 503  # open, but not ready
+    assert _call(app, "GET", "/metrics").status_code == 200
+    r = _call(app, "POST", "/v1/completions", headers=ok, content=b"x" * 4096)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = _call(app, "POST", "/v1/completions", headers={**ok, "content-type": "application/json"}, content=b"{")
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = _call(app, "POST", "/v1/completions", headers=ok, json={"model": "m", "prompt": "x", "temperature": 9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    app.state.ctx.state.shutting_down = True
+    r = _call(app, "POST", "/v1/completions", headers=ok, json={"model": "m", "prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+    assert _call(app, "GET", "/health").json()["error"]["code"] == "shutting_down"
+    no_auth = _app()
+    assert _call(no_auth, "GET", "/v1/models").status_code == 503  # auth off: straight to the route
+
+
+def _kv(**over) -> dict:
+    kv = {"model": "m", "kv_cache_dtype": "e8_k4v4", "codec_key": "e8-4bit", "codec_value": "e8-3bit",
+          "bits_key": 4.25, "bits_value": 3.25, "rotation": "hadamard(seed=0)", "kv_cache_bytes": 100,
+          "model_dtype_bytes": 400, "bytes_saved": 300, "compression_ratio": 4.0, "head_size": 64,
+          "capacity_tokens": {"e8": 1000, "model_dtype": 250}, "max_concurrency": {"e8": 1.0, "model_dtype": 0.25}}
+    kv.update(over)
+    return kv
+
+
+def test_kv_collector_exposition() -> None:
+    s = telemetry.TensorStats(2.0, 200.0, 5.0, 4.99, (0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 2.0, 0.0, 2.0, 0.0, 0.0))
+    snap = telemetry.Snapshot({"key": s, "value": telemetry.TensorStats()}, [], 1)
+    reg = CollectorRegistry()
+    reg.register(KVCollector(lambda: _kv(), lambda: snap))
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
+    samples = [x for f in fams.values() for x in f.samples]
+    val = lambda name, **lab: next(x.value for x in samples  # noqa: E731
+                                   if x.name == name and all(x.labels.get(k) == v for k, v in lab.items()))
+    assert fams["e8kv_quant_squared_error"].type == "counter"
+    assert val("e8kv_quant_squared_error_total", tensor="key") == 2.0
+    assert val("e8kv_quant_sampled_vectors_total", tensor="key") == 5.0
+    h = {x.labels["le"]: x.value for x in fams["e8kv_quant_cosine_similarity"].samples
+         if x.name.endswith("_bucket") and x.labels["tensor"] == "key"}
+    assert h["0.99"] == 1.0 and h["0.999"] == 3.0 and h["0.9999"] == 5.0 and h["+Inf"] == 5.0
+    assert val("e8kv_kv_cache_capacity_tokens", cache="model_dtype") == 250
+    assert val("e8kv_bits_per_value", tensor="value") == 3.25
+    (info,) = fams["e8kv_config_info"].samples
+    assert info.labels["codec_value"] == "e8-3bit" and info.value == 1.0
+    summ = telemetry_summary(snap, 64)
+    assert summ["key"]["snr_db"] == pytest.approx(20.0) and summ["key"]["mse_per_value"] == 2.0 / (5 * 64)
+    assert summ["value"]["snr_db"] is None
