@@ -90,13 +90,14 @@ def calibrate_cmd(
     tokens: int = typer.Option(4096, help="Calibration tokens (Debian license texts, KV side of the split)."),
     text: Optional[Path] = typer.Option(None, help="Calibration text file or directory instead."),
     force: bool = typer.Option(False, help="Recompute even if a valid file exists."),
+    scales: bool = typer.Option(False, help="Also per-channel scales (experimental: did not lower SmolLM2's PPL)."),
 ) -> None:
-    """Write the KV calibration (per-head centers and channel scales) that E8 KV dtypes use."""
+    """Write the KV calibration (per-head centers, optional channel scales) that E8 KV dtypes use."""
     import json
 
     from e8vllm.calibration import calibrate, describe
 
-    path = calibrate(model, out=out, num_tokens=tokens, force=force, text_path=text)
+    path = calibrate(model, out=out, num_tokens=tokens, force=force, text_path=text, scales=scales)
     typer.echo(json.dumps(describe(path), indent=2))
 
 
