@@ -84,6 +84,9 @@ class E8ImplMixin:
         if self._centers_done:
             return self._centers
         path = calibration.find_calibration(self._e8_model)
+        if path is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("e8vllm: the KV calibration must be loaded before CUDA-graph capture "
+                               "(vLLM runs warm-up passes first; this layer saw none)")
         if path is not None:
             name = getattr(layer, "layer_name", None)
             if not isinstance(name, str):
