@@ -14,19 +14,27 @@ For non-e8 dtypes every class delegates to vLLM's Triton backend unchanged. For 
   :meth:`get_kv_cache_shape` returning ``(num_blocks, H_kv, block_size, slot_bytes)`` uint8 and an
   identity stride order. The shape depends on the process's active e8 dtype, never on
   ``cache_dtype_str`` (runners pass ``"auto"`` while profiling);
-* writes and attention use the PyTorch path of :mod:`e8vllm.kernels.reference` on CUDA tensors
-  (correct, **not fast**: it decodes the blocks a batch needs into a workspace). The fused Triton
-  kernels are a later step; until then CUDA graphs are not supported (run ``enforce_eager``).
+* writes and attention use the fused Triton kernels of :mod:`e8vllm.kernels.triton` on CUDA
+  (write: rotate + E8 encode + pack + scatter in one kernel per K/V; attention: codes decoded in
+  registers, split-KV grid for decode batches) when the format is supported there (E8 codecs,
+  head size 64 or 128); otherwise, or with ``E8VLLM_GPU_KERNELS=torch``, the PyTorch path of
+  :mod:`e8vllm.kernels.reference` (correct, slow, host syncs).
+* CUDA graphs: ``UNIFORM_SINGLE_TOKEN_DECODE`` with the Triton kernels (the decode grid depends
+  only on tensor shapes and reads lengths / tables / slots on the device; no host sync in write or
+  forward), ``NEVER`` on the PyTorch path. Non-e8 dtypes keep vLLM's Triton level.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 import torch
 
 from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, TritonAttentionImpl,
                                                     TritonAttentionMetadataBuilder)
+
+from e8vllm.kernels.triton import triton_paged_attention, triton_write_kv_cache
 
 from . import spec as e8spec
 from .impl import E8ImplMixin
@@ -36,13 +44,49 @@ try:  # the enum lives in vllm.v1.attention.backend (0.32+) or the backends' uti
 except ImportError:  # pragma: no cover - version dependent
     from vllm.v1.attention.backends.utils import AttentionCGSupport  # type: ignore[no-redef]
 
-__all__ = ["E8TritonBackend", "E8TritonMetadataBuilder", "E8TritonImpl"]
+__all__ = ["E8TritonBackend", "E8TritonMetadataBuilder", "E8TritonImpl", "KERNELS_ENV", "use_triton_kernels"]
+
+#: ``triton`` (default) or ``torch``: which implementation serves e8 dtypes on CUDA.
+KERNELS_ENV = "E8VLLM_GPU_KERNELS"
+#: calls per path in this process (``triton_write``, ``triton_attn``, ``torch_write``, ``torch_attn``,
+#: ``write_skipped``): lets a check confirm which implementation really ran.
+CALLS: dict[str, int] = {}
+
+
+def _count(key: str) -> None:
+    CALLS[key] = CALLS.get(key, 0) + 1
+
+
+def use_triton_kernels(name: str, head_size: int) -> bool:
+    """True when e8 dtype ``name`` at ``head_size`` runs on the fused Triton kernels."""
+    choice = os.environ.get(KERNELS_ENV, "triton").strip().lower()
+    if choice not in ("triton", "torch"):
+        raise ValueError(f"{KERNELS_ENV} must be 'triton' or 'torch', got {choice!r}")
+    if choice == "torch":
+        return False
+    try:
+        from e8vllm.kernels.triton import supported
+    except ImportError:  # pragma: no cover - no triton
+        return False
+    return supported(e8spec.kv_format(name, head_size))
 
 
 class E8TritonMetadataBuilder(TritonAttentionMetadataBuilder):
-    """Triton's metadata (query_start_loc, seq_lens, block_table, ...); no CUDA graphs for e8."""
+    """Triton's metadata (query_start_loc, seq_lens, block_table, max_query_len, ...).
+
+    CUDA graphs for e8: ``UNIFORM_SINGLE_TOKEN_DECODE`` on the Triton kernels, else ``NEVER``."""
 
     _cudagraph_support: ClassVar[Any] = AttentionCGSupport.NEVER
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any, *args: Any, **kw: Any) -> Any:
+        name = e8spec.active_dtype()
+        if name is None:
+            return TritonAttentionMetadataBuilder.get_cudagraph_support.__func__(  # type: ignore[attr-defined]
+                TritonAttentionMetadataBuilder, vllm_config, kv_cache_spec, *args, **kw)
+        if use_triton_kernels(name, int(kv_cache_spec.head_size)):
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
 
 class E8TritonBackend(TritonAttentionBackend):
@@ -95,7 +139,8 @@ class E8TritonBackend(TritonAttentionBackend):
 
 
 class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
-    """Stock Triton impl for non-e8 dtypes; the E8 packed-cache path (PyTorch, on GPU) for ``e8_*``."""
+    """Stock Triton impl for non-e8 dtypes; for ``e8_*`` the fused Triton kernels on CUDA (or the
+    PyTorch path of the mixin where they do not apply)."""
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
@@ -110,9 +155,11 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          "auto" if e8 else kv_cache_dtype, logits_soft_cap, attn_type,
                          kv_sharing_target_layer_name, sinks, **extra)
+        self._triton = False
         if e8:
             self.supports_quant_query_input = False
             self._e8_setup(kv_cache_dtype, head_size)
+            self._triton = use_triton_kernels(kv_cache_dtype, head_size)
 
     def fused_output_quant_supported(self, quant_key: Any) -> bool:
         return False if self.e8 else super().fused_output_quant_supported(quant_key)
@@ -124,7 +171,7 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if not self.e8:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        return self._e8_write(key, value, kv_cache, slot_mapping)
+        return self._e8_write(key, value, kv_cache, slot_mapping, layer)
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: Any, output: torch.Tensor,
@@ -133,4 +180,4 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
         if not self.e8:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        return self._e8_forward(query, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+        return self._e8_forward(query, kv_cache, attn_metadata, output, output_scale, output_block_scale, layer)

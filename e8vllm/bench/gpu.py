@@ -1,0 +1,434 @@
+r"""GPU benchmark of the E8 KV cache on vLLM 0.26 (H200): kernel level and engine level.
+
+    python -m e8vllm.bench.gpu kernel  [--batches 1,8,64,256] [--contexts 1024,8192,32768]
+    python -m e8vllm.bench.gpu engine  [--runs auto:TRITON_ATTN fp8:TRITON_ATTN ...] [--seqs 64 --prompt 8192]
+    python -m e8vllm.bench.gpu report  # results/gpu/*.json -> results/gpu/gpu.md + gpu.png
+
+Kernel level (one process, one GPU, every comparison in the same run): decode attention (one query
+token per sequence, Llama-3-8B shape: 32 query heads, 8 KV heads, head size 128, block size 16,
+one layer) over batch x context. Each variant's whole attention op is captured in a CUDA graph and
+replayed (``torch.cuda.Event`` timing, median of repeats), for
+
+* E8 (``e8_k4v4``, ``e8_k3v3``, ``e8_k2v2``): :func:`e8vllm.kernels.triton.triton_paged_attention`
+  (query rotation matmul + attention kernel + segment merge + output un-rotation);
+* vLLM's ``TritonAttentionImpl.forward`` with ``auto`` (bf16), ``fp8`` and ``int4_per_token_head``
+  (metadata as vLLM's builder makes it: 16 softmax segments, 3D grid below 16 sequences).
+
+Bytes the op must read = every cached (token, kv head) slot of every sequence (K and V with their
+scales) = B·L·H_kv·slot_bytes; achieved bandwidth = bytes / time, compared with the measured copy
+bandwidth (``dst.copy_(src)`` of 4 GiB, counting read + write bytes).
+
+Engine level (one subprocess per dtype, vLLM 0.26, dummy-weight Llama-3-8B shape, 32 layers,
+gpu_memory_utilization 0.85, ``enforce_eager``, prefix caching on): vLLM's KV capacity in tokens
+(num_gpu_blocks x block_size), prefill time of ``seqs`` prompts of ``prompt`` tokens (1 output
+token, cold cache), then decode: the same prompts again with ``gen + 1`` output tokens (prompts in
+the prefix cache), decode throughput = seqs * gen / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "results" / "gpu"
+H_Q, H_KV, D, BS = 32, 8, 128, 16
+E8_KERNEL_DTYPES = ("e8_k4v4", "e8_k3v3", "e8_k2v2")
+VLLM_KERNEL_DTYPES = ("auto", "fp8", "int4_per_token_head")
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 65536,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+    "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+}
+
+
+def _out_dir() -> Path:
+    d = Path(os.environ.get("E8_BENCH_OUT") or os.environ.get("OUT") or RESULTS)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel level
+# ---------------------------------------------------------------------------------------------
+def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 20) -> float:
+    """Bytes/s of ``dst.copy_(src)`` on the current GPU, counting read + write."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+def _time_graph(fn, reps: int = 10, inner: int = 5) -> tuple[float, bool]:  # noqa: ANN001
+    """Median seconds per call of ``fn`` (CUDA graph of ``inner`` calls when capturable)."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = None
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn()
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - fall back to eager timing
+        graph = None
+        torch.cuda.synchronize()
+    run = graph.replay if graph is not None else (lambda: [fn() for _ in range(inner)])
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / inner)
+    return statistics.median(times), graph is not None
+
+
+def _block_tables(batch: int, ctx: int, device: str):  # noqa: ANN202
+    import torch
+
+    nbl = math.ceil(ctx / BS)
+    perm = torch.randperm(batch * nbl, device=device).to(torch.int32)
+    return perm.view(batch, nbl), batch * nbl
+
+
+def _e8_case(dtype: str, batch: int, ctx: int) -> dict[str, Any]:
+    import torch
+
+    from e8vllm.kernels.reference import E8KVFormat
+    from e8vllm.kernels.triton import triton_paged_attention, triton_write_kv_cache
+    from e8vllm.vllm_plugin.spec import parse_e8_dtype
+
+    kb, vb = parse_e8_dtype(dtype)
+    fmt = E8KVFormat.from_bits(D, kb, vb)
+    bt, nblocks = _block_tables(batch, ctx, "cuda")
+    cache = torch.empty(nblocks, H_KV, BS, fmt.slot_bytes, dtype=torch.uint8, device="cuda")
+    # real codes: encode random K/V into every slot (chunked)
+    slots_all = torch.arange(nblocks * BS, device="cuda")
+    for i in range(0, slots_all.numel(), 1 << 18):
+        sl = slots_all[i:i + (1 << 18)]
+        k = torch.randn(sl.numel(), H_KV, D, device="cuda", dtype=torch.bfloat16)
+        triton_write_kv_cache(k, k * 0.5, cache, sl, fmt)
+    q = torch.randn(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    fn = lambda: triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=1,  # noqa: E731
+                                        num_kv_heads=H_KV, scale=D ** -0.5, out=out)
+    t, graphed = _time_graph(fn)
+    nbytes = batch * ctx * H_KV * fmt.slot_bytes
+    del cache
+    return {"time_s": t, "bytes": nbytes, "graph": graphed}
+
+
+def _vllm_case(dtype: str, batch: int, ctx: int) -> dict[str, Any]:
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    with set_current_vllm_config(VllmConfig()):
+        return _vllm_case_in_config(dtype, batch, ctx)
+
+
+def _vllm_case_in_config(dtype: str, batch: int, ctx: int) -> dict[str, Any]:
+    import torch
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
+
+    try:
+        from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+    except ImportError:  # pragma: no cover
+        from vllm.utils import STR_DTYPE_TO_TORCH_DTYPE  # type: ignore[no-redef]
+    impl = TritonAttentionImpl(H_Q, D, D ** -0.5, H_KV, None, None, dtype)
+    bt, nblocks = _block_tables(batch, ctx, "cuda")
+    shape = TritonAttentionBackend.get_kv_cache_shape(nblocks, BS, H_KV, D, dtype)
+    order = TritonAttentionBackend.get_kv_cache_stride_order()
+    phys_shape = tuple(shape[i] for i in order)
+    cdt = torch.bfloat16 if dtype == "auto" else STR_DTYPE_TO_TORCH_DTYPE[dtype]
+    if cdt.is_floating_point and cdt.itemsize == 2:
+        phys = torch.randn(phys_shape, dtype=cdt, device="cuda")
+    else:
+        phys = torch.randint(0, 120, phys_shape, dtype=torch.uint8, device="cuda").view(cdt)
+    inv = [order.index(i) for i in range(len(order))]
+    kv_cache = phys.permute(*inv)
+    if impl._is_per_token_head_quant:  # finite scales
+        impl._ensure_scale_caches(kv_cache)
+        impl._k_scale_cache.fill_(0.01)
+        impl._v_scale_cache.fill_(0.01)
+    q = torch.randn(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
+    thr, segs = 128 // H_KV, 16
+    md = SimpleNamespace(
+        num_actual_tokens=batch, max_query_len=1, query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device="cuda"),
+        max_seq_len=ctx, seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device="cuda"), block_table=bt,
+        slot_mapping=None, seq_threshold_3D=thr, num_par_softmax_segments=segs,
+        softmax_segm_output=torch.empty(thr, H_Q, segs, D, dtype=torch.float32, device="cuda"),
+        softmax_segm_max=torch.empty(thr, H_Q, segs, dtype=torch.float32, device="cuda"),
+        softmax_segm_expsum=torch.empty(thr, H_Q, segs, dtype=torch.float32, device="cuda"),
+        causal=True, use_cascade=False, common_prefix_len=0, cu_prefix_query_lens=None, prefix_kv_lens=None,
+        suffix_kv_lens=None, scheduler_metadata=None, prefix_scheduler_metadata=None, mm_prefix_range=None,
+        mm_prefix_range_tensor=None, rswa_prefix_lens=None, rswa_window=None)
+    one = torch.ones((), dtype=torch.float32, device="cuda")
+    layer = SimpleNamespace(_k_scale=one, _v_scale=one, _q_scale=one, _k_scale_float=1.0, _v_scale_float=1.0)
+    fn = lambda: impl.forward(layer, q, None, None, kv_cache, md, out)  # noqa: E731
+    t, graphed = _time_graph(fn)
+    per_token_head = kv_cache.shape[-1] * kv_cache.element_size()  # K+V (+ scales) bytes per (token, head)
+    nbytes = batch * ctx * H_KV * per_token_head
+    del phys, kv_cache
+    return {"time_s": t, "bytes": nbytes, "graph": graphed}
+
+
+def run_kernel(batches: list[int], contexts: list[int], dtypes: list[str]) -> dict[str, Any]:
+    """Kernel-level decode-attention benchmark; returns and saves ``kernel.json``."""
+    import torch
+
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw,
+                           "shape": {"H_q": H_Q, "H_kv": H_KV, "D": D, "block_size": BS}, "rows": []}
+    print(f"device {res['device']}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    for batch in batches:
+        for ctx in contexts:
+            for dt in dtypes:
+                need = batch * ctx * H_KV * (512 if dt == "auto" else 256)
+                if need > 60e9:
+                    continue
+                try:
+                    r = _e8_case(dt, batch, ctx) if dt.startswith("e8_") else _vllm_case(dt, batch, ctx)
+                    r.update(dtype=dt, batch=batch, context=ctx)
+                    r["Bps"] = r["bytes"] / r["time_s"]
+                    r["frac_copy_bw"] = r["Bps"] / bw
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    r = {"dtype": dt, "batch": batch, "context": ctx, "error": f"{type(e).__name__}: {e}"[:400]}
+                res["rows"].append(r)
+                (_out_dir() / "kernel.json").write_text(json.dumps(res, indent=1))
+                if "error" in r:
+                    print(f"B={batch:4d} L={ctx:6d} {dt:20s} ERROR {r['error']}", flush=True)
+                else:
+                    print(f"B={batch:4d} L={ctx:6d} {dt:20s} {r['time_s'] * 1e6:9.1f} us  "
+                          f"{r['Bps'] / 1e12:6.2f} TB/s  {100 * r['frac_copy_bw']:5.1f}% of copy"
+                          f"{'' if r['graph'] else ' (eager)'}", flush=True)
+                torch.cuda.empty_cache()
+    (_out_dir() / "kernel.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# engine level
+# ---------------------------------------------------------------------------------------------
+def _plugin_path() -> str:
+    d = Path(tempfile.gettempdir()) / "e8vllm-plugin-path"
+    info = d / "e8vllm-0.1.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: e8vllm\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[vllm.general_plugins]\ne8vllm = e8vllm.vllm_plugin:register\n")
+    return f"{d}{os.pathsep}{ROOT}"
+
+
+def engine_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: int, gen: int, out: str) -> None:
+    """One engine: capacity, prefill and decode throughput (appends one JSON line to ``out``)."""
+    from vllm import LLM, SamplingParams
+
+    t0 = time.time()
+    max_len = prompt + gen + 16
+    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=max_len,
+              max_num_batched_tokens=8192, max_num_seqs=max(seqs, 8), gpu_memory_utilization=0.85,
+              enforce_eager=True, kv_cache_dtype=dtype, attention_config={"backend": backend},
+              enable_prefix_caching=True)
+    cc = llm.llm_engine.vllm_config.cache_config
+    rec: dict[str, Any] = {"dtype": dtype, "backend": backend, "seqs": seqs, "prompt": prompt, "gen": gen,
+                           "start_s": round(time.time() - t0, 1), "num_gpu_blocks": cc.num_gpu_blocks,
+                           "block_size": cc.block_size, "capacity_tokens": cc.num_gpu_blocks * cc.block_size}
+    print("CAPACITY", json.dumps(rec), flush=True)
+    prompts = [{"prompt_token_ids": [(7919 * i + 104729 * j) % 120000 + 100 for j in range(prompt)]}
+               for i in range(seqs)]
+    llm.generate([{"prompt_token_ids": [5] * 64}], SamplingParams(max_tokens=4, detokenize=False), use_tqdm=False)
+    t = time.time()
+    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False),
+                 use_tqdm=False)
+    rec["prefill_s"] = round(time.time() - t, 2)
+    rec["prefill_tok_s"] = round(seqs * prompt / rec["prefill_s"], 1)
+    t = time.time()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=gen + 1, temperature=0.0, ignore_eos=True,
+                                                detokenize=False), use_tqdm=False)
+    dt = time.time() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    rec["decode_s"] = round(dt, 2)
+    rec["decode_tok_s"] = round((n_out - seqs) / dt, 1)
+    rec["first_tokens"] = list(outs[0].outputs[0].token_ids[:6])
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print("RESULT", json.dumps(rec), flush=True)
+
+
+def run_engine(runs: list[tuple[str, str]], seqs: int, prompt: int, gen: int) -> list[dict[str, Any]]:
+    """Run :func:`engine_worker` per (dtype, backend) in a fresh process; results in ``engine.jsonl``."""
+    out = str(_out_dir() / f"engine_{seqs}x{prompt}.jsonl")
+    model_dir = Path(tempfile.mkdtemp(prefix="llama3-8b-shape-"))
+    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
+    env = {**os.environ, "PYTHONPATH": _plugin_path() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "VLLM_PLUGINS": "e8vllm", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    for dtype, backend in runs:
+        print(f"=== {dtype} ({backend}) {seqs}x{prompt}+{gen}", flush=True)
+        code = ("import sys; sys.path[:0]=%r.split(%r); from e8vllm.bench.gpu import engine_worker; "
+                "engine_worker(%r, %r, %r, %d, %d, %d, %r)" % (env["PYTHONPATH"], os.pathsep, str(model_dir),
+                                                               dtype, backend, seqs, prompt, gen, out))
+        r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT)
+        print(f"=== {dtype}: exit {r.returncode}", flush=True)
+    return [json.loads(x) for x in Path(out).read_text().splitlines()] if Path(out).exists() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def report(src: Path = RESULTS) -> str:
+    """results/gpu/kernel.json + engine_*.jsonl -> gpu.md (+ gpu.png when matplotlib is there)."""
+    lines = ["# GPU results (H200, vLLM 0.26)", ""]
+    kj = src / "kernel.json"
+    if kj.exists():
+        k = json.loads(kj.read_text())
+        bw = k["copy_bandwidth_Bps"]
+        lines += [f"Kernel level, decode attention, one layer (H_q 32, H_kv 8, D 128), {k['device']}; "
+                  f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write).", "",
+                  "| batch | context | dtype | time (us) | bytes read (MB) | TB/s | % of copy BW | vs auto |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|"]
+        base = {(r["batch"], r["context"]): r["time_s"] for r in k["rows"] if r.get("dtype") == "auto" and "time_s" in r}
+        for r in k["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['batch']} | {r['context']} | {r['dtype']} | error | | | | |")
+                continue
+            b = base.get((r["batch"], r["context"]))
+            sp = f"{b / r['time_s']:.2f}x" if b else ""
+            lines.append(f"| {r['batch']} | {r['context']} | {r['dtype']} | {r['time_s'] * 1e6:.1f} | "
+                         f"{r['bytes'] / 1e6:.1f} | {r['Bps'] / 1e12:.2f} | {100 * r['frac_copy_bw']:.1f} | {sp} |")
+        lines.append("")
+    for ej in sorted(src.glob("engine_*.jsonl")) + sorted(src.glob("engine_*.log")):
+        recs = [r for r in _engine_records(ej) if "seqs" in r]
+        if not recs:
+            continue
+        r0 = recs[0]
+        base = next((r for r in recs if r["dtype"] == "auto"), None)
+        lines += [f"Engine level ({ej.name}): dummy-weight Llama-3-8B shape, {r0['seqs']} x {r0['prompt']} prompt "
+                  f"+ {r0['gen']} generated, gpu_memory_utilization 0.85, enforce_eager.", "",
+                  "| kv_cache_dtype | backend | KV capacity (tokens) | x auto | prefill (s) | prefill x auto | "
+                  "decode (tok/s) | decode x auto |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in recs:
+            def ratio(key: str, inv: bool = False) -> str:
+                if not base or key not in r or key not in base:
+                    return ""
+                v = base[key] / r[key] if inv else r[key] / base[key]
+                return f"{v:.2f}"
+            lines.append(f"| {r['dtype']} | {r['backend']} | {r['capacity_tokens']:,} | {ratio('capacity_tokens')} | "
+                         f"{r.get('prefill_s', 'not finished')} | {ratio('prefill_s', True)} | "
+                         f"{r.get('decode_tok_s', 'not finished')} | {ratio('decode_tok_s')} |")
+        lines.append("")
+    md = "\n".join(lines)
+    (src / "gpu.md").write_text(md)
+    try:
+        _plot(src)
+    except ImportError:
+        pass
+    return md
+
+
+def _engine_records(path: Path) -> list[dict[str, Any]]:
+    """Engine records of a ``.jsonl`` (one per finished run) or a log (``RESULT`` lines, and
+    ``CAPACITY`` lines of runs that did not finish)."""
+    if path.suffix == ".jsonl":
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    done: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        for tag in ("RESULT ", "CAPACITY "):
+            if line.startswith(tag):
+                r = json.loads(line[len(tag):])
+                if tag == "RESULT " or r["dtype"] not in done:
+                    done[r["dtype"]] = r
+    return list(done.values())
+
+
+def _plot(src: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = json.loads((src / "kernel.json").read_text())
+    rows = [r for r in k["rows"] if "time_s" in r]
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4 * len(batches), 3.6), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for dt in sorted({r["dtype"] for r in rows}):
+            pts = sorted((r["context"], 100 * r["frac_copy_bw"]) for r in rows if r["batch"] == b and r["dtype"] == dt)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=dt)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"decode attention, batch {b}")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("% of copy bandwidth")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(src / "gpu.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m e8vllm.bench.gpu", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd")
+    pk = sub.add_parser("kernel")
+    pk.add_argument("--batches", default="1,8,64,256")
+    pk.add_argument("--contexts", default="1024,8192,32768")
+    pk.add_argument("--dtypes", default=",".join(E8_KERNEL_DTYPES + VLLM_KERNEL_DTYPES))
+    pe = sub.add_parser("engine")
+    pe.add_argument("--runs", nargs="+", default=["auto:TRITON_ATTN", "fp8:TRITON_ATTN",
+                                                    "int4_per_token_head:TRITON_ATTN", "e8_k4v4:CUSTOM"])
+    pe.add_argument("--seqs", type=int, default=64)
+    pe.add_argument("--prompt", type=int, default=8192)
+    pe.add_argument("--gen", type=int, default=128)
+    sub.add_parser("report")
+    a = p.parse_args(argv)
+    if a.cmd in (None, "kernel"):
+        if a.cmd is None:
+            a = p.parse_args(["kernel"])
+        run_kernel([int(x) for x in a.batches.split(",")], [int(x) for x in a.contexts.split(",")],
+                   a.dtypes.split(","))
+    if a.cmd == "engine":
+        run_engine([tuple(r.split(":")) for r in a.runs], a.seqs, a.prompt, a.gen)  # type: ignore[misc]
+    if a.cmd in ("report",):
+        print(report(Path(os.environ.get("E8_BENCH_OUT") or RESULTS)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The fused Triton E8 kernels in the Triton interpreter (CPU) against the PyTorch reference.
+
+* write: the kernel's codes equal the reference encoder's byte for byte (same search, same
+  float32 arithmetic; rotation as an IEEE dot instead of a butterfly);
+* attention (general grid for mixed prefill / chunked prefill / decode batches, decode grid with and
+  without KV segments): error against the float64 ``reference_attention`` at most 4x the error of
+  the same float64 computation with the kernel's fp16 operand roundings (``fp16_operand_reference``).
+Small sizes (head size 64, a few hundred cached tokens) to stay fast in the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 (CPU) or CUDA")
+
+from e8vllm.kernels.reference import E8KVFormat, reference_attention, write_kv_cache  # noqa: E402
+from e8vllm.kernels.triton import (fp16_operand_reference, supported, triton_paged_attention,  # noqa: E402
+                                   triton_write_kv_cache)
+from e8vllm.kernels.triton.cases import random_case  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+@pytest.mark.parametrize("bits", [(4, 4), (3, 2)])
+def test_write_matches_reference_codes(bits, one_thread):
+    fmt = E8KVFormat.from_bits(64, *bits)
+    case = random_case(fmt, [37, 21], [1, 1], h_q=4, h_kv=2, write=False)
+    slots = case.slots.clone()
+    slots[5] = -1  # skipped token
+    ref = torch.zeros_like(case.kv_cache)
+    write_kv_cache(case.key, case.value, ref, slots, fmt)
+    got = torch.zeros_like(case.kv_cache).to(DEV)
+    triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, slots.to(DEV), fmt)
+    assert torch.equal(got.cpu(), ref)
+    blk, off = int(case.slots[5]) // 16, int(case.slots[5]) % 16
+    assert int(got[blk, :, off].cpu().abs().sum()) == 0  # -1 was not written
+
+
+def test_write_strided_input(one_thread):
+    """vLLM hands key/value as views into the fused qkv output (row stride > H*D)."""
+    fmt = E8KVFormat.from_bits(64, 4, 4)
+    case = random_case(fmt, [19], [1], h_q=4, h_kv=2, write=False)
+    qkv = torch.randn(19, 8, 64)
+    qkv[:, 4:6], qkv[:, 6:8] = case.key, case.value
+    ref = torch.zeros_like(case.kv_cache)
+    write_kv_cache(case.key, case.value, ref, case.slots, fmt)
+    got = torch.zeros_like(case.kv_cache).to(DEV)
+    triton_write_kv_cache(qkv[:, 4:6].to(DEV), qkv[:, 6:8].to(DEV), got, case.slots.to(DEV), fmt)
+    assert torch.equal(got.cpu(), ref)
+
+
+def _check_attention(case, **kw):
+    ref = reference_attention(case.query.cpu(), case.kv_cache.cpu(), case.query_start_loc.cpu(), case.seq_lens.cpu(),
+                              case.block_table.cpu(), case.fmt)
+    emu = fp16_operand_reference(case.query, case.kv_cache, case.query_start_loc, case.seq_lens, case.block_table,
+                                 case.fmt)
+    out = triton_paged_attention(case.query.to(DEV), case.kv_cache.to(DEV), case.query_start_loc.to(DEV),
+                                 case.seq_lens.to(DEV), case.block_table.to(DEV), case.fmt,
+                                 max_query_len=case.max_query_len, **kw)
+    err = (out.cpu().double() - ref).abs().max().item()
+    err_emu = (emu - ref).abs().max().item()
+    assert 0 < err_emu < 1e-2 * ref.abs().max().item()
+    assert err <= 4 * err_emu, (err, err_emu)
+    return err, err_emu
+
+
+@pytest.mark.parametrize("bits", [(4, 4), (4, 2)])
+def test_attention_mixed_batch(bits, one_thread):
+    """Decode rows, a full prefill, a chunked prefill and a one-token sequence in one batch."""
+    fmt = E8KVFormat.from_bits(64, *bits)
+    case = random_case(fmt, [70, 33, 1, 50, 20], [1, 33, 1, 9, 1], h_q=8, h_kv=2)
+    _check_attention(case)
+
+
+@pytest.mark.parametrize("segs", [1, 4])
+def test_attention_decode_grid(segs, one_thread):
+    fmt = E8KVFormat.from_bits(64, 3, 3)
+    case = random_case(fmt, [150, 9, 64], [1, 1, 1], h_q=8, h_kv=2, seed=3)
+    _check_attention(case, num_segs=segs)
+
+
+def test_attention_rows_past_batch_are_zero(one_thread):
+    fmt = E8KVFormat.from_bits(64, 4, 4)
+    case = random_case(fmt, [20], [1], h_q=4, h_kv=2)
+    q = torch.cat([case.query, torch.randn(3, 4, 64)]).to(DEV)
+    out = torch.full((4, 4, 64), 7.0, device=DEV)
+    triton_paged_attention(q, case.kv_cache.to(DEV), case.query_start_loc.to(DEV), case.seq_lens.to(DEV),
+                           case.block_table.to(DEV), fmt, max_query_len=1, out=out)
+    assert torch.all(out[1:] == 0)
+
+
+def test_supported_formats():
+    assert supported(E8KVFormat.from_bits(128, 4, 4))
+    assert not supported(E8KVFormat.from_bits(96, 4, 4))  # not a power of two: reference path
