@@ -19,9 +19,12 @@ For non-e8 dtypes every class delegates to vLLM's Triton backend unchanged. For 
   registers, split-KV grid for decode batches) when the format is supported there (E8 codecs,
   head size 64 or 128); otherwise, or with ``E8VLLM_GPU_KERNELS=torch``, the PyTorch path of
   :mod:`e8vllm.kernels.reference` (correct, slow, host syncs).
+* the kernels plug into the mixin's hooks ``_e8_write_codes`` / ``_e8_attend`` (so KV calibration
+  and telemetry of :mod:`.impl` apply unchanged around them).
 * CUDA graphs: ``UNIFORM_SINGLE_TOKEN_DECODE`` with the Triton kernels (the decode grid depends
   only on tensor shapes and reads lengths / tables / slots on the device; no host sync in write or
-  forward), ``NEVER`` on the PyTorch path. Non-e8 dtypes keep vLLM's Triton level.
+  forward) unless the telemetry sampler is on, ``NEVER`` on the PyTorch path. Non-e8 dtypes keep
+  vLLM's Triton level.
 """
 
 from __future__ import annotations
@@ -84,7 +87,10 @@ class E8TritonMetadataBuilder(TritonAttentionMetadataBuilder):
         if name is None:
             return TritonAttentionMetadataBuilder.get_cudagraph_support.__func__(  # type: ignore[attr-defined]
                 TritonAttentionMetadataBuilder, vllm_config, kv_cache_spec, *args, **kw)
-        if use_triton_kernels(name, int(kv_cache_spec.head_size)):
+        from e8vllm import telemetry
+
+        # the live-error telemetry sampler reads codes back on the host: no graphs while it is on
+        if use_triton_kernels(name, int(kv_cache_spec.head_size)) and telemetry.sampler() is None:
             return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
         return AttentionCGSupport.NEVER
 
@@ -160,6 +166,31 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
             self.supports_quant_query_input = False
             self._e8_setup(kv_cache_dtype, head_size)
             self._triton = use_triton_kernels(kv_cache_dtype, head_size)
+
+    def _use_kernels(self, kv_cache: torch.Tensor) -> bool:
+        """Fused kernels for this call: CUDA tensors (or Triton's CPU interpreter, for tests)."""
+        return self._triton and (kv_cache.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+    # the mixin's kernel hooks: fused Triton kernels on CUDA, the PyTorch reference otherwise
+    def _e8_write_codes(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> None:
+        if self._use_kernels(kv_cache):
+            _count("triton_write")
+            triton_write_kv_cache(key, value, kv_cache, slot_mapping, self.fmt)
+        else:
+            _count("torch_write")
+            super()._e8_write_codes(key, value, kv_cache, slot_mapping)
+
+    def _e8_attend(self, q: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any, out: torch.Tensor) -> None:
+        if self._use_kernels(kv_cache):  # no host sync: max_query_len is a host int of the metadata
+            _count("triton_attn")
+            triton_paged_attention(q, kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
+                                   attn_metadata.block_table, self.fmt,
+                                   max_query_len=int(attn_metadata.max_query_len),
+                                   num_kv_heads=self.num_kv_heads, scale=self.scale, out=out)
+        else:
+            _count("torch_attn")
+            super()._e8_attend(q, kv_cache, attn_metadata, out)
 
     def fused_output_quant_supported(self, quant_key: Any) -> bool:
         return False if self.e8 else super().fused_output_quant_supported(quant_key)

@@ -128,9 +128,21 @@ class E8ImplMixin:
         if centers is not None:  # a ⊙ (k − μ_K), b ⊙ (v − μ_V)
             key = (key.float() - centers["k_mean"]) * centers["k_scale"]
             value = (value.float() - centers["v_mean"]) * centers["v_scale"]
-        write_kv_cache(key, value, kv_cache, slot_mapping, self.fmt)
+        self._e8_write_codes(key, value, kv_cache, slot_mapping)
         if self._e8_telemetry is not None:  # error against the model's own K/V (centers added back)
             self._e8_telemetry.after_write(k_in, v_in, kv_cache, slot_mapping, self.fmt, centers)
+
+    # kernel hooks: the PyTorch reference here; the GPU impl overrides them with fused kernels
+    def _e8_write_codes(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> None:
+        """Encode key/value [T, H_kv, D] (already mapped) and scatter by ``slot_mapping``."""
+        write_kv_cache(key, value, kv_cache, slot_mapping, self.fmt)
+
+    def _e8_attend(self, q: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any, out: torch.Tensor) -> None:
+        """Attention of q [n, H_q, D] over the packed cache into out [n, H_q, D]."""
+        paged_attention(q, kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
+                        attn_metadata.block_table, self.fmt, num_kv_heads=self.num_kv_heads,
+                        scale=self.scale, out=out)
 
     def _e8_forward(self, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
                     output: torch.Tensor, output_scale: Any = None, output_block_scale: Any = None,
@@ -147,9 +159,7 @@ class E8ImplMixin:
         c = self._e8_centers(layer, query.device)
         if c is not None:  # q ⊘ a: the same logits up to a per-query shift
             q = q.float() * c["q_inv"]
-        paged_attention(q, kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
-                        attn_metadata.block_table, self.fmt, num_kv_heads=self.num_kv_heads,
-                        scale=self.scale, out=out)
+        self._e8_attend(q, kv_cache, attn_metadata, out)
         if c is not None:  # o ⊘ b + μ_V, per KV head's group of query heads
             g = self.num_heads // self.num_kv_heads
             o = out.view(n, self.num_kv_heads, g, self.head_size)
