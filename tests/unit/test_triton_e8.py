@@ -15,16 +15,17 @@ import os
 import pytest
 import torch
 
+# Triton decides "interpreter or compiler" when it is imported: on CPU these tests run in a
+# subprocess with TRITON_INTERPRET=1 (tests/unit/test_triton_cpu.py), here only where it is set.
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (CPU) or CUDA")
+                                reason="run through tests/unit/test_triton_cpu.py (TRITON_INTERPRET=1)")
 
 from e8vllm.kernels.reference import E8KVFormat, reference_attention, write_kv_cache  # noqa: E402
-from e8vllm.kernels.triton import (fp16_operand_reference, supported, triton_paged_attention,  # noqa: E402
-                                   triton_write_kv_cache)
+from e8vllm.kernels.triton import fp16_operand_reference, supported  # noqa: E402
+from e8vllm.kernels.triton.e8_kv import triton_paged_attention, triton_write_kv_cache  # noqa: E402
 from e8vllm.kernels.triton.cases import random_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
 
 @pytest.mark.parametrize("bits", [(4, 4), (3, 2)])
 def test_write_matches_reference_codes(bits, one_thread):

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="run through tests/unit/test_triton_cpu.py (TRITON_INTERPRET=1)")
 
 gpu = pytest.importorskip("e8vllm.vllm_plugin.gpu")
 

@@ -66,3 +66,4 @@ def random_case(fmt: E8KVFormat, lens: list[int], qlens: list[int], *, h_q: int,
     dev = torch.device(device)
     return PagedCase(fmt, q.to(dev), cache.to(dev), qsl.to(dev), torch.tensor(lens, dtype=torch.int32).to(dev),
                      bt.to(dev), k.to(dev), v.to(dev), slots.to(dev))
+
