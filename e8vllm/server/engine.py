@@ -171,6 +171,10 @@ def kv_summary(vllm_config: Any, model_name: str) -> dict[str, Any]:
         rot = fmt.k_rotation
         rotation = "none" if rot is None else f"hadamard(seed={getattr(rot, 'seed', '?')})"
         quantized = True
+        from e8vllm.calibration import describe, find_calibration
+
+        # the engine processes resolve the same file (same env, same model path): e8vllm.calibration
+        calibration = describe(find_calibration(mc.model))
     else:
         from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
 
@@ -180,6 +184,7 @@ def kv_summary(vllm_config: Any, model_name: str) -> dict[str, Any]:
         codec_k = codec_v = str(tdt).replace("torch.", "")
         rotation = "none"
         quantized = dtype != "auto"
+        calibration = {"kv_centering": False, "calibration_file": None}
     slot = k_bytes + v_bytes
     per_token = layers * kv_heads * slot
     per_token_model = layers * kv_heads * model_slot
@@ -194,6 +199,7 @@ def kv_summary(vllm_config: Any, model_name: str) -> dict[str, Any]:
         "model": model_name, "kv_cache_dtype": dtype, "model_dtype": str(model_dtype).replace("torch.", ""),
         "quantized": quantized, "codec_key": codec_k, "codec_value": codec_v,
         "bits_key": k_bytes * 8 / head, "bits_value": v_bytes * 8 / head, "rotation": rotation,
+        "kv_calibration": calibration,
         "head_size": head, "num_layers": layers, "num_kv_heads": kv_heads, "block_size": block,
         "num_blocks": blocks, "slot_bytes": slot, "model_dtype_slot_bytes": model_slot,
         "kv_cache_bytes": kv_bytes, "model_dtype_bytes": model_bytes, "bytes_saved": model_bytes - kv_bytes,

@@ -12,7 +12,7 @@ KV savings (gauges, from vLLM's block count and the slot sizes, see :func:`engin
                                                   ``model_dtype`` (same bytes at the model dtype)
     ``e8kv_max_concurrency{cache}``               capacity / max_model_len
     ``e8kv_bits_per_value{tensor}``               stored bits per K / V value, scales included
-    ``e8kv_config_info{kv_cache_dtype,codec_key,codec_value,bits_key,bits_value,rotation,model}`` = 1
+    ``e8kv_config_info{kv_cache_dtype,codec_key,codec_value,bits_key,bits_value,rotation,model,kv_centering}`` = 1
 Live quantization error (counters; measured in the engine processes, :mod:`e8vllm.telemetry`)
     ``e8kv_quant_squared_error_total{tensor}``    Σ‖x − x̂‖² over sampled (token, kv-head) vectors
     ``e8kv_quant_signal_energy_total{tensor}``    Σ‖x‖²
@@ -86,10 +86,12 @@ class KVCollector(Collector):
         bits.add_metric(["key"], kv["bits_key"])
         bits.add_metric(["value"], kv["bits_value"])
         yield bits
-        names = ["kv_cache_dtype", "codec_key", "codec_value", "bits_key", "bits_value", "rotation", "model"]
+        names = ["kv_cache_dtype", "codec_key", "codec_value", "bits_key", "bits_value", "rotation", "model",
+                 "kv_centering"]
         info = g("e8kv_config_info", "The KV format actually running (value 1).", labels=names)
+        centering = bool(kv.get("kv_calibration", {}).get("kv_centering"))
         info.add_metric([kv["kv_cache_dtype"], kv["codec_key"], kv["codec_value"], f"{kv['bits_key']:g}",
-                         f"{kv['bits_value']:g}", kv["rotation"], kv["model"]], 1.0)
+                         f"{kv['bits_value']:g}", kv["rotation"], kv["model"], str(centering).lower()], 1.0)
         yield info
 
         snap = self._snap()

@@ -51,6 +51,7 @@ def test_auto_reports_no_compression(auto_server, e8_server) -> None:
     assert one(m, "e8kv_bits_per_value", tensor="key") == 16.0
     (labels,) = m["e8kv_config_info"]
     assert dict(labels)["kv_cache_dtype"] == "auto" and dict(labels)["codec_key"] == "bfloat16"
+    assert dict(labels)["kv_centering"] == "false"
     for t in ("key", "value"):
         assert one(m, "e8kv_quant_squared_error_total", tensor=t) == 0.0
         assert one(m, "e8kv_quant_sampled_vectors_total", tensor=t) == 0.0

@@ -79,7 +79,9 @@ def test_metrics_exist_and_match_vllm(e8_server) -> None:
     (labels,) = m["e8kv_config_info"]
     d = dict(labels)
     assert d == {"kv_cache_dtype": "e8_k4v4", "codec_key": "e8-4bit", "codec_value": "e8-4bit", "bits_key": "4.25",
-                 "bits_value": "4.25", "rotation": "hadamard(seed=0)", "model": MODEL}
+                 "bits_value": "4.25", "rotation": "hadamard(seed=0)", "model": MODEL, "kv_centering": "true"}
+    calib = httpx.get(e8_server.url + "/v1/kv_cache", headers=e8_server.headers, timeout=30).json()["kv_calibration"]
+    assert calib["kv_centering"] is True and calib["calibration_file"].endswith("e8vllm/kv_calibration.safetensors")
     # vLLM's own series carry the served model name
     assert dict(next(iter(m["vllm:num_requests_running"])))["model_name"] == MODEL
 
