@@ -14,9 +14,11 @@ and a sequence counter (a seqlock) lets the reader retry a torn read.
 
 What is measured
 ----------------
-Every ``$E8VLLM_TELEMETRY_SAMPLE_EVERY``-th call of the write path in a process (default 64; a
-call = one layer's new tokens of one engine step, so the sampled calls rotate through the
-layers) takes up to ``$E8VLLM_TELEMETRY_MAX_TOKENS`` (default 8) of the tokens just written,
+Every ``$E8VLLM_TELEMETRY_SAMPLE_EVERY``-th call of the write path **of each layer** (default 64;
+a call = one layer's new tokens of one engine step; counting per layer means every layer is
+sampled, once every 64 of its steps, whatever the number of layers) takes up to
+``$E8VLLM_TELEMETRY_MAX_TOKENS`` (default 8) of the tokens just written, spread evenly over the
+batch (so prefill samples come from the whole prompt and from every request, not the first tokens),
 reads their codes back **from the cache**, decodes them and un-rotates them to the original
 domain, and compares with the K and V the model produced (per (token, kv-head) vector x, x̂):
 
@@ -264,16 +266,17 @@ class Sampler:
         self.cfg = cfg
         cfg.directory.mkdir(parents=True, exist_ok=True)
         self.file = StatsFile(cfg.directory / f"stats-{os.getpid()}.f64")
-        self.calls = 0
+        self.calls: dict[Any, int] = {}
         self._info_written = False
 
     def after_write(self, key: Any, value: Any, kv_cache: Any, slot_mapping: Any, fmt: Any,
-                    centers: dict[str, Any] | None = None) -> None:
+                    centers: dict[str, Any] | None = None, layer: Any = None) -> None:
         """Called right after the write path stored ``key`` / ``value`` (mapped by ``centers``, the
         layer's KV calibration ``{"k_mean", "k_scale", "v_mean", "v_scale"}`` [H, D] each, when set:
         :mod:`e8vllm.calibration`) into ``kv_cache``."""
-        self.calls += 1
-        if self.calls % self.cfg.sample_every:
+        n = self.calls.get(layer, 0) + 1  # per layer (``layer``: any key naming the calling layer)
+        self.calls[layer] = n
+        if n % self.cfg.sample_every:
             return
         import torch
 
@@ -304,9 +307,12 @@ def measure(key: Any, value: Any, kv_cache: Any, slot_mapping: Any, fmt: Any,
     with torch.no_grad():
         t = slot_mapping.shape[0]
         slots = slot_mapping[:t].to(torch.int64)
-        idx = (slots >= 0).nonzero().squeeze(1)[:max_tokens]
+        idx = (slots >= 0).nonzero().squeeze(1)
         if idx.numel() == 0:
             return TensorStats(), TensorStats()
+        if idx.numel() > max_tokens:  # evenly spread over the batch, first and last included
+            pick = torch.linspace(0, idx.numel() - 1, max_tokens, device=idx.device).round().long()
+            idx = idx[pick]
         s = slots[idx]
         bs = kv_cache.shape[2]
         codes = kv_cache[s // bs, :, s % bs, :]  # [n, H, slot_bytes]

@@ -26,6 +26,11 @@ def parse_engine_arg(item: str) -> tuple[str, Any]:
         return k, v
 
 
+#: stock vLLM kv-cache dtypes the server accepts besides e8_*: one element per value, no scales,
+#: so the KV gauges follow from the element size (auto = the model dtype; fp8 = 1 byte)
+REPORTABLE_STOCK_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything ``e8vllm serve`` needs.
@@ -79,6 +84,12 @@ class ServerConfig:
             from e8vllm.vllm_plugin.spec import parse_e8_dtype
 
             parse_e8_dtype(self.kv_cache_dtype)
+        elif self.kv_cache_dtype not in REPORTABLE_STOCK_DTYPES:
+            # packed stock formats (int4_per_token_head, nvfp4, turboquant_*) store scales and
+            # sub-byte codes the KV gauges cannot size from the dtype name: refuse, never misreport
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r}: e8vllm serve runs e8_* dtypes and, "
+                             f"as baselines, {', '.join(REPORTABLE_STOCK_DTYPES)}; use vLLM's own server "
+                             "for other stock KV formats")
         if any(not isinstance(k, str) or not k for k in self.api_keys):
             raise ValueError("api keys must be non-empty strings")
         for name in ("max_model_len", "max_num_seqs"):

@@ -91,8 +91,14 @@ class EngineHandle:
             return True
 
     def unfinished(self) -> int:
-        """Requests the front end still tracks (0 = nothing left running in the engine)."""
-        return int(self.engine.get_num_unfinished_requests())
+        """Requests the front end still tracks (0 = nothing left running in the engine).
+
+        ``AsyncLLM.get_num_unfinished_requests`` exists in vLLM 0.32 but not in 0.26, where the
+        output processor (present in both) has it."""
+        fn = getattr(self.engine, "get_num_unfinished_requests", None)
+        if fn is None:
+            fn = self.engine.output_processor.get_num_unfinished_requests
+        return int(fn())
 
 
 def start_engine(cfg: "_config.ServerConfig", telemetry_dir: Path | None) -> EngineHandle:

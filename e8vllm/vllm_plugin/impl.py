@@ -130,7 +130,7 @@ class E8ImplMixin:
             value = (value.float() - centers["v_mean"]) * centers["v_scale"]
         self._e8_write_codes(key, value, kv_cache, slot_mapping)
         if self._e8_telemetry is not None:  # error against the model's own K/V (centers added back)
-            self._e8_telemetry.after_write(k_in, v_in, kv_cache, slot_mapping, self.fmt, centers)
+            self._e8_telemetry.after_write(k_in, v_in, kv_cache, slot_mapping, self.fmt, centers, id(self))
 
     # kernel hooks: the PyTorch reference here; the GPU impl overrides them with fused kernels
     def _e8_write_codes(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,

@@ -30,6 +30,9 @@ def test_config_validation() -> None:
     assert parse_engine_arg("swap_space=abc") == ("swap_space", "abc")
     with pytest.raises(ValueError):
         parse_engine_arg("novalue")
+    with pytest.raises(ValueError, match="int4_per_token_head"):  # packed stock formats: refused, not misreported
+        ServerConfig(kv_cache_dtype="int4_per_token_head")
+    assert ServerConfig(kv_cache_dtype="fp8").kv_cache_dtype == "fp8"
     env = ServerConfig.from_env({"E8VLLM_SERVE_KV_CACHE_DTYPE": "auto", "VLLM_API_KEY": "k1,k2",
                                  "E8VLLM_SERVE_ENGINE_ARGS": '{"max_num_seqs": 4}'})
     assert env.kv_cache_dtype == "auto" and env.api_keys == ("k1", "k2") and env.engine_args == {"max_num_seqs": 4}
@@ -146,3 +149,47 @@ def test_kv_collector_exposition() -> None:
     summ = telemetry_summary(snap, 64)
     assert summ["key"]["snr_db"] == pytest.approx(20.0) and summ["key"]["mse_per_value"] == 2.0 / (5 * 64)
     assert summ["value"]["snr_db"] is None
+
+
+def test_unfinished_count_on_vllm_026_and_032_engines() -> None:
+    """AsyncLLM.get_num_unfinished_requests exists in 0.32 only; 0.26 has it on the output processor."""
+    from types import SimpleNamespace
+
+    from e8vllm.server.engine import EngineHandle, SchedulerCounts
+
+    def handle(engine: object) -> EngineHandle:
+        return EngineHandle(engine=engine, tokenizer=None, model_name="m", model_path="/m", max_model_len=8,
+                            kv={}, counts=SchedulerCounts(), telemetry_dir=None)
+
+    v026 = SimpleNamespace(output_processor=SimpleNamespace(get_num_unfinished_requests=lambda: 3))
+    v032 = SimpleNamespace(get_num_unfinished_requests=lambda: 2, output_processor=None)
+    assert handle(v026).unfinished() == 3 and handle(v032).unfinished() == 2
+
+
+def test_sampling_params_greedy_threshold_and_vllm_validation() -> None:
+    """vLLM treats temperature < 1e-5 as greedy (n > 1 then runs as n greedy copies); vLLM's own
+    validation errors (VLLMValidationError in 0.32, not a ValueError) become OpenAI 400s."""
+    from e8vllm.server.routes.common import sampling_params
+
+    sp = sampling_params(CompletionRequest(model="m", prompt="x", temperature=1e-6, n=2), 4, None)
+    assert sp.n == 1
+    sp = sampling_params(CompletionRequest(model="m", prompt="x", temperature=0.5, n=2, seed=1), 4, None)
+    assert sp.n == 2
+    import vllm.sampling_params as vsp
+    from vllm.exceptions import VLLMValidationError
+
+    req = CompletionRequest(model="m", prompt="x", temperature=0.5)
+    real = vsp.SamplingParams
+    try:
+        for exc, status in ((VLLMValidationError("bad value"), 400), (ValueError("bad"), 400)):
+            def boom(*a: object, _e: Exception = exc, **k: object) -> None:
+                raise _e
+            vsp.SamplingParams = boom  # type: ignore[assignment]
+            with pytest.raises(APIError) as ei:
+                sampling_params(req, 4, None)
+            assert ei.value.status == status
+        vsp.SamplingParams = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug"))  # type: ignore[assignment]
+        with pytest.raises(RuntimeError):  # not the client's fault: not turned into a 400
+            sampling_params(req, 4, None)
+    finally:
+        vsp.SamplingParams = real  # type: ignore[assignment]

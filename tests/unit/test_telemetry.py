@@ -125,7 +125,7 @@ def test_sampler_measures_the_codes_in_the_cache(tmp_path: Path) -> None:
         write_kv_cache(key, value, cache, slots, fmt)
         s.after_write(key, value, cache, slots, fmt)
         if call % 3 == 0:
-            rows = torch.arange(1, 6)  # the first 5 valid tokens
+            rows = torch.tensor([1, 2, 3, 5, 6])  # 5 of the 6 valid rows, evenly spread, first and last kept
             k = key[rows].reshape(-1, 64).float()
             v = value[rows].reshape(-1, 64).float()
             expected_k = expected_k + tm.error_stats(k, fmt.k_codec.decode(fmt.k_codec.encode(k)))
@@ -171,3 +171,21 @@ def test_sampler_undoes_the_kv_calibration_map(tmp_path: Path) -> None:
     assert got.squared_error == pytest.approx(exp.squared_error, rel=1e-4)
     assert got.signal_energy == pytest.approx(exp.signal_energy, rel=1e-9)  # energy of x, not of the mapped x
     assert got.signal_energy > 5 * float((key - c["k_mean"]).pow(2).sum())
+
+
+def test_sampler_counts_calls_per_layer(tmp_path: Path) -> None:
+    """Sampling every S-th call per layer: with L layers per step and S a multiple of L, a global
+    counter would sample one layer only; per-layer counters sample each layer every S steps."""
+    fmt = E8KVFormat.from_bits(64, 4, 4)
+    h, bs = 1, 16
+    cache = torch.zeros(8, h, bs, fmt.slot_bytes, dtype=torch.uint8)
+    s = tm.Sampler(tm.TelemetryConfig(tmp_path, sample_every=4, max_tokens=1))
+    g = torch.Generator().manual_seed(3)
+    for step in range(8):
+        for layer in range(4):
+            key = torch.randn(1, h, 64, generator=g)
+            slots = torch.tensor([step * 4 + layer])
+            write_kv_cache(key, key, cache, slots, fmt)
+            s.after_write(key, key, cache, slots, fmt, None, layer)
+    assert s.calls == {0: 8, 1: 8, 2: 8, 3: 8}
+    assert tm.read_dir(tmp_path).stats["key"].vectors == 4 * 2  # every layer, at its steps 4 and 8

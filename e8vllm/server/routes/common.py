@@ -91,11 +91,16 @@ def check_token_ids(handle: EngineHandle, ids: list[int]) -> None:
         raise APIError(400, f"token id out of range (vocabulary size {vocab})", param="prompt", code="invalid_value")
 
 
+_GREEDY_EPS = 1e-5
+"""vLLM's ``_SAMPLING_EPS``: below it a temperature means greedy sampling."""
+
+
 def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> Any:
     """vLLM SamplingParams (DELTA outputs); its own validation errors become 400."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-    greedy = req.temperature == 0
+    # vLLM treats temperature < 1e-5 as greedy (and then refuses n > 1): the same threshold here
+    greedy = req.temperature is not None and req.temperature < _GREEDY_EPS
     # vLLM refuses n > 1 with greedy sampling; Generation submits n copies with n=1 instead
     kw: dict[str, Any] = {"n": 1 if greedy else req.n, "max_tokens": max_tokens, "stop": req.stop_list() or None,
                           "seed": req.seed, "logprobs": logprobs, "ignore_eos": req.ignore_eos,
@@ -112,8 +117,11 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) 
         kw["min_tokens"] = req.min_tokens
     try:
         return SamplingParams(**kw)
-    except (ValueError, TypeError) as e:
-        raise APIError(400, str(e), code="invalid_value") from e
+    except Exception as e:  # noqa: BLE001 - ValueError/TypeError, and vLLM 0.32's VLLMValidationError
+        err = engine_error(e)  # the request's fault -> 4xx; anything else stays an internal error
+        if err.status < 500:
+            raise err from e
+        raise
 
 
 def _lp(v: float) -> float:
