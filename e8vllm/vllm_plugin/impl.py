@@ -65,6 +65,7 @@ class E8ImplMixin:
         self._e8_telemetry = telemetry.sampler()
         self._centers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._centers_done = False
+        self._scaled = False
         self._e8_model: str | None = None
         try:  # the model path, for its calibration file (constructors run under the vLLM config)
             from vllm.config import get_current_vllm_config
@@ -107,6 +108,7 @@ class E8ImplMixin:
             grp = self.num_heads // self.num_kv_heads
             t["q_inv"] = (1.0 / t["k_scale"]).repeat_interleave(grp, dim=0)
             t["v_inv"] = 1.0 / t["v_scale"]
+            self._scaled = bool((t["k_scale"] != 1).any() or (t["v_scale"] != 1).any())  # else centers only
             self._centers = t
         self._centers_done = True
         return self._centers
@@ -126,8 +128,10 @@ class E8ImplMixin:
         centers = self._e8_centers(layer, key.device)
         k_in, v_in = key, value
         if centers is not None:  # a ⊙ (k − μ_K), b ⊙ (v − μ_V)
-            key = (key.float() - centers["k_mean"]) * centers["k_scale"]
-            value = (value.float() - centers["v_mean"]) * centers["v_scale"]
+            key = key.float() - centers["k_mean"]
+            value = value.float() - centers["v_mean"]
+            if self._scaled:
+                key, value = key * centers["k_scale"], value * centers["v_scale"]
         self._e8_write_codes(key, value, kv_cache, slot_mapping)
         if self._e8_telemetry is not None:  # error against the model's own K/V (centers added back)
             self._e8_telemetry.after_write(k_in, v_in, kv_cache, slot_mapping, self.fmt, centers, id(self))
@@ -157,11 +161,12 @@ class E8ImplMixin:
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         c = self._e8_centers(layer, query.device)
-        if c is not None:  # q ⊘ a: the same logits up to a per-query shift
-            q = q.float() * c["q_inv"]
+        if c is not None and self._scaled:  # q ⊘ a: the same logits up to a per-query shift
+            q = (q.float() * c["q_inv"]).to(q.dtype)
         self._e8_attend(q, kv_cache, attn_metadata, out)
         if c is not None:  # o ⊘ b + μ_V, per KV head's group of query heads
             g = self.num_heads // self.num_kv_heads
             o = out.view(n, self.num_kv_heads, g, self.head_size)
-            o.copy_(o.float() * c["v_inv"][None, :, None, :] + c["v_mean"][None, :, None, :])
+            of = o.float() * c["v_inv"][None, :, None, :] if self._scaled else o.float()
+            o.copy_(of + c["v_mean"][None, :, None, :])
         return output
