@@ -133,12 +133,16 @@ def bench_quality_cmd(
     max_tokens: int = typer.Option(20480, help="Tokens of held-out text."),
     window: int = typer.Option(1024, help="Tokens per prompt window."),
     quick: bool = typer.Option(False, help="Tiny run (2 windows of 256 tokens, auto + e8_k4v4)."),
+    reuse: bool = typer.Option(False, help="Keep per-dtype results in OUT_DIR made from the same tokens."),
 ) -> None:
-    """Perplexity of SmolLM2 through vLLM's prompt logprobs for each kv-cache dtype."""
+    """Perplexity of SmolLM2 through vLLM's prompt logprobs for each kv-cache dtype.
+
+    Dtype forms: auto, e8_k4v4 ..., codecs:KCODEC[/VCODEC] (same engine, codecs swapped),
+    NAME@nocenter (KV calibration off)."""
     from e8vllm.bench.quality import run
 
     run(out_dir=out_dir, dtypes=dtypes.split(",") if dtypes else None, max_tokens=max_tokens,
-        window=window, quick=quick)
+        window=window, quick=quick, reuse=reuse)
 
 
 @bench_app.command("capacity")
