@@ -137,7 +137,7 @@ def bench_quality_cmd(
 ) -> None:
     """Perplexity of SmolLM2 through vLLM's prompt logprobs for each kv-cache dtype.
 
-    Dtype forms: auto, e8_k4v4 ..., codecs:KCODEC[/VCODEC] (same engine, codecs swapped),
+    Dtype forms: auto, e8_k4v4 ..., codecs:KCODEC or codecs:KCODEC/VCODEC (same engine, codecs swapped),
     NAME@nocenter (KV calibration off)."""
     from e8vllm.bench.quality import run
 
