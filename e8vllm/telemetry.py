@@ -14,9 +14,9 @@ and a sequence counter (a seqlock) lets the reader retry a torn read.
 
 What is measured
 ----------------
-Every ``$E8VLLM_TELEMETRY_SAMPLE_EVERY``-th call of the write path **of each layer** (default 64;
-a call = one layer's new tokens of one engine step; counting per layer means every layer is
-sampled, once every 64 of its steps, whatever the number of layers) takes up to
+One in ``$E8VLLM_TELEMETRY_SAMPLE_EVERY`` calls of the write path **of each layer** (default 64:
+calls 1, 65, 129, ...; a call = one layer's new tokens of one engine step; counting per layer
+means every layer is sampled, whatever the number of layers, starting with its first write) takes up to
 ``$E8VLLM_TELEMETRY_MAX_TOKENS`` (default 8) of the tokens just written, spread evenly over the
 batch (so prefill samples come from the whole prompt and from every request, not the first tokens),
 reads their codes back **from the cache**, decodes them and un-rotates them to the original
@@ -276,7 +276,7 @@ class Sampler:
         :mod:`e8vllm.calibration`) into ``kv_cache``."""
         n = self.calls.get(layer, 0) + 1  # per layer (``layer``: any key naming the calling layer)
         self.calls[layer] = n
-        if n % self.cfg.sample_every:
+        if (n - 1) % self.cfg.sample_every:  # calls 1, S+1, 2S+1, ...: the first (prefill) at once
             return
         import torch
 
