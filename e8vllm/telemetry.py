@@ -14,9 +14,10 @@ and a sequence counter (a seqlock) lets the reader retry a torn read.
 
 What is measured
 ----------------
-One in ``$E8VLLM_TELEMETRY_SAMPLE_EVERY`` calls of the write path **of each layer** (default 64:
-calls 1, 65, 129, ...; a call = one layer's new tokens of one engine step; counting per layer
-means every layer is sampled, whatever the number of layers, starting with its first write) takes up to
+One in ``$E8VLLM_TELEMETRY_SAMPLE_EVERY`` calls of the write path **of each layer** (default 64;
+a call = one layer's new tokens of one engine step; counted per layer, so every layer is sampled
+whatever the number of layers, and staggered, layer k at its calls 1 - k mod 64, so the samples
+form a steady stream across steps instead of a burst every 64 steps) takes up to
 ``$E8VLLM_TELEMETRY_MAX_TOKENS`` (default 8) of the tokens just written, spread evenly over the
 batch (so prefill samples come from the whole prompt and from every request, not the first tokens),
 reads their codes back **from the cache**, decodes them and un-rotates them to the original
@@ -267,6 +268,7 @@ class Sampler:
         cfg.directory.mkdir(parents=True, exist_ok=True)
         self.file = StatsFile(cfg.directory / f"stats-{os.getpid()}.f64")
         self.calls: dict[Any, int] = {}
+        self.offsets: dict[Any, int] = {}
         self._info_written = False
 
     def after_write(self, key: Any, value: Any, kv_cache: Any, slot_mapping: Any, fmt: Any,
@@ -274,9 +276,13 @@ class Sampler:
         """Called right after the write path stored ``key`` / ``value`` (mapped by ``centers``, the
         layer's KV calibration ``{"k_mean", "k_scale", "v_mean", "v_scale"}`` [H, D] each, when set:
         :mod:`e8vllm.calibration`) into ``kv_cache``."""
-        n = self.calls.get(layer, 0) + 1  # per layer (``layer``: any key naming the calling layer)
+        # per layer (``layer``: any key naming the calling layer), staggered: the k-th layer seen is
+        # sampled at its calls n with (n - 1 + k) % S == 0, so every layer is covered and, with
+        # L <= S layers, about L of every S engine steps carry one layer's sample (a steady stream)
+        n = self.calls.get(layer, 0) + 1
         self.calls[layer] = n
-        if (n - 1) % self.cfg.sample_every:  # calls 1, S+1, 2S+1, ...: the first (prefill) at once
+        k = self.offsets.setdefault(layer, len(self.offsets) % self.cfg.sample_every)
+        if (n - 1 + k) % self.cfg.sample_every:
             return
         import torch
 

@@ -83,7 +83,10 @@ def server(tmp_path_factory):
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_PLUGINS="e8vllm", VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("VLLM_API_KEY", None)  # no auth: the test's requests carry no key
     cmd = [sys.executable, "-m", "e8vllm", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--kv-cache-dtype", "e8_k4v4", "--max-model-len", "2048"]
+           "--kv-cache-dtype", "e8_k4v4", "--max-model-len", "2048",
+           # the test's traffic is ~100 engine steps: sample each layer every 8 of its steps (default 64),
+           # so the dashboard's 1-minute rate windows see error samples, as they do on a busy server
+           "--telemetry-sample-every", "8"]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=d, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

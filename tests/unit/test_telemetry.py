@@ -174,18 +174,23 @@ def test_sampler_undoes_the_kv_calibration_map(tmp_path: Path) -> None:
 
 
 def test_sampler_counts_calls_per_layer(tmp_path: Path) -> None:
-    """Sampling every S-th call per layer: with L layers per step and S a multiple of L, a global
-    counter would sample one layer only; per-layer counters sample each layer every S steps."""
+    """Sampling one in S calls per layer: with L layers per step and S a multiple of L, a global
+    counter would sample one layer only; per-layer counters sample each layer every S steps, and
+    staggering them keeps one sample per step instead of a burst every S steps."""
     fmt = E8KVFormat.from_bits(64, 4, 4)
     h, bs = 1, 16
     cache = torch.zeros(8, h, bs, fmt.slot_bytes, dtype=torch.uint8)
     s = tm.Sampler(tm.TelemetryConfig(tmp_path, sample_every=4, max_tokens=1))
     g = torch.Generator().manual_seed(3)
+    per_step = []
     for step in range(8):
+        before = tm.read_dir(tmp_path).stats["key"].vectors
         for layer in range(4):
             key = torch.randn(1, h, 64, generator=g)
             slots = torch.tensor([step * 4 + layer])
             write_kv_cache(key, key, cache, slots, fmt)
             s.after_write(key, key, cache, slots, fmt, None, layer)
+        per_step.append(tm.read_dir(tmp_path).stats["key"].vectors - before)
     assert s.calls == {0: 8, 1: 8, 2: 8, 3: 8}
-    assert tm.read_dir(tmp_path).stats["key"].vectors == 4 * 2  # every layer, at its steps 1 and 5
+    assert tm.read_dir(tmp_path).stats["key"].vectors == 4 * 2  # every layer, twice in 8 steps
+    assert per_step == [1.0] * 8  # staggered: one layer's sample in every step, not bursts
