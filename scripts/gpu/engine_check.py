@@ -33,12 +33,11 @@ RUNS = [("auto", "TRITON_ATTN"), ("fp8", "TRITON_ATTN"), ("e8_k4v4", "CUSTOM"), 
 
 
 def plugin_path() -> str:
-    d = Path(tempfile.gettempdir()) / "e8vllm-plugin-path"
-    info = d / "e8vllm-0.1.0.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: e8vllm\nVersion: 0.1.0\n")
-    (info / "entry_points.txt").write_text("[vllm.general_plugins]\ne8vllm = e8vllm.vllm_plugin:register\n")
-    return f"{d}{os.pathsep}{ROOT}"
+    """The repo plus a generated dist-info exposing our vllm.general_plugins entry point."""
+    sys.path.insert(0, str(ROOT))
+    from e8vllm.bench.gpu import _plugin_path
+
+    return _plugin_path()
 
 
 def worker(model_dir: str, dtype: str, backend: str, out: str) -> None:
