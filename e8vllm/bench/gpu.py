@@ -2,6 +2,7 @@ r"""GPU benchmark of the E8 KV cache on vLLM 0.26 (H200): kernel level and engin
 
     python -m e8vllm.bench.gpu kernel  [--batches 1,8,64,256] [--contexts 1024,8192,32768]
     python -m e8vllm.bench.gpu engine  [--runs auto:TRITON_ATTN fp8:TRITON_ATTN ...] [--seqs 64 --prompt 8192]
+    python -m e8vllm.bench.gpu tune    [--batch 64 --context 8192]  # decode-kernel settings -> tune.json
     python -m e8vllm.bench.gpu report  # results/gpu/*.json -> results/gpu/gpu.md + gpu.png
 
 Kernel level (one process, one GPU, every comparison in the same run): decode attention (one query
@@ -128,7 +129,9 @@ def _block_tables(batch: int, ctx: int, device: str):  # noqa: ANN202
     return perm.view(batch, nbl), batch * nbl
 
 
-def _e8_case(dtype: str, batch: int, ctx: int) -> dict[str, Any]:
+def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None) -> dict[str, Any]:
+    """Time E8 decode attention; with ``decodes``, each decode-kernel setting on the same cache
+    (``{"variants": [{**setting, "time_s"|"error"}...]}`` plus the default's numbers)."""
     import torch
 
     from e8vllm.kernels.reference import E8KVFormat
@@ -149,12 +152,123 @@ def _e8_case(dtype: str, batch: int, ctx: int) -> dict[str, Any]:
     qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
+    nbytes = batch * ctx * H_KV * fmt.slot_bytes
+    res: dict[str, Any] = {"bytes": nbytes}
+    if decodes:
+        ref = triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=1, num_kv_heads=H_KV,
+                                     scale=D ** -0.5, decode={"kernel": "phase"}).float()
+        res["variants"] = []
+        for dc in decodes:
+            v: dict[str, Any] = dict(dc)
+            try:
+                got = triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=1, num_kv_heads=H_KV,
+                                             scale=D ** -0.5, decode=dc).float()
+                v["rel_diff_vs_phase"] = float((got - ref).abs().max() / ref.abs().max())
+                fn = lambda dc=dc: triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=1,  # noqa: E731
+                                                          num_kv_heads=H_KV, scale=D ** -0.5, out=out, decode=dc)
+                v["time_s"], v["graph"] = _time_graph(fn)
+            except Exception as e:  # noqa: BLE001 - record and go on (e.g. out of shared memory)
+                v["error"] = f"{type(e).__name__}: {e}"[:300]
+            res["variants"].append(v)
+            print(f"  {json.dumps(v)}", flush=True)
+        del cache
+        return res
     fn = lambda: triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=1,  # noqa: E731
                                         num_kv_heads=H_KV, scale=D ** -0.5, out=out)
-    t, graphed = _time_graph(fn)
-    nbytes = batch * ctx * H_KV * fmt.slot_bytes
+    res["time_s"], res["graph"] = _time_graph(fn)
     del cache
-    return {"time_s": t, "bytes": nbytes, "graph": graphed}
+    return res
+
+
+def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
+    """Time decode-kernel settings on one cache; saves ``tune.json`` and the fastest correct one as
+    ``decode_config.json`` (use it with ``E8VLLM_DECODE_CONFIG``). 'nolut' (no table lookup: wrong
+    values) is timed only to show what the lookup costs and is never chosen."""
+    import itertools
+
+    import torch
+
+    torch.manual_seed(0)
+    decodes: list[dict[str, Any]] = [{"kernel": "phase", "segs": 16}]
+    decodes += [{"kernel": "tile", "tile_n": n, "num_warps": w, "num_stages": 2, "segs": 16}
+                for n, w in ((64, 2), (32, 4))]
+    decodes += [{"kernel": k, "tile_n": n, "num_warps": w, "num_stages": 2, "segs": 16}
+                for k, (n, w) in itertools.product(("tile3", "tile3g"), ((32, 2), (32, 4), (64, 2), (64, 4), (128, 4)))]
+    decodes += [{"kernel": "nolut", "tile_n": n, "num_warps": w, "num_stages": 2, "segs": 16}
+                for n, w in ((32, 4), (64, 2))]
+    res = _e8_case(dtype, batch, ctx, decodes)
+
+    def best_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        ok = [v for v in rows if "time_s" in v and v["kernel"] != "nolut" and v["rel_diff_vs_phase"] < 1e-2]
+        return min(ok, key=lambda v: v["time_s"])
+
+    best = best_of(res["variants"])
+    for segs in (8, 32):  # the segment count for the best setting
+        more = _e8_case(dtype, batch, ctx, [{**{k: best[k] for k in DECODE_KEYS if k in best}, "segs": segs}])
+        res["variants"] += more["variants"]
+    best = best_of(res["variants"])
+    res.update(dtype=dtype, batch=batch, context=ctx, best={k: best[k] for k in DECODE_KEYS if k in best})
+    res["best_time_s"] = best["time_s"]
+    out = _out_dir()
+    (out / "tune.json").write_text(json.dumps(res, indent=1))
+    (out / "decode_config.json").write_text(json.dumps(res["best"]))
+    print(f"BEST decode {json.dumps(res['best'])} {best['time_s'] * 1e6:.1f} us "
+          f"({res['bytes'] / best['time_s'] / 1e12:.2f} TB/s)", flush=True)
+    return res
+
+
+def tune_prefill(seq: int = 8192, dtype: str = "e8_k4v4") -> dict[str, Any]:
+    """Time general-grid (prefill) settings on one ``seq``-token prompt (vLLM's 8192-token chunk);
+    saves ``tune_prefill.json`` and ``prefill_config.json`` (``E8VLLM_PREFILL_CONFIG``)."""
+    import itertools
+
+    import torch
+
+    from e8vllm.kernels.reference import E8KVFormat
+    from e8vllm.kernels.triton import triton_paged_attention, triton_write_kv_cache
+    from e8vllm.vllm_plugin.spec import parse_e8_dtype
+
+    torch.manual_seed(0)
+    fmt = E8KVFormat.from_bits(D, *parse_e8_dtype(dtype))
+    bt, nblocks = _block_tables(1, seq, "cuda")
+    cache = torch.zeros(nblocks, H_KV, BS, fmt.slot_bytes, dtype=torch.uint8, device="cuda")
+    k = torch.randn(seq, H_KV, D, device="cuda", dtype=torch.bfloat16)
+    slots = (bt[0].long()[:, None] * BS + torch.arange(BS, device="cuda")[None, :]).reshape(-1)[:seq]
+    triton_write_kv_cache(k, k * 0.5, cache, slots, fmt)
+    q = torch.randn(seq, H_Q, D, device="cuda", dtype=torch.bfloat16)
+    qsl = torch.tensor([0, seq], dtype=torch.int32, device="cuda")
+    sl = torch.tensor([seq], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    call = lambda pc: triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=seq,  # noqa: E731
+                                             num_kv_heads=H_KV, scale=D ** -0.5, out=out, prefill=pc)
+    ref = call({"kernel": "phase"}).float().clone()
+    rows: list[dict[str, Any]] = []
+    cands = [{"kernel": "phase", "block_m": 64, "tile_n": 32, "num_warps": 4, "num_stages": 2}]
+    cands += [{"kernel": kk, "block_m": m, "tile_n": n, "num_warps": w, "num_stages": 2}
+              for kk, (m, n, w) in itertools.product(("tile3", "tile3g"),
+                                                     ((64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8), (64, 32, 8)))]
+    for pc in cands:
+        v: dict[str, Any] = dict(pc)
+        try:
+            v["rel_diff_vs_phase"] = float((call(pc).float() - ref).abs().max() / ref.abs().max())
+            v["time_s"], v["graph"] = _time_graph(lambda pc=pc: call(pc), reps=5, inner=2)
+        except Exception as e:  # noqa: BLE001 - record and go on
+            v["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(v)
+        print(f"  {json.dumps(v)}", flush=True)
+    ok = [v for v in rows if "time_s" in v and v["rel_diff_vs_phase"] < 1e-2]
+    best = min(ok, key=lambda v: v["time_s"])
+    res = {"dtype": dtype, "seq": seq, "variants": rows, "best": {k: best[k] for k in PREFILL_KEYS},
+           "best_time_s": best["time_s"]}
+    out = _out_dir()
+    (out / "tune_prefill.json").write_text(json.dumps(res, indent=1))
+    (out / "prefill_config.json").write_text(json.dumps(res["best"]))
+    print(f"BEST prefill {json.dumps(res['best'])} {best['time_s'] * 1e3:.2f} ms", flush=True)
+    return res
+
+
+PREFILL_KEYS = ("kernel", "block_m", "tile_n", "num_warps", "num_stages")
+DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs")
 
 
 def _vllm_case(dtype: str, batch: int, ctx: int) -> dict[str, Any]:
@@ -417,8 +531,15 @@ def main(argv: list[str] | None = None) -> None:
     pe.add_argument("--seqs", type=int, default=64)
     pe.add_argument("--prompt", type=int, default=8192)
     pe.add_argument("--gen", type=int, default=128)
+    pt = sub.add_parser("tune")
+    pt.add_argument("--batch", type=int, default=64)
+    pt.add_argument("--context", type=int, default=8192)
+    pt.add_argument("--dtype", default="e8_k4v4")
     sub.add_parser("report")
     a = p.parse_args(argv)
+    if a.cmd == "tune":
+        tune_decode(a.batch, a.context, a.dtype)
+        tune_prefill(8192, a.dtype)
     if a.cmd in (None, "kernel"):
         if a.cmd is None:
             a = p.parse_args(["kernel"])

@@ -71,18 +71,31 @@ def _check_attention(case, **kw):
 
 
 @pytest.mark.parametrize("bits", [(4, 4), (4, 2)])
-def test_attention_mixed_batch(bits, one_thread):
+@pytest.mark.parametrize("prefill", [{"kernel": "phase"}, {"kernel": "tile3"}, {"kernel": "tile3g", "block_m": 32}],
+                         ids=["phase", "tile3", "tile3g"])
+def test_attention_mixed_batch(bits, prefill, one_thread):
     """Decode rows, a full prefill, a chunked prefill and a one-token sequence in one batch."""
     fmt = E8KVFormat.from_bits(64, *bits)
     case = random_case(fmt, [70, 33, 1, 50, 20], [1, 33, 1, 9, 1], h_q=8, h_kv=2)
-    _check_attention(case)
+    _check_attention(case, prefill=prefill)
 
 
 @pytest.mark.parametrize("segs", [1, 4])
-def test_attention_decode_grid(segs, one_thread):
+@pytest.mark.parametrize("decode", [{"kernel": "tile"}, {"kernel": "tile", "tile_n": 64}, {"kernel": "direct"},
+                                    {"kernel": "tile3"}, {"kernel": "tile3g"}, {"kernel": "phase"}],
+                         ids=["tile", "tile64", "direct", "tile3", "tile3g", "phase"])
+def test_attention_decode_grid(segs, decode, one_thread):
     fmt = E8KVFormat.from_bits(64, 3, 3)
     case = random_case(fmt, [150, 9, 64], [1, 1, 1], h_q=8, h_kv=2, seed=3)
-    _check_attention(case, num_segs=segs)
+    _check_attention(case, num_segs=segs, decode=decode)
+
+
+@pytest.mark.parametrize("bits", [(4, 4), (2, 2)])
+def test_attention_decode_head128_gqa(bits, one_thread):
+    """The decode kernel at head size 128 with 4 query heads per kv head (the Llama-3-8B shape)."""
+    fmt = E8KVFormat.from_bits(128, *bits)
+    case = random_case(fmt, [90, 17], [1, 1], h_q=8, h_kv=2, seed=5)
+    _check_attention(case, num_segs=2)
 
 
 def test_attention_rows_past_batch_are_zero(one_thread):

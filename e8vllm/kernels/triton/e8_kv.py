@@ -48,7 +48,9 @@ Supported: E8 codecs of kind 'e8' (parity in both cosets, identical tables for c
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +64,59 @@ LOG2E = 1.4426950408889634
 #: KV segments per sequence of the decode (flash-decoding) grid; a constant so that the grid only
 #: depends on the batch shape (CUDA-graph capture).
 DECODE_SEGMENTS = 16
+#: decode kernel settings (see ``triton_paged_attention(decode=...)``), chosen on the H200 with
+#: ``python -m e8vllm.bench.gpu tune``; ``E8VLLM_DECODE_CONFIG`` (JSON) overrides keys.
+DECODE_CONFIG = {"kernel": "tile", "tile_n": 32, "num_warps": 4, "num_stages": 2, "segs": DECODE_SEGMENTS}
+
+
+#: decode kernel name -> the DIRECT constexpr of :func:`_e8_decode_kernel` ('phase' = the general kernel)
+_DECODE_KERNELS = {"tile": 0, "direct": 1, "tile3": 2, "tile3g": 3, "nolut": 4}
+
+
+def _decode_config(env: str | None) -> dict:
+    cfg = dict(DECODE_CONFIG)
+    if env:
+        try:
+            extra = json.loads(env)
+        except ValueError as e:
+            raise ValueError(f"E8VLLM_DECODE_CONFIG is not JSON: {env!r}") from e
+        bad = set(extra) - set(cfg) if isinstance(extra, dict) else {"<not an object>"}
+        if bad:
+            raise ValueError(f"E8VLLM_DECODE_CONFIG: unknown keys {sorted(bad)}; known: {sorted(cfg)}")
+        cfg.update(extra)
+    if cfg["kernel"] not in _DECODE_KERNELS and cfg["kernel"] != "phase":
+        raise ValueError(f"decode kernel must be one of {sorted(_DECODE_KERNELS) + ['phase']}, not {cfg['kernel']!r}")
+    for k in ("tile_n", "num_warps", "segs"):
+        if not isinstance(cfg[k], int) or cfg[k] < 1 or cfg[k] & (cfg[k] - 1):
+            raise ValueError(f"decode {k} must be a power of two, not {cfg[k]!r}")
+    return cfg
+
+
+DECODE_CONFIG = _decode_config(os.environ.get("E8VLLM_DECODE_CONFIG"))
+#: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys.
+PREFILL_CONFIG = {"kernel": "phase", "block_m": 64, "tile_n": 32, "num_warps": 4, "num_stages": 2}
+
+
+def _prefill_config(env: str | None) -> dict:
+    cfg = dict(PREFILL_CONFIG)
+    if env:
+        try:
+            extra = json.loads(env)
+        except ValueError as e:
+            raise ValueError(f"E8VLLM_PREFILL_CONFIG is not JSON: {env!r}") from e
+        bad = set(extra) - set(cfg) if isinstance(extra, dict) else {"<not an object>"}
+        if bad:
+            raise ValueError(f"E8VLLM_PREFILL_CONFIG: unknown keys {sorted(bad)}; known: {sorted(cfg)}")
+        cfg.update(extra)
+    if cfg["kernel"] not in ("tile3", "tile3g", "phase"):
+        raise ValueError(f"prefill kernel must be 'tile3', 'tile3g' or 'phase', not {cfg['kernel']!r}")
+    for k in ("block_m", "tile_n", "num_warps"):
+        if not isinstance(cfg[k], int) or cfg[k] < 1 or cfg[k] & (cfg[k] - 1):
+            raise ValueError(f"prefill {k} must be a power of two, not {cfg[k]!r}")
+    return cfg
+
+
+PREFILL_CONFIG = _prefill_config(os.environ.get("E8VLLM_PREFILL_CONFIG"))
 _FP16_MAX = tl.constexpr(65504.0)
 
 
@@ -105,6 +160,8 @@ class TritonE8Format:
     slot_bytes: int
     q_rot: torch.Tensor   # float32 [D, D]: R_kᵀ[:, perm] (q̃ in the phase layout = q @ q_rot)
     o_unrot: torch.Tensor  # float32 [D, D]: R_v[perm, :] (o = õ (phase layout) @ o_unrot)
+    q_rot_nat: torch.Tensor   # float32 [D, D]: R_kᵀ (q̃ in natural order, decode kernel)
+    o_unrot_nat: torch.Tensor  # float32 [D, D]: R_v
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -135,7 +192,8 @@ class TritonE8Format:
         perm = phase_permutation(fmt.head_size)
         return TritonE8Format(fmt.head_size, consts(fmt.k_codec), consts(fmt.v_codec), fmt.k_bytes, fmt.slot_bytes,
                               rk.t()[:, perm].contiguous().to(torch.float32).to(dev),
-                              rv[perm, :].contiguous().to(torch.float32).to(dev))
+                              rv[perm, :].contiguous().to(torch.float32).to(dev),
+                              rk.t().contiguous().to(torch.float32).to(dev), rv.contiguous().to(torch.float32).to(dev))
 
 
 def phase_permutation(d: int) -> torch.Tensor:
@@ -327,6 +385,165 @@ def _pv_phase(p16, wv, cvK, pv, v_tab, acc, I: tl.constexpr, VB: tl.constexpr):
 
 
 @triton.jit
+def _decode_tile(base, nmask, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr):
+    """Table values of TILE_N codes in natural coordinate order: fp16 [TILE_N, 8·G] (column 8g + i)."""
+    w = _load_words(base, nmask, BITS, G, G)
+    cK, par = _coset_parity(w, BITS)
+    i8 = tl.arange(0, 8)[None, None, :]
+    f = (w[:, :, None] >> (i8 * BITS)) & ((1 << BITS) - 1)
+    f = tl.where(i8 == 7, (f & ~1) | par[:, :, None], f)
+    vals = tl.load(tab_ptr + cK[:, :, None] + f)
+    return tl.reshape(vals, [TILE_N, 8 * G])
+
+
+@triton.jit
+def _decode_tile3(base, nmask, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr,
+                  LUT: tl.constexpr):
+    """:func:`_decode_tile` with every per-block quantity kept as [TILE_N, G, 1] (no layout changes).
+
+    LUT 0: table values by a gather load; 1: by ``tl.gather`` from a register copy of the table;
+    2: no table (diagnostic: the index itself as the value, for timing only).
+    """
+    LOW: tl.constexpr = 1 | (1 << BITS) | (1 << (2 * BITS)) | (1 << (3 * BITS)) | (1 << (4 * BITS)) | \
+        (1 << (5 * BITS)) | (1 << (6 * BITS))
+    g3 = tl.arange(0, G)[None, :, None]
+    i8 = tl.arange(0, 8)[None, None, :]
+    m3 = nmask[:, None, None]
+    ptr = base[:, None, None] + (g3 * BITS) // 2
+    w = tl.load(ptr, mask=m3, other=0).to(tl.int32) & 0xFFFF
+    if BITS > 2:
+        w = w | ((tl.load(ptr + 1, mask=m3, other=0).to(tl.int32) & 0xFFFF) << 16)
+    w = w >> (((g3 * BITS) % 2) * 8)
+    x = w & LOW
+    x = x ^ (x >> 16)
+    x = x ^ (x >> 8)
+    x = x ^ (x >> 4)
+    x = x ^ (x >> 2)
+    x = x ^ (x >> 1)
+    cK = ((w >> (7 * BITS)) & 1) << BITS
+    f = (w >> (i8 * BITS)) & ((1 << BITS) - 1)
+    f = tl.where(i8 == 7, (f & ~1) | (x & 1), f)
+    idx = cK + f
+    if LUT == 0:
+        vals = tl.load(tab_ptr + idx)
+    elif LUT == 1:
+        tab = tl.load(tab_ptr + tl.arange(0, 2 << BITS))
+        vals = tl.reshape(tl.gather(tab, tl.reshape(idx, [TILE_N * G * 8]), 0), [TILE_N, G, 8])
+    else:
+        vals = idx.to(tl.float16)
+    return tl.reshape(vals, [TILE_N, 8 * G])
+
+
+@triton.jit
+def _decode_tile_direct(base, nmask, tab_ptr, BITS: tl.constexpr, D: tl.constexpr, TRANS: tl.constexpr):
+    """Like :func:`_decode_tile`, computed per element of [TILE_N, D] ([D, TILE_N] when TRANS)."""
+    LOW: tl.constexpr = 1 | (1 << BITS) | (1 << (2 * BITS)) | (1 << (3 * BITS)) | (1 << (4 * BITS)) | \
+        (1 << (5 * BITS)) | (1 << (6 * BITS))
+    j = tl.arange(0, D)
+    gi = ((j // 8) * BITS) // 2
+    sh = ((j // 8) * BITS % 2) * 8
+    ph = j % 8
+    if TRANS:
+        ptr = base[None, :] + gi[:, None]
+        m2 = nmask[None, :]
+        sh2 = sh[:, None]
+        ph2 = ph[:, None]
+    else:
+        ptr = base[:, None] + gi[None, :]
+        m2 = nmask[:, None]
+        sh2 = sh[None, :]
+        ph2 = ph[None, :]
+    w = tl.load(ptr, mask=m2, other=0).to(tl.int32) & 0xFFFF
+    if BITS > 2:
+        w = w | ((tl.load(ptr + 1, mask=m2, other=0).to(tl.int32) & 0xFFFF) << 16)
+    w = w >> sh2
+    f = (w >> (ph2 * BITS)) & ((1 << BITS) - 1)
+    x = w & LOW
+    x = x ^ (x >> 16)
+    x = x ^ (x >> 8)
+    x = x ^ (x >> 4)
+    x = x ^ (x >> 2)
+    x = x ^ (x >> 1)
+    f = tl.where(ph2 == 7, (f & ~1) | (x & 1), f)
+    cK = ((w >> (7 * BITS)) & 1) << BITS
+    return tl.load(tab_ptr + cK + f)
+
+
+@triton.jit
+def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
+                      cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0, qsl_ptr, sl_ptr,
+                      block_size, num_heads,
+                      NQ: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
+                      KB: tl.constexpr, VB: tl.constexpr, V_OFF16: tl.constexpr, NUM_SEGS: tl.constexpr,
+                      DIRECT: tl.constexpr = 0):
+    """Flash-decoding over the packed cache, natural coordinate order (one query token per sequence).
+
+    Program (sequence, kv head, segment): the NQ query heads of the kv head as rows of one tile; each
+    tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers and used by one dot for
+    q·k and one for p·v. q: float32 [T, H_q, D] rotated (natural order) and scaled by scale·log2(e).
+    Writes unnormalized partials to ws_o [T, H_q, S, D] and ws_m / ws_l [T, H_q, S].
+    """
+    G: tl.constexpr = D // 8
+    NBK: tl.constexpr = D * KB // 16
+    NBV: tl.constexpr = D * VB // 16
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seg = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + seq)
+    if tl.load(qsl_ptr + seq + 1) - q_start < 1:
+        return
+    seq_len = tl.load(sl_ptr + seq)
+    r = tl.arange(0, BLOCK_M)
+    rvalid = r < NQ
+    head = kvh * NQ + r
+    tok = q_start.to(tl.int64)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
+                other=0.0).to(tl.float16)
+    n_tiles = tl.cdiv(seq_len, TILE_N)
+    per = tl.cdiv(n_tiles, NUM_SEGS)
+    j0 = seg * per
+    j1 = tl.minimum(j0 + per, n_tiles)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * sbt0
+    kvh64 = kvh.to(tl.int64)
+    for j in range(j0, j1):
+        n = j * TILE_N + tl.arange(0, TILE_N)
+        nmask = n < seq_len
+        blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
+        base = cache_ptr + blk * cs0 + kvh64 * cs1 + (n % block_size).to(tl.int64) * cs2  # int16 [N]
+        if DIRECT == 1:
+            kt = _decode_tile_direct(base, nmask, k_tab, KB, D, True)
+        elif DIRECT >= 2:
+            kt = tl.trans(_decode_tile3(base, nmask, k_tab, KB, G, TILE_N, DIRECT - 2))
+        else:
+            kt = tl.trans(_decode_tile(base, nmask, k_tab, KB, G, TILE_N))
+        sk = tl.load(base + NBK, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        s = tl.dot(q, kt) * sk[None, :]
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vbase = base + V_OFF16
+        if DIRECT == 1:
+            v = _decode_tile_direct(vbase, nmask, v_tab, VB, D, False)
+        elif DIRECT >= 2:
+            v = _decode_tile3(vbase, nmask, v_tab, VB, G, TILE_N, DIRECT - 2)
+        else:
+            v = _decode_tile(vbase, nmask, v_tab, VB, G, TILE_N)
+        sv = tl.load(vbase + NBV, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        acc = tl.dot((p * sv[None, :]).to(tl.float16), v, acc * alpha[:, None])
+        m_i = m_new
+    wi = (tok * num_heads + head) * NUM_SEGS + seg
+    tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
+    tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
+    tl.store(ws_o_ptr + (wi * D)[:, None] + d[None, :], acc, mask=rvalid[:, None])
+
+
+@triton.jit
 def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
     """Largest i with query_start_loc[i] // BLOCK_Q + i <= target (the sequence owning q tile target)."""
     lo = 0
@@ -479,6 +696,69 @@ def _e8_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_p
 
 
 @triton.jit
+def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0,
+                         qsl_ptr, sl_ptr, num_seqs, block_size,
+                         NQ: tl.constexpr, NQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                         TILE_N: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+                         V_OFF16: tl.constexpr, LUT: tl.constexpr):
+    """The general grid (prefill, chunked prefill, mixed batches) in natural coordinate order.
+
+    Like :func:`_e8_attn_kernel` with NUM_SEGS == 1, but each K/V tile is decoded once to fp16
+    [TILE_N, D] (:func:`_decode_tile3`) and used by one dot for q·k and one for p·v.
+    q: float32 [T, H_q, D] rotated (natural order), scaled by scale·log2(e); o: float32 [T, H_q, D].
+    """
+    G: tl.constexpr = D // 8
+    NBK: tl.constexpr = D * KB // 16
+    NBV: tl.constexpr = D * VB // 16
+    kvh = tl.program_id(1)
+    target = tl.program_id(0)
+    seq = _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q)
+    q_tile = target - (tl.load(qsl_ptr + seq) // BLOCK_Q + seq)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(sl_ptr + seq)
+    ctx = seq_len - q_len
+    r = tl.arange(0, BLOCK_M)
+    qi = q_tile * BLOCK_Q + r // NQ_PAD
+    hj = r % NQ_PAD
+    rvalid = (hj < NQ) & (qi < q_len)
+    head = kvh * NQ + hj
+    tok = (q_start + qi).to(tl.int64)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
+                other=0.0).to(tl.float16)
+    qpos = ctx + qi
+    n_end = tl.minimum(seq_len, ctx + (q_tile + 1) * BLOCK_Q)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * sbt0
+    kvh64 = kvh.to(tl.int64)
+    for j in range(0, tl.cdiv(n_end, TILE_N)):
+        n = j * TILE_N + tl.arange(0, TILE_N)
+        nmask = n < n_end
+        blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
+        base = cache_ptr + blk * cs0 + kvh64 * cs1 + (n % block_size).to(tl.int64) * cs2  # int16 [N]
+        k = _decode_tile3(base, nmask, k_tab, KB, G, TILE_N, LUT)
+        sk = tl.load(base + NBK, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * sk[None, :]
+        s = tl.where(nmask[None, :] & (n[None, :] <= qpos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vbase = base + V_OFF16
+        v = _decode_tile3(vbase, nmask, v_tab, VB, G, TILE_N, LUT)
+        sv = tl.load(vbase + NBV, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        acc = tl.dot((p * sv[None, :]).to(tl.float16), v, acc * alpha[:, None])
+        m_i = m_new
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + (tok * so0 + head * so1)[:, None] + d[None, :], acc, mask=rvalid[:, None])
+
+
+@triton.jit
 def _e8_reduce_kernel(o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_ptr, qsl_ptr, num_heads,
                       D: tl.constexpr, NUM_SEGS: tl.constexpr):
     """Merge the NUM_SEGS partial softmax results of one (decode sequence, query head)."""
@@ -501,22 +781,23 @@ def _e8_reduce_kernel(o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_ptr, qsl_ptr, nu
     tl.store(o_ptr + tok * so0 + head * so1 + d, o)
 
 
-_Q_MATRICES: dict[tuple[int, float], torch.Tensor] = {}
+_Q_MATRICES: dict[tuple[int, float, bool], torch.Tensor] = {}
 
 
-def _q_matrix(c: TritonE8Format, scale: float) -> torch.Tensor:
-    """R_kᵀ · scale · log2(e), float32 [D, D] (cached per format and scale)."""
-    key = (id(c), scale)
+def _q_matrix(c: TritonE8Format, scale: float, natural: bool = False) -> torch.Tensor:
+    """R_kᵀ · scale · log2(e), float32 [D, D], columns in phase (or natural) order; cached."""
+    key = (id(c), scale, natural)
     m = _Q_MATRICES.get(key)
     if m is None:
-        m = _Q_MATRICES[key] = c.q_rot * (scale * LOG2E)
+        m = _Q_MATRICES[key] = (c.q_rot_nat if natural else c.q_rot) * (scale * LOG2E)
     return m
 
 
 def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                            seq_lens: torch.Tensor, block_table: torch.Tensor, fmt, *,  # noqa: ANN001
                            max_query_len: int, num_kv_heads: int | None = None, scale: float | None = None,
-                           out: torch.Tensor | None = None, num_segs: int | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, num_segs: int | None = None,
+                           decode: dict | None = None, prefill: dict | None = None) -> torch.Tensor:
     """Causal GQA attention over the packed cache (same contract as ``reference.paged_attention``).
 
     Args:
@@ -524,7 +805,11 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         kv_cache: uint8 [num_blocks, H_kv, block_size, slot_bytes].
         query_start_loc: int32 [B + 1]; seq_lens: int32 [>= B]; block_table: int32 [>= B, max_blocks].
         max_query_len: host int (from vLLM's metadata): 1 selects the decode (split-KV) grid.
-        num_segs: KV segments of the decode grid (default :data:`DECODE_SEGMENTS`; 1 = none).
+        num_segs: KV segments of the decode grid (default ``DECODE_CONFIG["segs"]``; 1 = none).
+        decode: decode-kernel settings (benchmarks): ``kernel`` ('tile', 'direct' or 'phase'), ``tile_n``,
+            ``num_warps``, ``num_stages``, ``segs`` (default :data:`DECODE_CONFIG`).
+        prefill: general-grid settings (batches with max_query_len > 1): ``kernel`` ('tile3', 'tile3g' or
+            'phase'), ``block_m``, ``tile_n``, ``num_warps``, ``num_stages`` (default :data:`PREFILL_CONFIG`).
     Returns:
         ``out`` (or a new [T, H_q, D] tensor of query's dtype).
     """
@@ -538,15 +823,50 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
     b = query_start_loc.shape[0] - 1
     if t == 0 or b <= 0:
         return out
-    qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale)).view(t, h_q, d)
-    o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
     cache16 = kv_cache.view(torch.int16)
     bs = kv_cache.shape[2]
+    dc = {**DECODE_CONFIG, **(decode or {})}
+    if max_query_len <= 1 and dc["kernel"] != "phase":
+        segs = dc["segs"] if num_segs is None else num_segs
+        qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale, True)).view(t, h_q, d)
+        ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=query.device)
+        ws_l = torch.empty_like(ws_m)
+        ws_o = torch.empty((t, h_q, segs, d), dtype=torch.float32, device=query.device)
+        _e8_decode_kernel[(b, h_kv, segs)](
+            qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, cache16, cache16.stride(0), cache16.stride(1),
+            cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0), query_start_loc,
+            seq_lens, bs, h_q, NQ=nq, BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d,
+            KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2, NUM_SEGS=segs, DIRECT=_DECODE_KERNELS[dc["kernel"]],
+            num_warps=dc["num_warps"], num_stages=dc["num_stages"])
+        o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
+        _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
+                                    D=d, NUM_SEGS=segs, num_warps=4)
+        res = torch.matmul(o.view(t * h_q, d), c.o_unrot_nat).view(t, h_q, d)
+        out[:t].copy_(res)
+        return out
+    pc = {**PREFILL_CONFIG, **(prefill or {})}
+    if max_query_len > 1 and pc["kernel"] != "phase":
+        qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale, True)).view(t, h_q, d)
+        o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)
+        nq_pad = triton.next_power_of_2(nq)
+        block_m = max(16, pc["block_m"], nq_pad)
+        block_q = block_m // nq_pad
+        _e8_tile_attn_kernel[(t // block_q + b, h_kv)](
+            qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), cache16, cache16.stride(0),
+            cache16.stride(1), cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0),
+            query_start_loc, seq_lens, b, bs, NQ=nq, NQ_PAD=nq_pad, BLOCK_Q=block_q, BLOCK_M=block_m,
+            TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2,
+            LUT=_DECODE_KERNELS[pc["kernel"]] - 2, num_warps=pc["num_warps"], num_stages=pc["num_stages"])
+        res = torch.matmul(o.view(t * h_q, d), c.o_unrot_nat).view(t, h_q, d)
+        out[:t].copy_(res)
+        return out
+    qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale)).view(t, h_q, d)
+    o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
     nq_pad = triton.next_power_of_2(nq)
     common = dict(D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2, NQ=nq, NQ_PAD=nq_pad,
                   G_PAD=max(16, d // 8))
     if max_query_len <= 1:
-        segs = DECODE_SEGMENTS if num_segs is None else num_segs
+        segs = dc["segs"] if num_segs is None else num_segs
         block_m = max(16, nq_pad)
         if segs > 1:
             ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=query.device)
