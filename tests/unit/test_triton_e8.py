@@ -82,8 +82,9 @@ def test_attention_mixed_batch(bits, prefill, one_thread):
 
 @pytest.mark.parametrize("segs", [1, 4])
 @pytest.mark.parametrize("decode", [{"kernel": "tile"}, {"kernel": "tile", "tile_n": 64}, {"kernel": "direct"},
-                                    {"kernel": "tile3"}, {"kernel": "tile3g"}, {"kernel": "phase"}],
-                         ids=["tile", "tile64", "direct", "tile3", "tile3g", "phase"])
+                                    {"kernel": "tile3"}, {"kernel": "tile3g"}, {"kernel": "tile3p"},
+                                    {"kernel": "tile3gp", "tile_n": 16}, {"kernel": "phase"}],
+                         ids=["tile", "tile64", "direct", "tile3", "tile3g", "tile3p", "tile3gp16", "phase"])
 def test_attention_decode_grid(segs, decode, one_thread):
     fmt = E8KVFormat.from_bits(64, 3, 3)
     case = random_case(fmt, [150, 9, 64], [1, 1, 1], h_q=8, h_kv=2, seed=3)

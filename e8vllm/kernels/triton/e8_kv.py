@@ -70,7 +70,8 @@ DECODE_CONFIG = {"kernel": "tile", "tile_n": 32, "num_warps": 4, "num_stages": 2
 
 
 #: decode kernel name -> the DIRECT constexpr of :func:`_e8_decode_kernel` ('phase' = the general kernel)
-_DECODE_KERNELS = {"tile": 0, "direct": 1, "tile3": 2, "tile3g": 3, "nolut": 4}
+_DECODE_KERNELS = {"tile": 0, "direct": 1, "tile3": 2, "tile3g": 3, "nolut": 4,
+                   "tile3p": 10, "tile3gp": 11, "nolutp": 12}
 
 
 def _decode_config(env: str | None) -> dict:
@@ -397,23 +398,28 @@ def _decode_tile(base, nmask, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE
 
 
 @triton.jit
-def _decode_tile3(base, nmask, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr,
-                  LUT: tl.constexpr):
-    """:func:`_decode_tile` with every per-block quantity kept as [TILE_N, G, 1] (no layout changes).
-
-    LUT 0: table values by a gather load; 1: by ``tl.gather`` from a register copy of the table;
-    2: no table (diagnostic: the index itself as the value, for timing only).
-    """
-    LOW: tl.constexpr = 1 | (1 << BITS) | (1 << (2 * BITS)) | (1 << (3 * BITS)) | (1 << (4 * BITS)) | \
-        (1 << (5 * BITS)) | (1 << (6 * BITS))
+def _load_words3(base, nmask, BITS: tl.constexpr, G: tl.constexpr):
+    """The 8·BITS-bit word of every 8-block of TILE_N codes (int16 pointers ``base`` [N]): int32 [N, G, 1]."""
     g3 = tl.arange(0, G)[None, :, None]
-    i8 = tl.arange(0, 8)[None, None, :]
     m3 = nmask[:, None, None]
     ptr = base[:, None, None] + (g3 * BITS) // 2
     w = tl.load(ptr, mask=m3, other=0).to(tl.int32) & 0xFFFF
     if BITS > 2:
         w = w | ((tl.load(ptr + 1, mask=m3, other=0).to(tl.int32) & 0xFFFF) << 16)
-    w = w >> (((g3 * BITS) % 2) * 8)
+    return w >> (((g3 * BITS) % 2) * 8)
+
+
+@triton.jit
+def _decode_words3(w, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, LUT: tl.constexpr):
+    """Words int32 [N, G, 1] (:func:`_load_words3`) -> table values fp16 [N, 8·G], natural order.
+
+    Coset, parity and the field shifts stay in the [N, G, 1] / [N, G, 8] shapes (no layout changes).
+    LUT 0: table values by a gather load; 1: by ``tl.gather`` from a register copy of the table;
+    2: no table (diagnostic: the index itself as the value, for timing only).
+    """
+    LOW: tl.constexpr = 1 | (1 << BITS) | (1 << (2 * BITS)) | (1 << (3 * BITS)) | (1 << (4 * BITS)) | \
+        (1 << (5 * BITS)) | (1 << (6 * BITS))
+    i8 = tl.arange(0, 8)[None, None, :]
     x = w & LOW
     x = x ^ (x >> 16)
     x = x ^ (x >> 8)
@@ -432,6 +438,94 @@ def _decode_tile3(base, nmask, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TIL
     else:
         vals = idx.to(tl.float16)
     return tl.reshape(vals, [TILE_N, 8 * G])
+
+
+@triton.jit
+def _decode_tile3(base, nmask, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr,
+                  LUT: tl.constexpr):
+    """:func:`_decode_tile` as :func:`_load_words3` + :func:`_decode_words3`."""
+    return _decode_words3(_load_words3(base, nmask, BITS, G), tab_ptr, BITS, G, TILE_N, LUT)
+
+
+@triton.jit
+def _e8_decode_prefetch_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
+                               cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0, qsl_ptr, sl_ptr,
+                               block_size, num_heads,
+                               NQ: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
+                               KB: tl.constexpr, VB: tl.constexpr, V_OFF16: tl.constexpr, NUM_SEGS: tl.constexpr,
+                               LUT: tl.constexpr):
+    """:func:`_e8_decode_kernel` (tile3 decode) with software prefetch: while tile j is decoded and
+    attended, the raw codes and scales of tile j+1 and the block-table entries of tile j+2 are
+    already being loaded (register double buffering; no dependent load waits inside an iteration).
+    """
+    G: tl.constexpr = D // 8
+    NBK: tl.constexpr = D * KB // 16
+    NBV: tl.constexpr = D * VB // 16
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seg = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + seq)
+    if tl.load(qsl_ptr + seq + 1) - q_start < 1:
+        return
+    seq_len = tl.load(sl_ptr + seq)
+    r = tl.arange(0, BLOCK_M)
+    rvalid = r < NQ
+    head = kvh * NQ + r
+    tok = q_start.to(tl.int64)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
+                other=0.0).to(tl.float16)
+    n_tiles = tl.cdiv(seq_len, TILE_N)
+    per = tl.cdiv(n_tiles, NUM_SEGS)
+    j0 = seg * per
+    j1 = tl.minimum(j0 + per, n_tiles)
+    n_end = tl.minimum(seq_len, j1 * TILE_N)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * sbt0
+    kvh_off = kvh.to(tl.int64) * cs1
+    ar = tl.arange(0, TILE_N)
+    # prologue: tile j0's codes, tile j0+1's block-table entries
+    n = j0 * TILE_N + ar
+    nmask = n < n_end
+    blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
+    base = cache_ptr + blk * cs0 + kvh_off + (n % block_size).to(tl.int64) * cs2
+    wk = _load_words3(base, nmask, KB, G)
+    sk = tl.load(base + NBK, mask=nmask, other=0)
+    wv = _load_words3(base + V_OFF16, nmask, VB, G)
+    sv = tl.load(base + V_OFF16 + NBV, mask=nmask, other=0)
+    n1 = n + TILE_N
+    blk1 = tl.load(bt_row + n1 // block_size, mask=n1 < n_end, other=0).to(tl.int64)
+    for j in range(j0, j1):
+        # issue the loads of tile j+1 and the block table of tile j+2
+        n1 = (j + 1) * TILE_N + ar
+        m1 = n1 < n_end
+        base1 = cache_ptr + blk1 * cs0 + kvh_off + (n1 % block_size).to(tl.int64) * cs2
+        wk1 = _load_words3(base1, m1, KB, G)
+        sk1 = tl.load(base1 + NBK, mask=m1, other=0)
+        wv1 = _load_words3(base1 + V_OFF16, m1, VB, G)
+        sv1 = tl.load(base1 + V_OFF16 + NBV, mask=m1, other=0)
+        n2 = n1 + TILE_N
+        blk2 = tl.load(bt_row + n2 // block_size, mask=n2 < n_end, other=0).to(tl.int64)
+        # tile j
+        k = _decode_words3(wk, k_tab, KB, G, TILE_N, LUT)
+        skf = sk.to(tl.float16, bitcast=True).to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * skf[None, :]
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _decode_words3(wv, v_tab, VB, G, TILE_N, LUT)
+        svf = sv.to(tl.float16, bitcast=True).to(tl.float32)
+        acc = tl.dot((p * svf[None, :]).to(tl.float16), v, acc * alpha[:, None])
+        m_i = m_new
+        wk, sk, wv, sv, nmask, blk1 = wk1, sk1, wv1, sv1, m1, blk2
+    wi = (tok * num_heads + head) * NUM_SEGS + seg
+    tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
+    tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
+    tl.store(ws_o_ptr + (wi * D)[:, None] + d[None, :], acc, mask=rvalid[:, None])
 
 
 @triton.jit
@@ -832,12 +926,17 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=query.device)
         ws_l = torch.empty_like(ws_m)
         ws_o = torch.empty((t, h_q, segs, d), dtype=torch.float32, device=query.device)
-        _e8_decode_kernel[(b, h_kv, segs)](
-            qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, cache16, cache16.stride(0), cache16.stride(1),
-            cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0), query_start_loc,
-            seq_lens, bs, h_q, NQ=nq, BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d,
-            KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2, NUM_SEGS=segs, DIRECT=_DECODE_KERNELS[dc["kernel"]],
-            num_warps=dc["num_warps"], num_stages=dc["num_stages"])
+        args = (qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, cache16, cache16.stride(0), cache16.stride(1),
+                cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0), query_start_loc,
+                seq_lens, bs, h_q)
+        kw = dict(NQ=nq, BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d, KB=c.k.bits,
+                  VB=c.v.bits, V_OFF16=c.k_bytes // 2, NUM_SEGS=segs, num_warps=dc["num_warps"],
+                  num_stages=dc["num_stages"])
+        kid = _DECODE_KERNELS[dc["kernel"]]
+        if kid >= 10:  # prefetching variants
+            _e8_decode_prefetch_kernel[(b, h_kv, segs)](*args, LUT=kid - 10, **kw)
+        else:
+            _e8_decode_kernel[(b, h_kv, segs)](*args, DIRECT=kid, **kw)
         o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
         _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
                                     D=d, NUM_SEGS=segs, num_warps=4)
