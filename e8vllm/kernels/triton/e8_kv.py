@@ -66,12 +66,13 @@ LOG2E = 1.4426950408889634
 DECODE_SEGMENTS = 16
 #: decode kernel settings (see ``triton_paged_attention(decode=...)``), chosen on the H200 with
 #: ``python -m e8vllm.bench.gpu tune``; ``E8VLLM_DECODE_CONFIG`` (JSON) overrides keys.
-DECODE_CONFIG = {"kernel": "tile", "tile_n": 32, "num_warps": 4, "num_stages": 2, "segs": DECODE_SEGMENTS}
+DECODE_CONFIG = {"kernel": "tile3", "tile_n": 32, "num_warps": 4, "num_stages": 2, "segs": DECODE_SEGMENTS}
 
 
-#: decode kernel name -> the DIRECT constexpr of :func:`_e8_decode_kernel` ('phase' = the general kernel)
-_DECODE_KERNELS = {"tile": 0, "direct": 1, "tile3": 2, "tile3g": 3, "nolut": 4,
-                   "tile3p": 10, "tile3gp": 11, "nolutp": 12}
+#: tile-kernel name -> how table values are looked up (LUT constexpr of :func:`_decode_words3`):
+#: 'tile3' a gather load from the table in global memory (L1), 'tile3g' ``tl.gather`` from registers.
+#: 'phase' selects the older phase-layout kernel :func:`_e8_attn_kernel` instead.
+_LUT = {"tile3": 0, "tile3g": 1}
 
 
 def _decode_config(env: str | None) -> dict:
@@ -85,8 +86,8 @@ def _decode_config(env: str | None) -> dict:
         if bad:
             raise ValueError(f"E8VLLM_DECODE_CONFIG: unknown keys {sorted(bad)}; known: {sorted(cfg)}")
         cfg.update(extra)
-    if cfg["kernel"] not in _DECODE_KERNELS and cfg["kernel"] != "phase":
-        raise ValueError(f"decode kernel must be one of {sorted(_DECODE_KERNELS) + ['phase']}, not {cfg['kernel']!r}")
+    if cfg["kernel"] not in ("tile3", "tile3g", "phase"):
+        raise ValueError(f"decode kernel must be 'tile3', 'tile3g' or 'phase', not {cfg['kernel']!r}")
     for k in ("tile_n", "num_warps", "segs"):
         if not isinstance(cfg[k], int) or cfg[k] < 1 or cfg[k] & (cfg[k] - 1):
             raise ValueError(f"decode {k} must be a power of two, not {cfg[k]!r}")
@@ -95,7 +96,7 @@ def _decode_config(env: str | None) -> dict:
 
 DECODE_CONFIG = _decode_config(os.environ.get("E8VLLM_DECODE_CONFIG"))
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys.
-PREFILL_CONFIG = {"kernel": "phase", "block_m": 64, "tile_n": 32, "num_warps": 4, "num_stages": 2}
+PREFILL_CONFIG = {"kernel": "tile3g", "block_m": 256, "tile_n": 64, "num_warps": 8, "num_stages": 2}
 
 
 def _prefill_config(env: str | None) -> dict:
@@ -386,18 +387,6 @@ def _pv_phase(p16, wv, cvK, pv, v_tab, acc, I: tl.constexpr, VB: tl.constexpr):
 
 
 @triton.jit
-def _decode_tile(base, nmask, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr):
-    """Table values of TILE_N codes in natural coordinate order: fp16 [TILE_N, 8·G] (column 8g + i)."""
-    w = _load_words(base, nmask, BITS, G, G)
-    cK, par = _coset_parity(w, BITS)
-    i8 = tl.arange(0, 8)[None, None, :]
-    f = (w[:, :, None] >> (i8 * BITS)) & ((1 << BITS) - 1)
-    f = tl.where(i8 == 7, (f & ~1) | par[:, :, None], f)
-    vals = tl.load(tab_ptr + cK[:, :, None] + f)
-    return tl.reshape(vals, [TILE_N, 8 * G])
-
-
-@triton.jit
 def _load_words3(base, nmask, BITS: tl.constexpr, G: tl.constexpr):
     """The 8·BITS-bit word of every 8-block of TILE_N codes (int16 pointers ``base`` [N]): int32 [N, G, 1]."""
     g3 = tl.arange(0, G)[None, :, None]
@@ -415,7 +404,6 @@ def _decode_words3(w, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.c
 
     Coset, parity and the field shifts stay in the [N, G, 1] / [N, G, 8] shapes (no layout changes).
     LUT 0: table values by a gather load; 1: by ``tl.gather`` from a register copy of the table;
-    2: no table (diagnostic: the index itself as the value, for timing only).
     """
     LOW: tl.constexpr = 1 | (1 << BITS) | (1 << (2 * BITS)) | (1 << (3 * BITS)) | (1 << (4 * BITS)) | \
         (1 << (5 * BITS)) | (1 << (6 * BITS))
@@ -432,11 +420,9 @@ def _decode_words3(w, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.c
     idx = cK + f
     if LUT == 0:
         vals = tl.load(tab_ptr + idx)
-    elif LUT == 1:
+    else:
         tab = tl.load(tab_ptr + tl.arange(0, 2 << BITS))
         vals = tl.reshape(tl.gather(tab, tl.reshape(idx, [TILE_N * G * 8]), 0), [TILE_N, G, 8])
-    else:
-        vals = idx.to(tl.float16)
     return tl.reshape(vals, [TILE_N, 8 * G])
 
 
@@ -448,133 +434,17 @@ def _decode_tile3(base, nmask, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TIL
 
 
 @triton.jit
-def _e8_decode_prefetch_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
-                               cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0, qsl_ptr, sl_ptr,
-                               block_size, num_heads,
-                               NQ: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
-                               KB: tl.constexpr, VB: tl.constexpr, V_OFF16: tl.constexpr, NUM_SEGS: tl.constexpr,
-                               LUT: tl.constexpr):
-    """:func:`_e8_decode_kernel` (tile3 decode) with software prefetch: while tile j is decoded and
-    attended, the raw codes and scales of tile j+1 and the block-table entries of tile j+2 are
-    already being loaded (register double buffering; no dependent load waits inside an iteration).
-    """
-    G: tl.constexpr = D // 8
-    NBK: tl.constexpr = D * KB // 16
-    NBV: tl.constexpr = D * VB // 16
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
-    seg = tl.program_id(2)
-    q_start = tl.load(qsl_ptr + seq)
-    if tl.load(qsl_ptr + seq + 1) - q_start < 1:
-        return
-    seq_len = tl.load(sl_ptr + seq)
-    r = tl.arange(0, BLOCK_M)
-    rvalid = r < NQ
-    head = kvh * NQ + r
-    tok = q_start.to(tl.int64)
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
-                other=0.0).to(tl.float16)
-    n_tiles = tl.cdiv(seq_len, TILE_N)
-    per = tl.cdiv(n_tiles, NUM_SEGS)
-    j0 = seg * per
-    j1 = tl.minimum(j0 + per, n_tiles)
-    n_end = tl.minimum(seq_len, j1 * TILE_N)
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    bt_row = bt_ptr + seq.to(tl.int64) * sbt0
-    kvh_off = kvh.to(tl.int64) * cs1
-    ar = tl.arange(0, TILE_N)
-    # prologue: tile j0's codes, tile j0+1's block-table entries
-    n = j0 * TILE_N + ar
-    nmask = n < n_end
-    blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
-    base = cache_ptr + blk * cs0 + kvh_off + (n % block_size).to(tl.int64) * cs2
-    wk = _load_words3(base, nmask, KB, G)
-    sk = tl.load(base + NBK, mask=nmask, other=0)
-    wv = _load_words3(base + V_OFF16, nmask, VB, G)
-    sv = tl.load(base + V_OFF16 + NBV, mask=nmask, other=0)
-    n1 = n + TILE_N
-    blk1 = tl.load(bt_row + n1 // block_size, mask=n1 < n_end, other=0).to(tl.int64)
-    for j in range(j0, j1):
-        # issue the loads of tile j+1 and the block table of tile j+2
-        n1 = (j + 1) * TILE_N + ar
-        m1 = n1 < n_end
-        base1 = cache_ptr + blk1 * cs0 + kvh_off + (n1 % block_size).to(tl.int64) * cs2
-        wk1 = _load_words3(base1, m1, KB, G)
-        sk1 = tl.load(base1 + NBK, mask=m1, other=0)
-        wv1 = _load_words3(base1 + V_OFF16, m1, VB, G)
-        sv1 = tl.load(base1 + V_OFF16 + NBV, mask=m1, other=0)
-        n2 = n1 + TILE_N
-        blk2 = tl.load(bt_row + n2 // block_size, mask=n2 < n_end, other=0).to(tl.int64)
-        # tile j
-        k = _decode_words3(wk, k_tab, KB, G, TILE_N, LUT)
-        skf = sk.to(tl.float16, bitcast=True).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * skf[None, :]
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _decode_words3(wv, v_tab, VB, G, TILE_N, LUT)
-        svf = sv.to(tl.float16, bitcast=True).to(tl.float32)
-        acc = tl.dot((p * svf[None, :]).to(tl.float16), v, acc * alpha[:, None])
-        m_i = m_new
-        wk, sk, wv, sv, nmask, blk1 = wk1, sk1, wv1, sv1, m1, blk2
-    wi = (tok * num_heads + head) * NUM_SEGS + seg
-    tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
-    tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
-    tl.store(ws_o_ptr + (wi * D)[:, None] + d[None, :], acc, mask=rvalid[:, None])
-
-
-@triton.jit
-def _decode_tile_direct(base, nmask, tab_ptr, BITS: tl.constexpr, D: tl.constexpr, TRANS: tl.constexpr):
-    """Like :func:`_decode_tile`, computed per element of [TILE_N, D] ([D, TILE_N] when TRANS)."""
-    LOW: tl.constexpr = 1 | (1 << BITS) | (1 << (2 * BITS)) | (1 << (3 * BITS)) | (1 << (4 * BITS)) | \
-        (1 << (5 * BITS)) | (1 << (6 * BITS))
-    j = tl.arange(0, D)
-    gi = ((j // 8) * BITS) // 2
-    sh = ((j // 8) * BITS % 2) * 8
-    ph = j % 8
-    if TRANS:
-        ptr = base[None, :] + gi[:, None]
-        m2 = nmask[None, :]
-        sh2 = sh[:, None]
-        ph2 = ph[:, None]
-    else:
-        ptr = base[:, None] + gi[None, :]
-        m2 = nmask[:, None]
-        sh2 = sh[None, :]
-        ph2 = ph[None, :]
-    w = tl.load(ptr, mask=m2, other=0).to(tl.int32) & 0xFFFF
-    if BITS > 2:
-        w = w | ((tl.load(ptr + 1, mask=m2, other=0).to(tl.int32) & 0xFFFF) << 16)
-    w = w >> sh2
-    f = (w >> (ph2 * BITS)) & ((1 << BITS) - 1)
-    x = w & LOW
-    x = x ^ (x >> 16)
-    x = x ^ (x >> 8)
-    x = x ^ (x >> 4)
-    x = x ^ (x >> 2)
-    x = x ^ (x >> 1)
-    f = tl.where(ph2 == 7, (f & ~1) | (x & 1), f)
-    cK = ((w >> (7 * BITS)) & 1) << BITS
-    return tl.load(tab_ptr + cK + f)
-
-
-@triton.jit
 def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
                       cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0, qsl_ptr, sl_ptr,
                       block_size, num_heads,
                       NQ: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
                       KB: tl.constexpr, VB: tl.constexpr, V_OFF16: tl.constexpr, NUM_SEGS: tl.constexpr,
-                      DIRECT: tl.constexpr = 0):
+                      LUT: tl.constexpr):
     """Flash-decoding over the packed cache, natural coordinate order (one query token per sequence).
 
     Program (sequence, kv head, segment): the NQ query heads of the kv head as rows of one tile; each
-    tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers and used by one dot for
-    q·k and one for p·v. q: float32 [T, H_q, D] rotated (natural order) and scaled by scale·log2(e).
+    tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers (:func:`_decode_tile3`,
+    table lookup LUT) and used by one dot for q·k and one for p·v. q: float32 [T, H_q, D] rotated (natural order) and scaled by scale·log2(e).
     Writes unnormalized partials to ws_o [T, H_q, S, D] and ws_m / ws_l [T, H_q, S].
     """
     G: tl.constexpr = D // 8
@@ -608,12 +478,7 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
         nmask = n < seq_len
         blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
         base = cache_ptr + blk * cs0 + kvh64 * cs1 + (n % block_size).to(tl.int64) * cs2  # int16 [N]
-        if DIRECT == 1:
-            kt = _decode_tile_direct(base, nmask, k_tab, KB, D, True)
-        elif DIRECT >= 2:
-            kt = tl.trans(_decode_tile3(base, nmask, k_tab, KB, G, TILE_N, DIRECT - 2))
-        else:
-            kt = tl.trans(_decode_tile(base, nmask, k_tab, KB, G, TILE_N))
+        kt = tl.trans(_decode_tile3(base, nmask, k_tab, KB, G, TILE_N, LUT))
         sk = tl.load(base + NBK, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
         s = tl.dot(q, kt) * sk[None, :]
         s = tl.where(nmask[None, :], s, float("-inf"))
@@ -622,12 +487,7 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vbase = base + V_OFF16
-        if DIRECT == 1:
-            v = _decode_tile_direct(vbase, nmask, v_tab, VB, D, False)
-        elif DIRECT >= 2:
-            v = _decode_tile3(vbase, nmask, v_tab, VB, G, TILE_N, DIRECT - 2)
-        else:
-            v = _decode_tile(vbase, nmask, v_tab, VB, G, TILE_N)
+        v = _decode_tile3(vbase, nmask, v_tab, VB, G, TILE_N, LUT)
         sv = tl.load(vbase + NBV, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
         acc = tl.dot((p * sv[None, :]).to(tl.float16), v, acc * alpha[:, None])
         m_i = m_new
@@ -900,7 +760,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         query_start_loc: int32 [B + 1]; seq_lens: int32 [>= B]; block_table: int32 [>= B, max_blocks].
         max_query_len: host int (from vLLM's metadata): 1 selects the decode (split-KV) grid.
         num_segs: KV segments of the decode grid (default ``DECODE_CONFIG["segs"]``; 1 = none).
-        decode: decode-kernel settings (benchmarks): ``kernel`` ('tile', 'direct' or 'phase'), ``tile_n``,
+        decode: decode-kernel settings (benchmarks): ``kernel`` ('tile3', 'tile3g' or 'phase'), ``tile_n``,
             ``num_warps``, ``num_stages``, ``segs`` (default :data:`DECODE_CONFIG`).
         prefill: general-grid settings (batches with max_query_len > 1): ``kernel`` ('tile3', 'tile3g' or
             'phase'), ``block_m``, ``tile_n``, ``num_warps``, ``num_stages`` (default :data:`PREFILL_CONFIG`).
@@ -932,11 +792,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         kw = dict(NQ=nq, BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d, KB=c.k.bits,
                   VB=c.v.bits, V_OFF16=c.k_bytes // 2, NUM_SEGS=segs, num_warps=dc["num_warps"],
                   num_stages=dc["num_stages"])
-        kid = _DECODE_KERNELS[dc["kernel"]]
-        if kid >= 10:  # prefetching variants
-            _e8_decode_prefetch_kernel[(b, h_kv, segs)](*args, LUT=kid - 10, **kw)
-        else:
-            _e8_decode_kernel[(b, h_kv, segs)](*args, DIRECT=kid, **kw)
+        _e8_decode_kernel[(b, h_kv, segs)](*args, LUT=_LUT[dc["kernel"]], **kw)
         o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
         _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
                                     D=d, NUM_SEGS=segs, num_warps=4)
@@ -955,7 +811,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             cache16.stride(1), cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0),
             query_start_loc, seq_lens, b, bs, NQ=nq, NQ_PAD=nq_pad, BLOCK_Q=block_q, BLOCK_M=block_m,
             TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2,
-            LUT=_DECODE_KERNELS[pc["kernel"]] - 2, num_warps=pc["num_warps"], num_stages=pc["num_stages"])
+            LUT=_LUT[pc["kernel"]], num_warps=pc["num_warps"], num_stages=pc["num_stages"])
         res = torch.matmul(o.view(t * h_q, d), c.o_unrot_nat).view(t, h_q, d)
         out[:t].copy_(res)
         return out
