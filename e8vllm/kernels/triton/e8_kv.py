@@ -29,13 +29,19 @@ Kernels:
 
 * :func:`_e8_write_kernel`: one program per ``BLOCK_R`` (token, head) rows of K or V: load, rotate
   (``tl.dot``), scale search, E8 nearest point, pack, scatter. Launched once for K, once for V.
-* :func:`_e8_attn_kernel`: paged causal GQA attention over the packed cache. One program per
-  (query tile, kv head[, kv segment]): the query tile holds ``BLOCK_Q`` query tokens × the query
-  heads of one kv head, so every K/V code is loaded and decoded once per tile for all heads that use
-  it. Two grids: *general* (prefill, chunked prefill, mixed batches; query tiles found by a binary
-  search over ``query_start_loc`` like vLLM's ``triton_unified_attention``), and *decode*
-  (flash-decoding: one query token per sequence, the context split in ``NUM_SEGS`` segments,
-  partial results merged by :func:`_e8_reduce_kernel`).
+* attention, natural coordinate order (the defaults): each tile of TILE_N codes is decoded once to
+  fp16 [TILE_N, D] in registers (:func:`_decode_tile3`: words, coset and parity as [N, G, 1], fields
+  and table values as [N, G, 8], so no layout changes between them) and feeds one dot for q·k and
+  one for p·v. :func:`_e8_decode_kernel`: flash-decoding (one query token per sequence, the context
+  split in ``segs`` segments, partials merged by :func:`_e8_reduce_kernel`);
+  :func:`_e8_tile_attn_kernel`: the general grid (prefill, chunked prefill, mixed batches; query
+  tiles found by a binary search over ``query_start_loc`` like vLLM's ``triton_unified_attention``).
+  The query tile holds ``BLOCK_Q`` query tokens × the query heads of one kv head, so every code is
+  decoded once per tile for all heads that use it. Table lookup: a gather load (``tile3``) or
+  ``tl.gather`` from registers (``tile3g``). Settings: :data:`DECODE_CONFIG`, :data:`PREFILL_CONFIG`.
+* :func:`_e8_attn_kernel` (``phase``): the first version, in the *phase layout* (coordinate 8g + i
+  handled as phase i of group g: 8 small dots per tile for q·k and for p·v); both grids. Kept as
+  the baseline the tile kernels are checked against (``bench.gpu tune``); about 2.3x slower.
 
 Nothing here synchronizes with the host: sequence lengths, block tables and slot mappings are
 read on the device; the host only uses tensor shapes and the metadata's Python ints
