@@ -2,7 +2,7 @@ r"""GPU benchmark of the E8 KV cache on vLLM 0.26 (H200): kernel level and engin
 
     python -m e8vllm.bench.gpu kernel  [--batches 1,8,64,256] [--contexts 1024,8192,32768]
     python -m e8vllm.bench.gpu engine  [--runs auto:TRITON_ATTN fp8:TRITON_ATTN ...] [--seqs 64 --prompt 8192]
-    python -m e8vllm.bench.gpu tune    [--batch 64 --context 8192]  # decode-kernel settings -> tune.json
+    python -m e8vllm.bench.gpu tune    [--batch 64 --context 8192]  # kernel settings -> tune_*.json
     python -m e8vllm.bench.gpu report  # results/gpu/*.json -> results/gpu/gpu.md + gpu.png
 
 Kernel level (one process, one GPU, every comparison in the same run): decode attention (one query
@@ -181,7 +181,7 @@ def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None
 
 
 def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
-    """Time decode-kernel settings on one cache; saves ``tune.json`` and the fastest correct one as
+    """Time decode-kernel settings on one cache; saves ``tune_decode.json`` and the fastest correct one as
     ``decode_config.json`` (use it with ``E8VLLM_DECODE_CONFIG``)."""
     import itertools
 
@@ -205,7 +205,7 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
     res.update(dtype=dtype, batch=batch, context=ctx, best={k: best[k] for k in DECODE_KEYS if k in best})
     res["best_time_s"] = best["time_s"]
     out = _out_dir()
-    (out / "tune.json").write_text(json.dumps(res, indent=1))
+    (out / "tune_decode.json").write_text(json.dumps(res, indent=1))
     (out / "decode_config.json").write_text(json.dumps(res["best"]))
     print(f"BEST decode {json.dumps(res['best'])} {best['time_s'] * 1e6:.1f} us "
           f"({res['bytes'] / best['time_s'] / 1e12:.2f} TB/s)", flush=True)
@@ -238,7 +238,7 @@ def tune_prefill(seq: int = 8192, dtype: str = "e8_k4v4") -> dict[str, Any]:
                                              num_kv_heads=H_KV, scale=D ** -0.5, out=out, prefill=pc)
     ref = call({"kernel": "phase"}).float().clone()
     rows: list[dict[str, Any]] = []
-    cands = [{"kernel": "phase", "block_m": 64, "tile_n": 32, "num_warps": 4, "num_stages": 2}]
+    cands: list[dict[str, Any]] = [{"kernel": "phase"}]
     cands += [{"kernel": kk, "block_m": m, "tile_n": n, "num_warps": w, "num_stages": 2}
               for kk, (m, n, w) in (("tile3g", (128, 64, 8)), ("tile3g", (64, 32, 4)), ("tile3", (128, 64, 8)),
                                     ("tile3g", (128, 32, 8)), ("tile3g", (256, 64, 8)))]
@@ -253,7 +253,7 @@ def tune_prefill(seq: int = 8192, dtype: str = "e8_k4v4") -> dict[str, Any]:
         print(f"  {json.dumps(v)}", flush=True)
     ok = [v for v in rows if "time_s" in v and v["rel_diff_vs_phase"] < 1e-2]
     best = min(ok, key=lambda v: v["time_s"])
-    res = {"dtype": dtype, "seq": seq, "variants": rows, "best": {k: best[k] for k in PREFILL_KEYS},
+    res = {"dtype": dtype, "seq": seq, "variants": rows, "best": {k: best[k] for k in PREFILL_KEYS if k in best},
            "best_time_s": best["time_s"]}
     out = _out_dir()
     (out / "tune_prefill.json").write_text(json.dumps(res, indent=1))
@@ -444,20 +444,23 @@ def report(src: Path = RESULTS) -> str:
             lines.append(f"| {r['batch']} | {r['context']} | {r['dtype']} | {r['time_s'] * 1e6:.1f} | "
                          f"{r['bytes'] / 1e6:.1f} | {r['Bps'] / 1e12:.2f} | {100 * r['frac_copy_bw']:.1f} | {sp} |")
         lines.append("")
-    for name, what in (("tune_decode.json", "decode, batch x context of the file"),
-                       ("tune_prefill.json", "prefill of one 8192-token prompt")):
-        tj = src / name
-        if not tj.exists():
-            continue
+    tunes = [(p, "decode") for p in sorted(src.glob("tune_decode*.json"))]
+    tunes += [(p, "prefill of one 8192-token prompt") for p in sorted(src.glob("tune_prefill*.json"))]
+    for tj, what in tunes:
+        name = tj.name
         t = json.loads(tj.read_text())
         shape = f"{t['batch']} x {t['context']}" if "batch" in t else f"1 x {t.get('seq', '?')}"
         lines += [f"Kernel settings ({name}, {what}: {shape}, {t.get('dtype', 'e8_k4v4')}); relative difference "
-                  "to the phase kernel's output; the fastest is the default.", "",
+                  "to the phase kernel's output. Rows marked *removed* are settings measured in that run whose "
+                  "code was dropped afterwards (not faster); *diagnostic* rows compute wrong values on purpose "
+                  "(no table lookup, timing only). The fastest correct current setting is the default.", "",
                   "| kernel | block_m | tile_n | warps | segs | time (us) | rel. diff |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for v in sorted(t["variants"], key=lambda v: v.get("time_s", 1e9)):
             tm = f"{v['time_s'] * 1e6:.1f}" if "time_s" in v else "error"
-            lines.append(f"| {v['kernel']} | {v.get('block_m', '')} | {v.get('tile_n', '')} | {v.get('num_warps', '')} | "
+            tag = (" *diagnostic*" if v.get("rel_diff_vs_phase", 0) >= 1e-2 else
+                   " *removed*" if v["kernel"] not in ("tile3", "tile3g", "phase") else "")
+            lines.append(f"| {v['kernel']}{tag} | {v.get('block_m', '')} | {v.get('tile_n', '')} | {v.get('num_warps', '')} | "
                          f"{v.get('segs', '')} | {tm} | {v.get('rel_diff_vs_phase', float('nan')):.1e} |")
         lines.append("")
     for ej in sorted(src.glob("engine_*.jsonl")) + sorted(src.glob("engine_*.log")):

@@ -112,3 +112,32 @@ def test_attention_rows_past_batch_are_zero(one_thread):
 def test_supported_formats():
     assert supported(E8KVFormat.from_bits(128, 4, 4))
     assert not supported(E8KVFormat.from_bits(96, 4, 4))  # not a power of two: reference path
+
+
+@pytest.mark.parametrize("kernel", ["tile3", "tile3g"])
+def test_tile_kernels_nq3_block32(kernel, one_thread):
+    """SmolLM2's grouping (3 query heads per kv head: NQ not a power of two), cache blocks of 32,
+    a chunked prefill over a prefix with several query tiles, decode rows, and a one-token sequence."""
+    fmt = E8KVFormat.from_bits(64, 4, 4)
+    case = random_case(fmt, [75, 40, 1, 33], [1, 23, 1, 1], h_q=6, h_kv=2, block_size=32, seed=7)
+    _check_attention(case, prefill={"kernel": kernel, "block_m": 32, "tile_n": 16}, decode={"kernel": kernel})
+    dec = random_case(fmt, [75, 3, 50], [1, 1, 1], h_q=6, h_kv=2, block_size=32, seed=8)
+    _check_attention(dec, decode={"kernel": kernel, "tile_n": 16, "segs": 4})
+
+
+def test_tile_prefill_head128_3bit_default_settings(one_thread):
+    """Head size 128, 3-bit codes, the default prefill settings (block_m 256: 64 query tokens per tile)."""
+    fmt = E8KVFormat.from_bits(128, 3, 3)
+    case = random_case(fmt, [90, 70], [70, 5], h_q=8, h_kv=2, seed=9)
+    _check_attention(case)
+
+
+@pytest.mark.parametrize("bad", [{"kernel": "tile3p"}, {"tile_n": 8}, {"num_stages": 0}, {"num_stages": True},
+                                 {"segs": 3}, {"tiles": 32}, {"kernel": "phase", "tile_n": 64}])
+def test_kernel_settings_are_validated(bad):
+    from e8vllm.kernels.triton.e8_kv import DECODE_CONFIG, kernel_config
+
+    with pytest.raises(ValueError):
+        kernel_config(DECODE_CONFIG, bad, "decode settings")
+    with pytest.raises(ValueError):
+        kernel_config(DECODE_CONFIG, __import__("json").dumps(bad), "E8VLLM_DECODE_CONFIG")

@@ -81,50 +81,45 @@ DECODE_CONFIG = {"kernel": "tile3", "tile_n": 32, "num_warps": 4, "num_stages": 
 _LUT = {"tile3": 0, "tile3g": 1}
 
 
-def _decode_config(env: str | None) -> dict:
-    cfg = dict(DECODE_CONFIG)
-    if env:
-        try:
-            extra = json.loads(env)
-        except ValueError as e:
-            raise ValueError(f"E8VLLM_DECODE_CONFIG is not JSON: {env!r}") from e
-        bad = set(extra) - set(cfg) if isinstance(extra, dict) else {"<not an object>"}
-        if bad:
-            raise ValueError(f"E8VLLM_DECODE_CONFIG: unknown keys {sorted(bad)}; known: {sorted(cfg)}")
-        cfg.update(extra)
-    if cfg["kernel"] not in ("tile3", "tile3g", "phase"):
-        raise ValueError(f"decode kernel must be 'tile3', 'tile3g' or 'phase', not {cfg['kernel']!r}")
-    for k in ("tile_n", "num_warps", "segs"):
-        if not isinstance(cfg[k], int) or cfg[k] < 1 or cfg[k] & (cfg[k] - 1):
-            raise ValueError(f"decode {k} must be a power of two, not {cfg[k]!r}")
-    return cfg
-
-
-DECODE_CONFIG = _decode_config(os.environ.get("E8VLLM_DECODE_CONFIG"))
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys.
 PREFILL_CONFIG = {"kernel": "tile3g", "block_m": 256, "tile_n": 64, "num_warps": 8, "num_stages": 2}
 
 
-def _prefill_config(env: str | None) -> dict:
-    cfg = dict(PREFILL_CONFIG)
-    if env:
+def kernel_config(base: dict, extra: dict | str | None, what: str) -> dict:
+    """``base`` updated with ``extra`` (a dict, or JSON text from an environment variable), validated.
+
+    'phase' (the older kernel) takes only ``segs`` (decode); its tile sizes and warps are fixed, so
+    other keys are refused with it instead of being silently ignored.
+    """
+    if isinstance(extra, str):
         try:
-            extra = json.loads(env)
+            extra = json.loads(extra) if extra.strip() else {}
         except ValueError as e:
-            raise ValueError(f"E8VLLM_PREFILL_CONFIG is not JSON: {env!r}") from e
-        bad = set(extra) - set(cfg) if isinstance(extra, dict) else {"<not an object>"}
-        if bad:
-            raise ValueError(f"E8VLLM_PREFILL_CONFIG: unknown keys {sorted(bad)}; known: {sorted(cfg)}")
-        cfg.update(extra)
+            raise ValueError(f"{what} is not JSON: {extra!r}") from e
+    extra = extra or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{what} must be a JSON object, not {extra!r}")
+    bad = set(extra) - set(base)
+    if bad:
+        raise ValueError(f"{what}: unknown keys {sorted(bad)}; known: {sorted(base)}")
+    cfg = {**base, **extra}
     if cfg["kernel"] not in ("tile3", "tile3g", "phase"):
-        raise ValueError(f"prefill kernel must be 'tile3', 'tile3g' or 'phase', not {cfg['kernel']!r}")
-    for k in ("block_m", "tile_n", "num_warps"):
-        if not isinstance(cfg[k], int) or cfg[k] < 1 or cfg[k] & (cfg[k] - 1):
-            raise ValueError(f"prefill {k} must be a power of two, not {cfg[k]!r}")
+        raise ValueError(f"{what}: kernel must be 'tile3', 'tile3g' or 'phase', not {cfg['kernel']!r}")
+    if cfg["kernel"] == "phase" and set(extra) - {"kernel", "segs"}:
+        raise ValueError(f"{what}: the 'phase' kernel has fixed tiles and warps; only 'segs' can be set "
+                         f"(got {sorted(set(extra) - {'kernel'})})")
+    for k in ("block_m", "tile_n", "num_warps", "segs"):
+        if k in cfg:
+            v, lo = cfg[k], 16 if k in ("block_m", "tile_n") else 1
+            if type(v) is not int or v < lo or v & (v - 1):
+                raise ValueError(f"{what}: {k} must be a power of two >= {lo}, not {v!r}")
+    if type(cfg["num_stages"]) is not int or not 1 <= cfg["num_stages"] <= 4:
+        raise ValueError(f"{what}: num_stages must be an integer in 1..4, not {cfg['num_stages']!r}")
     return cfg
 
 
-PREFILL_CONFIG = _prefill_config(os.environ.get("E8VLLM_PREFILL_CONFIG"))
+DECODE_CONFIG = kernel_config(DECODE_CONFIG, os.environ.get("E8VLLM_DECODE_CONFIG"), "E8VLLM_DECODE_CONFIG")
+PREFILL_CONFIG = kernel_config(PREFILL_CONFIG, os.environ.get("E8VLLM_PREFILL_CONFIG"), "E8VLLM_PREFILL_CONFIG")
 _FP16_MAX = tl.constexpr(65504.0)
 
 
@@ -435,7 +430,7 @@ def _decode_words3(w, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.c
 @triton.jit
 def _decode_tile3(base, nmask, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr,
                   LUT: tl.constexpr):
-    """:func:`_decode_tile` as :func:`_load_words3` + :func:`_decode_words3`."""
+    """Table values fp16 [TILE_N, 8·G] of TILE_N codes: :func:`_load_words3` + :func:`_decode_words3`."""
     return _decode_words3(_load_words3(base, nmask, BITS, G), tab_ptr, BITS, G, TILE_N, LUT)
 
 
@@ -683,7 +678,7 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
     r = tl.arange(0, BLOCK_M)
     qi = q_tile * BLOCK_Q + r // NQ_PAD
     hj = r % NQ_PAD
-    rvalid = (hj < NQ) & (qi < q_len)
+    rvalid = (hj < NQ) & (qi < q_len) & (r // NQ_PAD < BLOCK_Q)
     head = kvh * NQ + hj
     tok = (q_start + qi).to(tl.int64)
     d = tl.arange(0, D)
@@ -785,7 +780,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         return out
     cache16 = kv_cache.view(torch.int16)
     bs = kv_cache.shape[2]
-    dc = {**DECODE_CONFIG, **(decode or {})}
+    dc = kernel_config(DECODE_CONFIG, decode, "decode settings")
     if max_query_len <= 1 and dc["kernel"] != "phase":
         segs = dc["segs"] if num_segs is None else num_segs
         qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale, True)).view(t, h_q, d)
@@ -805,12 +800,12 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         res = torch.matmul(o.view(t * h_q, d), c.o_unrot_nat).view(t, h_q, d)
         out[:t].copy_(res)
         return out
-    pc = {**PREFILL_CONFIG, **(prefill or {})}
+    pc = kernel_config(PREFILL_CONFIG, prefill, "prefill settings")
     if max_query_len > 1 and pc["kernel"] != "phase":
         qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale, True)).view(t, h_q, d)
         o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)
         nq_pad = triton.next_power_of_2(nq)
-        block_m = max(16, pc["block_m"], nq_pad)
+        block_m = max(pc["block_m"], nq_pad)
         block_q = block_m // nq_pad
         _e8_tile_attn_kernel[(t // block_q + b, h_kv)](
             qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), cache16, cache16.stride(0),
