@@ -63,7 +63,7 @@ import torch
 
 from e8vllm.lattice import nearest_e8
 
-from . import register
+from . import _e8_fast, register
 from .base import (Codec, DecodeCost, check_codes, check_head_dim, check_vectors, fp16_bytes,
                    pack_bits, packed_len, unpack_bits)
 from .uniform import cached_rotation, fp16_round, read_fp16
@@ -347,6 +347,11 @@ class E8Codec(Codec):
         """Rotated vectors y float32 [N, D] -> (fields int64 [N, D], fp16-exact scale float32 [N])."""
         n, d = y.shape
         rms = y.square().mean(1).sqrt()
+        if y.device.type == "cpu" and _e8_fast.available():
+            # the same search, compiled (numba): fed the same candidate scales
+            scales = [fp16_round(rms * f) for f in _scale_factors(self.n_scales, 0.75, 1.25)]
+            scales = torch.stack([torch.where(s > 0, s, torch.ones_like(s)) for s in scales], 1)
+            return _e8_fast.encode_rotated(self.code, y.float(), scales)
         best_err = torch.full((n,), INF, device=y.device)
         best_fields = torch.zeros((n, d), dtype=torch.int64, device=y.device)
         best_scale = torch.zeros(n, device=y.device)
