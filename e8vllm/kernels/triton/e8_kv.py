@@ -449,8 +449,6 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
     Writes unnormalized partials to ws_o [T, H_q, S, D] and ws_m / ws_l [T, H_q, S].
     """
     G: tl.constexpr = D // 8
-    NBK: tl.constexpr = D * KB // 16
-    NBV: tl.constexpr = D * VB // 16
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -479,19 +477,8 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
         nmask = n < seq_len
         blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
         base = cache_ptr + blk * cs0 + kvh64 * cs1 + (n % block_size).to(tl.int64) * cs2  # int16 [N]
-        kt = tl.trans(_decode_tile3(base, nmask, k_tab, KB, G, TILE_N, LUT))
-        sk = tl.load(base + NBK, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-        s = tl.dot(q, kt) * sk[None, :]
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vbase = base + V_OFF16
-        v = _decode_tile3(vbase, nmask, v_tab, VB, G, TILE_N, LUT)
-        sv = tl.load(vbase + NBV, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-        acc = tl.dot((p * sv[None, :]).to(tl.float16), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = _tile_step(q, base, n, nmask, n, k_tab, v_tab, m_i, l_i, acc, KB, VB, G, TILE_N, V_OFF16,
+                                   LUT, False)
     wi = (tok * num_heads + head) * NUM_SEGS + seg
     tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
     tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
@@ -511,6 +498,50 @@ def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
         else:
             hi = mid
     return lo - 1
+
+
+@triton.jit
+def _query_rows(qsl_ptr, sl_ptr, seq, q_tile, kvh, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                NQ: tl.constexpr, NQ_PAD: tl.constexpr):
+    """Rows of query tile ``q_tile`` of sequence ``seq`` for kv head ``kvh`` (row r = query token
+    r // NQ_PAD of the tile, query head r % NQ_PAD of the kv head's group) ->
+    (q_len, seq_len, ctx = seq_len - q_len, qi [M] token index in the sequence's queries, rvalid [M],
+    head [M], tok int64 [M] row of q/o)."""
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    seq_len = tl.load(sl_ptr + seq)
+    r = tl.arange(0, BLOCK_M)
+    qi = q_tile * BLOCK_Q + r // NQ_PAD
+    hj = r % NQ_PAD
+    rvalid = (hj < NQ) & (qi < q_len) & (r // NQ_PAD < BLOCK_Q)
+    return q_len, seq_len, seq_len - q_len, qi, rvalid, kvh * NQ + hj, (q_start + qi).to(tl.int64)
+
+
+@triton.jit
+def _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, KB: tl.constexpr, VB: tl.constexpr,
+               G: tl.constexpr, TILE_N: tl.constexpr, V_OFF16: tl.constexpr, LUT: tl.constexpr,
+               CAUSAL: tl.constexpr):
+    """One online-softmax step of the tile kernels over the cached codes of positions ``n`` [N]
+    (int16 pointers ``base`` [N], loaded where ``nmask``); with CAUSAL, row r attends only to
+    positions <= qpos[r]. -> (m_i, l_i, acc)."""
+    NBK: tl.constexpr = G * 8 * KB // 16  # int16 offset of the K scale
+    NBV: tl.constexpr = G * 8 * VB // 16
+    k = _decode_tile3(base, nmask, k_tab, KB, G, TILE_N, LUT)
+    sk = tl.load(base + NBK, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+    s = tl.dot(q, tl.trans(k)) * sk[None, :]
+    if CAUSAL:
+        s = tl.where(nmask[None, :] & (n[None, :] <= qpos[:, None]), s, float("-inf"))
+    else:
+        s = tl.where(nmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    vbase = base + V_OFF16
+    v = _decode_tile3(vbase, nmask, v_tab, VB, G, TILE_N, LUT)
+    sv = tl.load(vbase + NBV, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+    acc = tl.dot((p * sv[None, :]).to(tl.float16), v, acc * alpha[:, None])
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -543,18 +574,10 @@ def _e8_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_p
         target = tl.program_id(0)
         seq = _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q)
         q_tile = target - (tl.load(qsl_ptr + seq) // BLOCK_Q + seq)
-    q_start = tl.load(qsl_ptr + seq)
-    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    q_len, seq_len, ctx, qi, rvalid, head, tok = _query_rows(qsl_ptr, sl_ptr, seq, q_tile, kvh, BLOCK_Q, BLOCK_M,
+                                                            NQ, NQ_PAD)
     if q_tile * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(sl_ptr + seq)
-    ctx = seq_len - q_len
-    r = tl.arange(0, BLOCK_M)
-    qi = q_tile * BLOCK_Q + r // NQ_PAD
-    hj = r % NQ_PAD
-    rvalid = (hj < NQ) & (qi < q_len) & (r // NQ_PAD < BLOCK_Q)
-    head = kvh * NQ + hj
-    tok = (q_start + qi).to(tl.int64)
     qrow = tok * sq0 + head * sq1
     g = tl.arange(0, G_PAD)
     gm = g < G
@@ -663,24 +686,14 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
     q: float32 [T, H_q, D] rotated (natural order), scaled by scale·log2(e); o: float32 [T, H_q, D].
     """
     G: tl.constexpr = D // 8
-    NBK: tl.constexpr = D * KB // 16
-    NBV: tl.constexpr = D * VB // 16
     kvh = tl.program_id(1)
     target = tl.program_id(0)
     seq = _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q)
     q_tile = target - (tl.load(qsl_ptr + seq) // BLOCK_Q + seq)
-    q_start = tl.load(qsl_ptr + seq)
-    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    q_len, seq_len, ctx, qi, rvalid, head, tok = _query_rows(qsl_ptr, sl_ptr, seq, q_tile, kvh, BLOCK_Q, BLOCK_M,
+                                                            NQ, NQ_PAD)
     if q_tile * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(sl_ptr + seq)
-    ctx = seq_len - q_len
-    r = tl.arange(0, BLOCK_M)
-    qi = q_tile * BLOCK_Q + r // NQ_PAD
-    hj = r % NQ_PAD
-    rvalid = (hj < NQ) & (qi < q_len) & (r // NQ_PAD < BLOCK_Q)
-    head = kvh * NQ + hj
-    tok = (q_start + qi).to(tl.int64)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
                 other=0.0).to(tl.float16)
@@ -696,19 +709,8 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
         nmask = n < n_end
         blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
         base = cache_ptr + blk * cs0 + kvh64 * cs1 + (n % block_size).to(tl.int64) * cs2  # int16 [N]
-        k = _decode_tile3(base, nmask, k_tab, KB, G, TILE_N, LUT)
-        sk = tl.load(base + NBK, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * sk[None, :]
-        s = tl.where(nmask[None, :] & (n[None, :] <= qpos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vbase = base + V_OFF16
-        v = _decode_tile3(vbase, nmask, v_tab, VB, G, TILE_N, LUT)
-        sv = tl.load(vbase + NBV, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-        acc = tl.dot((p * sv[None, :]).to(tl.float16), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, KB, VB, G, TILE_N, V_OFF16,
+                                   LUT, True)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + (tok * so0 + head * so1)[:, None] + d[None, :], acc, mask=rvalid[:, None])
 
@@ -780,29 +782,26 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         return out
     cache16 = kv_cache.view(torch.int16)
     bs = kv_cache.shape[2]
-    dc = kernel_config(DECODE_CONFIG, decode, "decode settings")
-    if max_query_len <= 1 and dc["kernel"] != "phase":
-        segs = dc["segs"] if num_segs is None else num_segs
-        qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale, True)).view(t, h_q, d)
+    # settings validated once at import; an explicit (benchmark) setting is validated here
+    dc = DECODE_CONFIG if decode is None else kernel_config(DECODE_CONFIG, decode, "decode settings")
+    pc = PREFILL_CONFIG if prefill is None else kernel_config(PREFILL_CONFIG, prefill, "prefill settings")
+    natural = (dc if max_query_len <= 1 else pc)["kernel"] != "phase"
+    segs = dc["segs"] if num_segs is None else num_segs
+    qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale, natural)).view(t, h_q, d)
+    if max_query_len <= 1 and natural:
         ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=query.device)
         ws_l = torch.empty_like(ws_m)
         ws_o = torch.empty((t, h_q, segs, d), dtype=torch.float32, device=query.device)
-        args = (qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, cache16, cache16.stride(0), cache16.stride(1),
-                cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0), query_start_loc,
-                seq_lens, bs, h_q)
-        kw = dict(NQ=nq, BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d, KB=c.k.bits,
-                  VB=c.v.bits, V_OFF16=c.k_bytes // 2, NUM_SEGS=segs, num_warps=dc["num_warps"],
-                  num_stages=dc["num_stages"])
-        _e8_decode_kernel[(b, h_kv, segs)](*args, LUT=_LUT[dc["kernel"]], **kw)
+        _e8_decode_kernel[(b, h_kv, segs)](
+            qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, cache16, cache16.stride(0), cache16.stride(1),
+            cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0), query_start_loc,
+            seq_lens, bs, h_q, NQ=nq, BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d,
+            KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2, NUM_SEGS=segs, LUT=_LUT[dc["kernel"]],
+            num_warps=dc["num_warps"], num_stages=dc["num_stages"])
         o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
         _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
                                     D=d, NUM_SEGS=segs, num_warps=4)
-        res = torch.matmul(o.view(t * h_q, d), c.o_unrot_nat).view(t, h_q, d)
-        out[:t].copy_(res)
-        return out
-    pc = kernel_config(PREFILL_CONFIG, prefill, "prefill settings")
-    if max_query_len > 1 and pc["kernel"] != "phase":
-        qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale, True)).view(t, h_q, d)
+    elif natural:
         o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)
         nq_pad = triton.next_power_of_2(nq)
         block_m = max(pc["block_m"], nq_pad)
@@ -813,21 +812,29 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             query_start_loc, seq_lens, b, bs, NQ=nq, NQ_PAD=nq_pad, BLOCK_Q=block_q, BLOCK_M=block_m,
             TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2,
             LUT=_LUT[pc["kernel"]], num_warps=pc["num_warps"], num_stages=pc["num_stages"])
-        res = torch.matmul(o.view(t * h_q, d), c.o_unrot_nat).view(t, h_q, d)
-        out[:t].copy_(res)
-        return out
-    qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale)).view(t, h_q, d)
-    o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
+    else:
+        o = _phase_attention(qr, cache16, query_start_loc, seq_lens, block_table, c, b, bs, h_kv, nq,
+                             max_query_len, segs)
+    res = torch.matmul(o.view(t * h_q, d), c.o_unrot_nat if natural else c.o_unrot).view(t, h_q, d)
+    out[:t].copy_(res)
+    return out
+
+
+def _phase_attention(qr: torch.Tensor, cache16: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                     block_table: torch.Tensor, c: TritonE8Format, b: int, bs: int, h_kv: int, nq: int,
+                     max_query_len: int, segs: int) -> torch.Tensor:
+    """The phase-layout kernel on both grids: qr float32 [T, H_q, D] (phase layout) -> o (phase layout)."""
+    t, h_q, d = qr.shape
+    o = torch.zeros((t, h_q, d), dtype=torch.float32, device=qr.device)  # rows past qsl[-1] stay 0
     nq_pad = triton.next_power_of_2(nq)
     common = dict(D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2, NQ=nq, NQ_PAD=nq_pad,
                   G_PAD=max(16, d // 8))
     if max_query_len <= 1:
-        segs = dc["segs"] if num_segs is None else num_segs
         block_m = max(16, nq_pad)
         if segs > 1:
-            ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=query.device)
+            ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=qr.device)
             ws_l = torch.empty_like(ws_m)
-            ws_o = torch.empty((t, h_q, segs, d), dtype=torch.float32, device=query.device)
+            ws_o = torch.empty((t, h_q, segs, d), dtype=torch.float32, device=qr.device)
         else:
             ws_m = ws_l = ws_o = o
         _e8_attn_kernel[(b, h_kv, segs)](
@@ -847,9 +854,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             cache16.stride(0), cache16.stride(1), cache16.stride(2), c.k.table_h, c.v.table_h, block_table,
             block_table.stride(0), query_start_loc, seq_lens, b, bs, h_q, BLOCK_Q=block_q, BLOCK_M=block_m,
             TILE_N=32, NUM_SEGS=1, DECODE=False, num_warps=4, num_stages=2, **common)
-    res = torch.matmul(o.view(t * h_q, d), c.o_unrot).view(t, h_q, d)
-    out[:t].copy_(res)
-    return out
+    return o
 
 
 # ---------------------------------------------------------------------------------------------
