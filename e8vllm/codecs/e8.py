@@ -347,18 +347,14 @@ class E8Codec(Codec):
         """Rotated vectors y float32 [N, D] -> (fields int64 [N, D], fp16-exact scale float32 [N])."""
         n, d = y.shape
         rms = y.square().mean(1).sqrt()
-        if y.device.type == "cpu" and _e8_fast.available():
-            # the same search, compiled (numba): fed the same candidate scales
-            scales = [fp16_round(rms * f) for f in _scale_factors(self.n_scales, 0.75, 1.25)]
-            scales = torch.stack([torch.where(s > 0, s, torch.ones_like(s)) for s in scales], 1)
-            return _e8_fast.encode_rotated(self.code, y.float(), scales)
+        scales = [fp16_round(rms * f) for f in _scale_factors(self.n_scales, 0.75, 1.25)]
+        scales = [torch.where(s > 0, s, torch.ones_like(s)) for s in scales]  # candidate scales [N] each
+        if y.device.type == "cpu" and _e8_fast.available():  # the same search, compiled (numba)
+            return _e8_fast.encode_rotated(self.code, y.float(), torch.stack(scales, 1))
         best_err = torch.full((n,), INF, device=y.device)
         best_fields = torch.zeros((n, d), dtype=torch.int64, device=y.device)
         best_scale = torch.zeros(n, device=y.device)
-        lo, hi = (0.75, 1.25)
-        for f in _scale_factors(self.n_scales, lo, hi):
-            s = fp16_round(rms * f)
-            s = torch.where(s > 0, s, torch.ones_like(s))
+        for s in scales:
             fields, err = self.code.encode((y / s[:, None]).reshape(-1, 8))
             err = err.reshape(n, -1).sum(1) * s.square()
             better = err < best_err
