@@ -435,69 +435,13 @@ def _decode_tile3(base, nmask, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TIL
 
 
 @triton.jit
-def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
-                      cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0, qsl_ptr, sl_ptr,
-                      block_size, num_heads,
-                      NQ: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
-                      KB: tl.constexpr, VB: tl.constexpr, V_OFF16: tl.constexpr, NUM_SEGS: tl.constexpr,
-                      LUT: tl.constexpr):
-    """Flash-decoding over the packed cache, natural coordinate order (one query token per sequence).
-
-    Program (sequence, kv head, segment): the NQ query heads of the kv head as rows of one tile; each
-    tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers (:func:`_decode_tile3`,
-    table lookup LUT) and used by one dot for q·k and one for p·v. q: float32 [T, H_q, D] rotated (natural order) and scaled by scale·log2(e).
-    Writes unnormalized partials to ws_o [T, H_q, S, D] and ws_m / ws_l [T, H_q, S].
-    """
-    G: tl.constexpr = D // 8
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
-    seg = tl.program_id(2)
-    q_start = tl.load(qsl_ptr + seq)
-    if tl.load(qsl_ptr + seq + 1) - q_start < 1:
-        return
-    seq_len = tl.load(sl_ptr + seq)
-    r = tl.arange(0, BLOCK_M)
-    rvalid = r < NQ
-    head = kvh * NQ + r
-    tok = q_start.to(tl.int64)
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
-                other=0.0).to(tl.float16)
-    n_tiles = tl.cdiv(seq_len, TILE_N)
-    per = tl.cdiv(n_tiles, NUM_SEGS)
-    j0 = seg * per
-    j1 = tl.minimum(j0 + per, n_tiles)
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    bt_row = bt_ptr + seq.to(tl.int64) * sbt0
-    kvh64 = kvh.to(tl.int64)
-    for j in range(j0, j1):
-        n = j * TILE_N + tl.arange(0, TILE_N)
-        nmask = n < seq_len
-        blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
-        base = cache_ptr + blk * cs0 + kvh64 * cs1 + (n % block_size).to(tl.int64) * cs2  # int16 [N]
-        m_i, l_i, acc = _tile_step(q, base, n, nmask, n, k_tab, v_tab, m_i, l_i, acc, KB, VB, G, TILE_N, V_OFF16,
-                                   LUT, False)
-    wi = (tok * num_heads + head) * NUM_SEGS + seg
-    tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
-    tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
-    tl.store(ws_o_ptr + (wi * D)[:, None] + d[None, :], acc, mask=rvalid[:, None])
-
-
-@triton.jit
-def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
-    """Largest i with query_start_loc[i] // BLOCK_Q + i <= target (the sequence owning q tile target)."""
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        val = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
-        if val <= target:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
+def _tile_slots(j, n_end, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N: tl.constexpr):
+    """Cache positions n [N] of KV tile j, their mask (n < n_end) and int16 pointers [N] to their
+    (token, kv head) slots through the sequence's block-table row."""
+    n = j * TILE_N + tl.arange(0, TILE_N)
+    nmask = n < n_end
+    blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
+    return n, nmask, cache_ptr + blk * cs0 + kvh64 * cs1 + (n % block_size).to(tl.int64) * cs2
 
 
 @triton.jit
@@ -542,6 +486,69 @@ def _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, KB: tl.cons
     sv = tl.load(vbase + NBV, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
     acc = tl.dot((p * sv[None, :]).to(tl.float16), v, acc * alpha[:, None])
     return m_new, l_i, acc
+
+
+@triton.jit
+def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
+                      cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0, qsl_ptr, sl_ptr,
+                      block_size, num_heads,
+                      NQ: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
+                      KB: tl.constexpr, VB: tl.constexpr, V_OFF16: tl.constexpr, NUM_SEGS: tl.constexpr,
+                      LUT: tl.constexpr):
+    """Flash-decoding over the packed cache, natural coordinate order (one query token per sequence).
+
+    Program (sequence, kv head, segment): the NQ query heads of the kv head as rows of one tile; each
+    tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers (:func:`_decode_tile3`,
+    table lookup LUT) and used by one dot for q·k and one for p·v. q: float32 [T, H_q, D] rotated (natural order) and scaled by scale·log2(e).
+    Writes unnormalized partials to ws_o [T, H_q, S, D] and ws_m / ws_l [T, H_q, S].
+    """
+    G: tl.constexpr = D // 8
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seg = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + seq)
+    if tl.load(qsl_ptr + seq + 1) - q_start < 1:
+        return
+    seq_len = tl.load(sl_ptr + seq)
+    r = tl.arange(0, BLOCK_M)
+    rvalid = r < NQ
+    head = kvh * NQ + r
+    tok = q_start.to(tl.int64)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
+                other=0.0).to(tl.float16)
+    n_tiles = tl.cdiv(seq_len, TILE_N)
+    per = tl.cdiv(n_tiles, NUM_SEGS)
+    j0 = seg * per
+    j1 = tl.minimum(j0 + per, n_tiles)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * sbt0
+    kvh64 = kvh.to(tl.int64)
+    for j in range(j0, j1):
+        n, nmask, base = _tile_slots(j, seq_len, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N)
+        m_i, l_i, acc = _tile_step(q, base, n, nmask, n, k_tab, v_tab, m_i, l_i, acc, KB, VB, G, TILE_N, V_OFF16,
+                                   LUT, False)
+    wi = (tok * num_heads + head) * NUM_SEGS + seg
+    tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
+    tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
+    tl.store(ws_o_ptr + (wi * D)[:, None] + d[None, :], acc, mask=rvalid[:, None])
+
+
+@triton.jit
+def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
+    """Largest i with query_start_loc[i] // BLOCK_Q + i <= target (the sequence owning q tile target)."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        val = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if val <= target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
 
 
 @triton.jit
@@ -613,10 +620,7 @@ def _e8_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_p
     bt_row = bt_ptr + seq.to(tl.int64) * sbt0
     kvh64 = kvh.to(tl.int64)
     for j in range(j0, j1):
-        n = j * TILE_N + tl.arange(0, TILE_N)
-        nmask = n < n_end
-        blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
-        base = cache_ptr + blk * cs0 + kvh64 * cs1 + (n % block_size).to(tl.int64) * cs2  # int16 [N]
+        n, nmask, base = _tile_slots(j, n_end, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N)
         wk = _load_words(base, nmask, KB, G, G_PAD)
         ckK, pk = _coset_parity(wk, KB)
         sk = tl.load(base + NBK, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
@@ -705,10 +709,7 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
     bt_row = bt_ptr + seq.to(tl.int64) * sbt0
     kvh64 = kvh.to(tl.int64)
     for j in range(0, tl.cdiv(n_end, TILE_N)):
-        n = j * TILE_N + tl.arange(0, TILE_N)
-        nmask = n < n_end
-        blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
-        base = cache_ptr + blk * cs0 + kvh64 * cs1 + (n % block_size).to(tl.int64) * cs2  # int16 [N]
+        n, nmask, base = _tile_slots(j, n_end, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N)
         m_i, l_i, acc = _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, KB, VB, G, TILE_N, V_OFF16,
                                    LUT, True)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
