@@ -275,7 +275,8 @@ class Sampler:
                     centers: dict[str, Any] | None = None, layer: Any = None) -> None:
         """Called right after the write path stored ``key`` / ``value`` (mapped by ``centers``, the
         layer's KV calibration ``{"k_mean", "k_scale", "v_mean", "v_scale"}`` [H, D] each, when set:
-        :mod:`e8vllm.calibration`) into ``kv_cache``."""
+        :mod:`e8vllm.calibration`, plus ``k_pos`` [T, H, D], the position-dependent key centers of
+        the rows written, when the calibration has them) into ``kv_cache``."""
         # per layer (``layer``: any key naming the calling layer), staggered: the k-th layer seen is
         # sampled at its calls n with (n - 1 + k) % S == 0, so every layer is covered and, with
         # L <= S layers, about L of every S engine steps carry one layer's sample (a steady stream)
@@ -329,7 +330,10 @@ def measure(key: Any, value: Any, kv_cache: Any, slot_mapping: Any, fmt: Any,
         v_hat = v_rot if fmt.v_rotation is None else fmt.v_rotation.inverse(v_rot)
         if centers is not None:  # undo the KV calibration map: x = x' / scale + mean
             h = codes.shape[1]
-            k_hat = (k_hat.reshape(-1, h, d) / centers["k_scale"].float() + centers["k_mean"].float()).reshape(-1, d)
+            k_hat = k_hat.reshape(-1, h, d) / centers["k_scale"].float() + centers["k_mean"].float()
+            if centers.get("k_pos") is not None:  # position-dependent key centers [T, H, D]
+                k_hat = k_hat + centers["k_pos"][idx].float()
+            k_hat = k_hat.reshape(-1, d)
             v_hat = (v_hat.reshape(-1, h, d) / centers["v_scale"].float() + centers["v_mean"].float()).reshape(-1, d)
         k = key[idx].reshape(-1, d)
         v = value[idx].reshape(-1, d)

@@ -131,13 +131,18 @@ def _block_tables(batch: int, ctx: int, device: str):  # noqa: ANN202
 
 def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None) -> dict[str, Any]:
     """Time E8 decode attention; with ``decodes``, each decode-kernel setting on the same cache
-    (``{"variants": [{**setting, "time_s"|"error"}...]}`` plus the default's numbers)."""
+    (``{"variants": [{**setting, "time_s"|"error"}...]}`` plus the default's numbers). A dtype
+    ending in ``+centers`` adds the logit bias of position-dependent key centers (a model with a
+    RoPE KV calibration: :mod:`e8vllm.calibration`), fp16 position table as on the GPU."""
     import torch
 
-    from e8vllm.kernels.reference import E8KVFormat
+    from e8vllm.calibration import rope_bias_coeffs, rope_table
+    from e8vllm.kernels.reference import E8KVFormat, KeyBias
     from e8vllm.kernels.triton import triton_paged_attention, triton_write_kv_cache
     from e8vllm.vllm_plugin.spec import parse_e8_dtype
 
+    centers = dtype.endswith("+centers")
+    dtype = dtype.removesuffix("+centers")
     kb, vb = parse_e8_dtype(dtype)
     fmt = E8KVFormat.from_bits(D, kb, vb)
     bt, nblocks = _block_tables(batch, ctx, "cuda")
@@ -173,8 +178,14 @@ def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None
             print(f"  {json.dumps(v)}", flush=True)
         del cache
         return res
+    kbias = None
+    if centers:
+        inv_freq = 500000.0 ** (-torch.arange(0, D, 2, dtype=torch.float32) / D)
+        kbias = KeyBias(rope_bias_coeffs(q, torch.randn(H_Q, D, device="cuda")),
+                        rope_table(inv_freq, 1.0, torch.arange(ctx, device="cuda")).half(),
+                        (q.float() * torch.randn(H_Q, D, device="cuda")).sum(-1))
     fn = lambda: triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=1,  # noqa: E731
-                                        num_kv_heads=H_KV, scale=D ** -0.5, out=out)
+                                        num_kv_heads=H_KV, scale=D ** -0.5, out=out, key_bias=kbias)
     res["time_s"], res["graph"] = _time_graph(fn)
     del cache
     return res

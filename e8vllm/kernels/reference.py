@@ -34,6 +34,7 @@ Nothing here imports vLLM.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,7 @@ from torch import Tensor
 from e8vllm.codecs.base import Codec
 from e8vllm.hadamard import HadamardRotation, rotation
 
-__all__ = ["E8KVFormat", "unpack_fields", "pack_fields", "fast_e8_encode", "write_kv_cache", "paged_attention", "reference_attention",
+__all__ = ["E8KVFormat", "KeyBias", "unpack_fields", "pack_fields", "fast_e8_encode", "write_kv_cache", "paged_attention", "reference_attention",
            "gather_dequantized", "check_cache_layout", "codec_names"]
 
 #: float32 elements of the biggest score / gathered-K temporary built at once (~64 MiB).
@@ -366,9 +367,36 @@ def _gather_codes(kv_cache: Tensor, slots: Tensor) -> Tensor:
     return kv_cache[slots // bs, :, slots % bs, :]
 
 
+class KeyBias(NamedTuple):
+    """Logit terms of position-dependent key centers (:mod:`e8vllm.calibration`): the logit of query
+    row t, head h and the key at position p gains, before the softmax scale (like q·k),
+
+        coef[t, h] · table[p]  +  (p == 0) · first[t, h].
+
+    coef: float [T, H_q, D] with table: float [P, D] (P > every position), or both None;
+    first: float [T, H_q] or None."""
+
+    coef: Tensor | None
+    table: Tensor | None
+    first: Tensor | None = None
+
+
+def _bias_rows(kb: KeyBias, rows: Tensor | slice, length: int, scale: float) -> Tensor:
+    """KeyBias logits (times ``scale``) of query ``rows`` against positions 0..length-1: float32 [n, H_q, length]."""
+    parts = []
+    if kb.coef is not None:
+        parts.append(torch.einsum("thd,ld->thl", kb.coef[rows].float(), kb.table[:length].float()))
+    if kb.first is not None:
+        f = kb.first[rows].float()
+        parts.append(torch.nn.functional.pad(f[..., None], (0, length - 1)))
+    out = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    return out * scale
+
+
 def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, seq_lens: Tensor,
                     block_table: Tensor, fmt: E8KVFormat, *, num_kv_heads: int | None = None,
-                    scale: float | None = None, out: Tensor | None = None) -> Tensor:
+                    scale: float | None = None, out: Tensor | None = None,
+                    key_bias: KeyBias | None = None) -> Tensor:
     """Causal GQA attention over the packed cache for one vLLM batch.
 
     Sequence i has query rows ``query_start_loc[i]:query_start_loc[i+1]`` (q_i tokens, the last q_i
@@ -384,6 +412,8 @@ def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, se
         num_kv_heads: H_kv (default: kv_cache.shape[1]).
         scale: softmax scale (default 1/sqrt(D)).
         out: optional [T', H_q, D] output buffer (any float dtype), written in rows < T.
+        key_bias: optional :class:`KeyBias` (the position-dependent key centers of
+            :mod:`e8vllm.calibration`): extra logit terms per (query row, head, key position).
     Returns:
         ``out`` (or a new tensor of query's dtype [T', H_q, D]; rows >= T are zero).
     """
@@ -420,6 +450,8 @@ def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, se
     if fmt.k_rotation is not None:
         q = fmt.k_rotation.forward(q)
     q = q * scale
+    if key_bias is not None and key_bias.table is not None and key_bias.table.shape[0] < max(lens):
+        raise ValueError(f"key_bias table has {key_bias.table.shape[0]} positions, sequences have up to {max(lens)}")
     o = torch.zeros(tq, h_q, d, dtype=torch.float32, device=query.device)
 
     # -- decode rows (q_i == 1): batched, sorted by length, chunked by memory ---------------
@@ -441,8 +473,11 @@ def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, se
         vv = v_all[inv[flat]]
         rows = torch.tensor([qsl[i] for i in chunk], dtype=torch.int64, device=query.device)
         qq = q[rows].unsqueeze(2)  # [Bd, H_q, 1, D]
+        mask: Tensor = valid[:, None, None, :]
+        if key_bias is not None:  # [Bd, H_q, 1, Lmax], -inf where masked
+            mask = _bias_rows(key_bias, rows, lmax, scale).unsqueeze(2).masked_fill(~mask, float("-inf"))
         od = F.scaled_dot_product_attention(qq, kk.permute(0, 2, 1, 3), vv.permute(0, 2, 1, 3),
-                                            attn_mask=valid[:, None, None, :], scale=1.0,
+                                            attn_mask=mask, scale=1.0,
                                             enable_gqa=grp > 1)  # q is pre-scaled
         o[rows] = od.squeeze(2)
 
@@ -462,6 +497,9 @@ def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, se
             t1 = min(n, t0 + step)
             qpos = torch.arange(L - n + t0, L - n + t1, device=query.device)
             mask = key_pos[None, :] <= qpos[:, None]  # [t, L] True = attend
+            if key_bias is not None:  # [1, H_q, t, L], -inf where masked
+                bias = _bias_rows(key_bias, slice(qsl[i] + t0, qsl[i] + t1), L, scale)  # [t, H_q, L]
+                mask = bias.permute(1, 0, 2).masked_fill(~mask, float("-inf")).unsqueeze(0)
             oc = F.scaled_dot_product_attention(qi[:, :, t0:t1], kk, vv, attn_mask=mask, scale=1.0,
                                                 enable_gqa=grp > 1)  # q is pre-scaled
             o[qsl[i] + t0:qsl[i] + t1] = oc[0].permute(1, 0, 2)
@@ -495,7 +533,8 @@ def gather_dequantized(kv_cache: Tensor, block_table_row: Tensor, seq_len: int,
 
 
 def reference_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, seq_lens: Tensor,
-                        block_table: Tensor, fmt: E8KVFormat, *, scale: float | None = None) -> Tensor:
+                        block_table: Tensor, fmt: E8KVFormat, *, scale: float | None = None,
+                        key_bias: KeyBias | None = None) -> Tensor:
     """Same contract as :func:`paged_attention`, float64 and loops. Returns float64 [T, H_q, D]."""
     d = fmt.head_size
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -517,6 +556,10 @@ def reference_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor
             for hq in range(h_q):
                 hk = hq // grp
                 s = (k[: last + 1, hk] @ qv[hq]) * scale  # [last+1]
+                if key_bias is not None and key_bias.coef is not None:
+                    s = s + (key_bias.table[: last + 1].double() @ key_bias.coef[qsl[i] + t, hq].double()) * scale
+                if key_bias is not None and key_bias.first is not None:
+                    s[0] = s[0] + key_bias.first[qsl[i] + t, hq].double() * scale
                 p = torch.softmax(s, dim=0)
                 out[qsl[i] + t, hq] = p @ v[: last + 1, hk]
     return out

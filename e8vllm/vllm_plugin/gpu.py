@@ -181,16 +181,18 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
             _count("torch_write")
             super()._e8_write_codes(key, value, kv_cache, slot_mapping)
 
-    def _e8_attend(self, q: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any, out: torch.Tensor) -> None:
+    def _e8_attend(self, q: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any, out: torch.Tensor,
+                   key_bias: Any = None) -> None:
         if self._use_kernels(kv_cache):  # no host sync: max_query_len is a host int of the metadata
             _count("triton_attn")
             triton_paged_attention(q, kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                                    attn_metadata.block_table, self.fmt,
                                    max_query_len=int(attn_metadata.max_query_len),
-                                   num_kv_heads=self.num_kv_heads, scale=self.scale, out=out)
+                                   num_kv_heads=self.num_kv_heads, scale=self.scale, out=out,
+                                   key_bias=key_bias)
         else:
             _count("torch_attn")
-            super()._e8_attend(q, kv_cache, attn_metadata, out)
+            super()._e8_attend(q, kv_cache, attn_metadata, out, key_bias)
 
     def fused_output_quant_supported(self, quant_key: Any) -> bool:
         return False if self.e8 else super().fused_output_quant_supported(quant_key)

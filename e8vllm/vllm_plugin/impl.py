@@ -7,8 +7,11 @@ delegates ``do_kv_cache_update`` / ``forward`` to :meth:`_e8_write` / :meth:`_e8
 ``self.e8`` is true, and to vLLM's stock impl otherwise.
 
 KV calibration (:mod:`e8vllm.calibration`): when the model has a calibration file, the layer
-stores ``a ⊙ (k − μ_K)`` and ``b ⊙ (v − μ_V)``, attends with ``q ⊘ a`` and maps the output back
-with ``o ⊘ b + μ_V`` (exact: softmax is shift-invariant). Kernels see only the mapped data.
+stores ``a ⊙ (k − μ_K − c(p))`` and ``b ⊙ (v − μ_V)``, attends with ``q ⊘ a`` plus the logit term
+``q·c(p_j)`` of every key (c(p) = R_p μ_R + [p = 0] s_K: the key center that turns with RoPE and the
+attention sink's; the kernels take it as a :class:`~e8vllm.kernels.reference.KeyBias`) and maps the output back with
+``o ⊘ b + μ_V`` (exact: softmax is shift-invariant). The positions p of the tokens written come
+from the layer's attention metadata (``query_start_loc``, ``seq_lens``), on the device.
 
 Shapes (vLLM conventions): query [T, H_q, D], key/value [T, H_kv, D], output [T, H_q, D];
 kv_cache uint8 [num_blocks, H_kv, block_size, slot_bytes].
@@ -21,11 +24,40 @@ from typing import Any
 import torch
 
 from e8vllm import telemetry
-from e8vllm.kernels.reference import check_cache_layout, paged_attention, write_kv_cache
+from e8vllm.kernels.reference import KeyBias, check_cache_layout, paged_attention, write_kv_cache
 
 from e8vllm import calibration
 
 from . import spec as e8spec
+
+
+def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Position in its sequence of each of ``num_tokens`` batch rows: int64 [num_tokens].
+
+    Row t of sequence i (rows ``query_start_loc[i]:query_start_loc[i+1]``, the last q_i of its
+    ``seq_lens[i]`` tokens) sits at ``seq_lens[i] - (query_start_loc[i+1] - t)``. Rows past the
+    batch (padding) get 0. Device ops only (no host sync; CUDA-graph safe)."""
+    qsl = query_start_loc.to(torch.int64)
+    b = qsl.shape[0] - 1
+    t = torch.arange(num_tokens, device=qsl.device, dtype=torch.int64)
+    seq = torch.searchsorted(qsl[1:].contiguous(), t, right=True).clamp(max=max(b - 1, 0))
+    pos = seq_lens.to(torch.int64)[seq] - (qsl[seq + 1] - t)
+    return torch.where((t < qsl[-1]) & (pos >= 0), pos, torch.zeros_like(pos))
+
+
+def _layer_metadata(layer: Any) -> Any:
+    """The current forward's attention metadata of ``layer`` (vLLM's forward context), or None."""
+    try:
+        from vllm.forward_context import get_forward_context
+
+        meta = get_forward_context().attn_metadata
+    except Exception:  # noqa: BLE001 - no forward context (unit tests)
+        return None
+    if isinstance(meta, list):  # speculative decoding: [0] is the base model's dict
+        meta = meta[0] if meta else None
+    if isinstance(meta, dict):
+        meta = meta.get(getattr(layer, "layer_name", None))
+    return meta
 
 __all__ = ["E8ImplMixin"]
 
@@ -66,19 +98,27 @@ class E8ImplMixin:
         self._centers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._centers_done = False
         self._scaled = False
+        self._rotary = False
+        self._sink = False
+        self._trig: torch.Tensor | None = None
         self._e8_model: str | None = None
+        self._e8_max_len = 0
         try:  # the model path, for its calibration file (constructors run under the vLLM config)
             from vllm.config import get_current_vllm_config
 
-            self._e8_model = str(get_current_vllm_config().model_config.model)
+            mc = get_current_vllm_config().model_config
+            self._e8_model = str(mc.model)
+            self._e8_max_len = int(getattr(mc, "max_model_len", 0) or 0)
         except Exception:  # noqa: BLE001 - no config (unit tests): no centering unless the env names a file
             self._e8_model = None
 
     def _e8_centers(self, layer: Any, device: torch.device) -> dict[str, torch.Tensor] | None:
         """This layer's calibration for its local KV heads, or None (no calibration file).
 
-        ``{"k_mean", "k_scale", "v_mean", "v_scale"}`` float32 [H_kv, D], plus ``q_inv`` (1 / k_scale
-        per query head) [H_q, D] and ``v_inv`` (1 / v_scale) [H_kv, D]. Resolved once, at the first
+        ``{"k_mean", "k_scale", "v_mean", "v_scale", "k_rope"}`` float32 [H_kv, D], plus ``q_inv`` (1 /
+        k_scale per query head) [H_q, D], ``v_inv`` (1 / v_scale) [H_kv, D] and ``q_rope`` (k_rope per
+        query head) [H_q, D]; with position-dependent centers the RoPE table is built here too
+        (:meth:`_e8_rope_table`). Resolved once, at the first
         call with the layer (its ``layer_name`` gives the index, the tensor-parallel rank the heads).
         A calibration that does not fit the model is an error.
         """
@@ -108,10 +148,37 @@ class E8ImplMixin:
             grp = self.num_heads // self.num_kv_heads
             t["q_inv"] = (1.0 / t["k_scale"]).repeat_interleave(grp, dim=0)
             t["v_inv"] = 1.0 / t["v_scale"]
+            t["q_rope"] = t["k_rope"].repeat_interleave(grp, dim=0)
+            t["q_sink"] = t["k_sink"].repeat_interleave(grp, dim=0)
             self._scaled = bool((t["k_scale"] != 1).any() or (t["v_scale"] != 1).any())  # else centers only
+            self._rotary = bool((t["k_rope"] != 0).any())
+            self._sink = bool((t["k_sink"] != 0).any())
+            self._rope = (c.rope_inv_freq.to(device), float(c.rope_scale))
             self._centers = t
+            if self._rotary and self._e8_max_len > 0:  # the whole table now, before any graph capture
+                self._e8_rope_table(self._e8_max_len, device)
         self._centers_done = True
         return self._centers
+
+    def _e8_rope_table(self, need: int, device: torch.device) -> torch.Tensor:
+        """[ρ cos(pθ), ρ sin(pθ)] rows for positions 0..P-1, P >= need: [P, D], float32 (fp16 on CUDA),
+        built once for max_model_len when the vLLM config gives it, else grown to the longest
+        sequence seen."""
+        if self._trig is None or self._trig.shape[0] < need:
+            size = max(need, self._e8_max_len)
+            t = calibration.rope_table(self._rope[0], self._rope[1], torch.arange(size, device=device))
+            # fp16 on GPUs (the kernels' dot operand; half the bytes read per key); the write path
+            # subtracts the centers of the same table the kernels add back, so the identity holds
+            self._trig = t.half() if device.type == "cuda" else t
+        return self._trig
+
+    def _e8_write_positions(self, layer: Any, n: int, device: torch.device) -> torch.Tensor:
+        """Positions [n] of the rows being written, from the layer's attention metadata."""
+        meta = _layer_metadata(layer)
+        if meta is None or getattr(meta, "query_start_loc", None) is None:
+            raise RuntimeError("e8vllm: position-dependent key centers need the token positions, and the "
+                               "forward context has no attention metadata for this layer")
+        return token_positions(meta.query_start_loc.to(device), meta.seq_lens.to(device), n)
 
     def _check_layout(self, kv_cache: torch.Tensor) -> None:
         if not self._layout_checked:
@@ -120,15 +187,32 @@ class E8ImplMixin:
             self._layout_checked = True
 
     def _e8_write(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor | None, layer: Any = None) -> None:
-        """Encode key/value [T, H_kv, D] (centered) and scatter the codes by ``slot_mapping`` [T] (-1 skipped)."""
+                  slot_mapping: torch.Tensor | None, layer: Any = None,
+                  positions: torch.Tensor | None = None) -> None:
+        """Encode key/value [T, H_kv, D] (centered) and scatter the codes by ``slot_mapping`` [T] (-1 skipped).
+
+        ``positions`` [T] (the rows' positions in their sequences) are needed only with
+        position-dependent key centers; by default they come from the forward context."""
         if kv_cache.numel() == 0 or slot_mapping is None:
             return
         self._check_layout(kv_cache)
         centers = self._e8_centers(layer, key.device)
         k_in, v_in = key, value
-        if centers is not None:  # a ⊙ (k − μ_K), b ⊙ (v − μ_V)
+        if centers is not None:  # a ⊙ (k − μ_K − c(p)), b ⊙ (v − μ_V)
             key = key.float() - centers["k_mean"]
+            if self._rotary or self._sink:
+                n = key.shape[0]
+                if positions is None:
+                    positions = self._e8_write_positions(layer, n, key.device)
+                positions = positions[:n]
+                rows = None
+                if self._rotary:
+                    if key.device.type == "cpu" or self._trig is None:  # CPU / unit tests: sync allowed
+                        self._e8_rope_table(int(positions.max().item()) + 1 if n else 1, key.device)
+                    rows = self._trig[positions]
+                mp = calibration.key_centers(centers, rows, positions)  # [T, H_kv, D]
+                key = key - mp
+                centers = dict(centers, k_pos=mp)
             value = value.float() - centers["v_mean"]
             if self._scaled:
                 key, value = key * centers["k_scale"], value * centers["v_scale"]
@@ -142,11 +226,13 @@ class E8ImplMixin:
         """Encode key/value [T, H_kv, D] (already mapped) and scatter by ``slot_mapping``."""
         write_kv_cache(key, value, kv_cache, slot_mapping, self.fmt)
 
-    def _e8_attend(self, q: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any, out: torch.Tensor) -> None:
-        """Attention of q [n, H_q, D] over the packed cache into out [n, H_q, D]."""
+    def _e8_attend(self, q: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any, out: torch.Tensor,
+                   key_bias: KeyBias | None = None) -> None:
+        """Attention of q [n, H_q, D] over the packed cache into out [n, H_q, D], plus the logit
+        terms of ``key_bias`` (position-dependent key centers)."""
         paged_attention(q, kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                         attn_metadata.block_table, self.fmt, num_kv_heads=self.num_kv_heads,
-                        scale=self.scale, out=out)
+                        scale=self.scale, out=out, key_bias=key_bias)
 
     def _e8_forward(self, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
                     output: torch.Tensor, output_scale: Any = None, output_block_scale: Any = None,
@@ -161,9 +247,19 @@ class E8ImplMixin:
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         c = self._e8_centers(layer, query.device)
+        key_bias = None
+        if c is not None and (self._rotary or self._sink):  # + q·c(p_j) per key (before q is scaled)
+            coef = table = first = None
+            if self._rotary:
+                if query.device.type == "cpu" or self._trig is None:  # CPU / unit tests: sync allowed
+                    self._e8_rope_table(int(attn_metadata.seq_lens.max().item()), query.device)
+                coef, table = calibration.rope_bias_coeffs(q, c["q_rope"]), self._trig
+            if self._sink:
+                first = (q.float() * c["q_sink"]).sum(-1)  # [n, H_q]
+            key_bias = KeyBias(coef, table, first)
         if c is not None and self._scaled:  # q ⊘ a: the same logits up to a per-query shift
             q = (q.float() * c["q_inv"]).to(q.dtype)
-        self._e8_attend(q, kv_cache, attn_metadata, out)
+        self._e8_attend(q, kv_cache, attn_metadata, out, key_bias)
         if c is not None:  # o ⊘ b + μ_V, per KV head's group of query heads
             g = self.num_heads // self.num_kv_heads
             o = out.view(n, self.num_kv_heads, g, self.head_size)

@@ -1,7 +1,11 @@
 """Greedy tokens of a small dummy-weight Llama on vLLM 0.26 (CUSTOM backend, e8_k4v4): the fused
 Triton path against the PyTorch reference path (``E8VLLM_GPU_KERNELS=torch``), token for token.
 
-    python scripts/gpu/tokens_check.py OUT.json
+    python scripts/gpu/tokens_check.py OUT.json [--calibration]
+
+With ``--calibration`` the dummy model directory gets a synthetic KV calibration with
+position-dependent key centers (random means, the model's RoPE frequencies), so both paths also
+run the centering (RoPE and position-0 centers), the write-path positions and the logit terms.
 
 Each path runs in its own process (the choice is read when the attention layers are built); the
 same seed-initialized dummy weights and prompts go to both. Writes {"torch": [...], "triton": [...]}.
@@ -48,9 +52,22 @@ def worker(model_dir: str, out: str) -> None:
 def main() -> None:
     from e8vllm.bench.gpu import _plugin_path
 
-    dest = Path(sys.argv[1] if len(sys.argv) > 1 else "tokens_check.json")
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    dest = Path(args[0] if args else "tokens_check.json")
     model_dir = Path(tempfile.mkdtemp(prefix="llama-small-"))
     (model_dir / "config.json").write_text(json.dumps(CONFIG))
+    if "--calibration" in sys.argv:
+        import torch
+
+        from e8vllm.calibration import CALIBRATION_FILE, KVCenters
+
+        g = torch.Generator().manual_seed(3)
+        shape = (CONFIG["num_hidden_layers"], CONFIG["num_key_value_heads"], CONFIG["head_dim"])
+        d = CONFIG["head_dim"]
+        KVCenters(torch.randn(shape, generator=g) * 0.5, torch.randn(shape, generator=g) * 0.05,
+                  meta={"tokens": "synthetic"}, k_rope=torch.randn(shape, generator=g),
+                  rope_inv_freq=CONFIG["rope_theta"] ** (-torch.arange(0, d, 2, dtype=torch.float32) / d),
+                  k_sink=torch.randn(shape, generator=g)).save(model_dir / CALIBRATION_FILE)
     res = {}
     for path in ("torch", "triton"):
         tmp = Path(tempfile.mkstemp(suffix=".json")[1])

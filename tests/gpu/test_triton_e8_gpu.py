@@ -63,17 +63,21 @@ def test_write_codes_cuda():
         assert abs(mse_got / mse_ref - 1) < 1e-3
 
 
-def _attention(case, name, **kw):
+def _attention(case, name, key_bias=None, **kw):
     out = triton_paged_attention(case.query, case.kv_cache, case.query_start_loc, case.seq_lens, case.block_table,
-                                 case.fmt, max_query_len=case.max_query_len, **kw)
+                                 case.fmt, max_query_len=case.max_query_len, key_bias=key_bias, **kw)
     torch.cuda.synchronize()
     args = (case.query.cpu(), case.kv_cache.cpu(), case.query_start_loc.cpu(), case.seq_lens.cpu(),
             case.block_table.cpu(), case.fmt)
-    ref = reference_attention(*args)
-    emu = fp16_operand_reference(*args)
+    from e8vllm.kernels.reference import KeyBias
+
+    kb_cpu = None if key_bias is None else KeyBias(*(None if x is None else x.cpu() for x in key_bias))
+    ref = reference_attention(*args, key_bias=kb_cpu)
+    emu = fp16_operand_reference(*args, key_bias=kb_cpu)
     from e8vllm.kernels.reference import paged_attention
 
-    pt = paged_attention(case.query, case.kv_cache, case.query_start_loc, case.seq_lens, case.block_table, case.fmt)
+    pt = paged_attention(case.query, case.kv_cache, case.query_start_loc, case.seq_lens, case.block_table, case.fmt,
+                         key_bias=key_bias)
     err = (out.cpu().double() - ref).abs().max().item()
     err_emu = (emu - ref).abs().max().item()
     err_pt = (pt.cpu().double() - ref).abs().max().item()
@@ -97,12 +101,81 @@ def test_attention_decode_segments_cuda():
     _attention(case, "attention_decode_16seg_k4v4")
 
 
-def test_tokens_match_reference_path():
-    out = Path(os.environ.get("OUT", "/tmp")) / "tokens_check.json"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu" / "tokens_check.py"), str(out)], cwd=ROOT)
+def _key_bias(case, table_dtype=torch.float16):
+    """Position-dependent key centers (as the calibration makes them) for ``case``: coefficients
+    from the queries and a random pre-RoPE key mean, the RoPE table of every position, a sink term."""
+    from e8vllm.calibration import rope_bias_coeffs, rope_table
+    from e8vllm.kernels.reference import KeyBias
+
+    g = torch.Generator().manual_seed(9)
+    h_q, d = case.query.shape[1], case.query.shape[2]
+    mu = (torch.randn(h_q, d, generator=g) * 2.0).to(case.query.device)
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+    trig = rope_table(inv_freq, 1.0, torch.arange(int(case.seq_lens.max()) + 7)).to(case.query.device, table_dtype)
+    first = (case.query.float() * torch.randn(h_q, d, generator=g).to(case.query.device)).sum(-1) * 0.5
+    return KeyBias(rope_bias_coeffs(case.query, mu), trig, first)
+
+
+def test_attention_key_bias_cuda():
+    """Both tile kernels with position-dependent key centers (fp16 table, as the impl passes on CUDA)."""
+    fmt = E8KVFormat.from_bits(128, 4, 4)
+    case = random_case(fmt, [400, 160, 1, 257, 64], [1, 160, 1, 24, 1], h_q=32, h_kv=8, device="cuda", seed=7)
+    _attention(case, "attention_mixed_key_bias_k4v4", key_bias=_key_bias(case))
+    case = random_case(fmt, [1500, 33, 800, 2], [1, 1, 1, 1], h_q=32, h_kv=8, device="cuda", seed=8)
+    _attention(case, "attention_decode_16seg_key_bias_k4v4", key_bias=_key_bias(case))
+
+
+def test_centering_ops_capture_in_cuda_graph():
+    """The write path's position-dependent centers (positions from the metadata, table rows, RoPE of
+    the mean) run inside a CUDA graph and replay the eager result."""
+    from e8vllm.calibration import rope_centers, rope_table
+    from e8vllm.vllm_plugin.impl import token_positions
+
+    dev = "cuda"
+    qsl = torch.tensor([0, 1, 3, 4], dtype=torch.int32, device=dev)
+    lens = torch.tensor([5, 9, 2], dtype=torch.int32, device=dev)
+    inv_freq = 10000.0 ** (-torch.arange(0, 128, 2, dtype=torch.float32) / 128)
+    trig = rope_table(inv_freq, 1.0, torch.arange(64, device=dev)).half()
+    k_rope = torch.randn(8, 128, device=dev)
+    out = torch.empty(6, 8, 128, device=dev)
+
+    def f():
+        out.copy_(rope_centers(k_rope, trig[token_positions(qsl, lens, 6)].float()))
+
+    f()
+    torch.cuda.synchronize()
+    want = out.clone()
+    assert token_positions(qsl, lens, 6).tolist() == [4, 7, 8, 1, 0, 0]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        f()
+    out.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    RESULTS["centering_graph_replay_equal"] = bool(torch.equal(out, want))
+    assert torch.equal(out, want)
+
+
+def _tokens(name: str, *extra: str) -> dict:
+    out = Path(os.environ.get("OUT", "/tmp")) / f"{name}.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu" / "tokens_check.py"), str(out), *extra],
+                       cwd=ROOT)
     assert r.returncode == 0
     res = json.loads(out.read_text())
-    RESULTS["tokens"] = res
+    RESULTS[name] = res
+    return res
+
+
+def test_tokens_match_reference_path_with_rope_centers():
+    """The same check with a KV calibration that has position-dependent key centers (write-path
+    positions from the forward context, the logit bias in both kernels)."""
+    res = _tokens("tokens_check_rope_centers", "--calibration")
+    assert res["triton"] and res["triton"] == res["torch"], res
+    assert res["triton_calls"].get("triton_attn", 0) > 0 and res["torch_calls"].get("torch_attn", 0) > 0
+
+
+def test_tokens_match_reference_path():
+    res = _tokens("tokens_check")
     assert res["triton"] and res["triton"] == res["torch"], res
     # both paths really ran (writes and attention), each on its own implementation
     assert res["triton_calls"].get("triton_write", 0) > 0 and res["triton_calls"].get("triton_attn", 0) > 0

@@ -33,14 +33,25 @@ class _Impl(E8ImplMixin):
         self._e8_setup(dtype, D)
 
 
-def _centers(seed: int = 0, scaled: bool = True) -> KVCenters:
+INV_FREQ = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float32) / D)
+
+
+def _centers(seed: int = 0, scaled: bool = True, rotary: bool = True) -> KVCenters:
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(LAYERS, H_KV, D, generator=g) * 3.0
     k[..., 5] += 12.0
     v = torch.randn(LAYERS, H_KV, D, generator=g) * 0.7
     ks = torch.rand(LAYERS, H_KV, D, generator=g) * 1.5 + 0.25 if scaled else None
     vs = torch.rand(LAYERS, H_KV, D, generator=g) * 1.5 + 0.25 if scaled else None
-    return KVCenters(k, v, ks, vs, {"tokens": "synthetic"})
+    rope = {"k_rope": torch.randn(LAYERS, H_KV, D, generator=g) * 4.0, "rope_inv_freq": INV_FREQ,
+            "rope_scale": 1.1, "k_sink": torch.randn(LAYERS, H_KV, D, generator=g) * 6.0} if rotary else {}
+    return KVCenters(k, v, ks, vs, {"tokens": "synthetic"}, **rope)
+
+
+def _m(c: KVCenters, layer: int, positions: torch.Tensor) -> torch.Tensor:
+    """Position-dependent key centers [P, H_kv, D] of ``layer``: R_p μ_R + [p = 0] s_K (written out)."""
+    m = cal.rope_centers(c.k_rope[layer], cal.rope_table(c.rope_inv_freq, c.rope_scale, positions))
+    return m + (positions == 0).float()[:, None, None] * c.k_sink[layer][None]
 
 
 @pytest.fixture()
@@ -77,7 +88,7 @@ def _run(impl: _Impl, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, layer_n
     pos = torch.arange(L)
     slots = blocks[pos // block_size].long() * block_size + pos % block_size
     layer = SimpleNamespace(layer_name=f"model.layers.{layer_no}.self_attn.attn")
-    impl._e8_write(k, v, cache, slots, layer)
+    impl._e8_write(k, v, cache, slots, layer, positions=pos)
     meta = SimpleNamespace(num_actual_tokens=n, query_start_loc=torch.tensor([0, n], dtype=torch.int32),
                            seq_lens=torch.tensor([L], dtype=torch.int32), block_table=blocks[None])
     out = torch.zeros(n, H_Q * D)
@@ -93,18 +104,21 @@ def test_centered_impl_equals_attention_over_uncentered_cache(calib_file: KVCent
     layer_no = 2
     mk, mv = calib_file.k_mean[layer_no], calib_file.v_mean[layer_no]
     a, b = calib_file.k_scale[layer_no], calib_file.v_scale[layer_no]
-    k = mk + torch.randn(L, H_KV, D, generator=g)
+    m = _m(calib_file, layer_no, torch.arange(L))  # [L, H_kv, D], turns with the position
+    assert m.std(0).mean().item() > 1.0
+    k = mk + m + torch.randn(L, H_KV, D, generator=g)
     v = mv + torch.randn(L, H_KV, D, generator=g)
     q = torch.randn(n, H_Q, D, generator=g)
     impl = _Impl(dtype)
     out, cache, blocks = _run(impl, k, v, q, layer_no)
     kc, vc = gather_dequantized(cache, blocks, L, impl.fmt)  # what the cache holds: mapped codes
-    want = _float64_attention(q, kc.double() / a.double() + mk.double(), vc.double() / b.double() + mv.double(), n)
+    want = _float64_attention(q, kc.double() / a.double() + mk.double() + m.double(),
+                              vc.double() / b.double() + mv.double(), n)
     diff = (out.double() - want).abs().max().item()
     assert diff <= 1e-4 * want.abs().max().item() + 1e-5, diff
-    # the cache really holds a ⊙ (k - μ) (not the raw keys): mean near 0, channel spread follows a
+    # the cache really holds a ⊙ (k - μ - m(p)) (not the raw keys): mean near 0, spread follows a
     assert kc.mean(0).abs().max().item() < 0.5 < mk.abs().max().item()
-    ratio = (kc.std(0) / a).mean(0) / (k - mk).std(0).mean(0)
+    ratio = (kc.std(0) / a).mean(0) / (k - mk - m).std(0).mean(0)
     assert 0.8 < ratio.median().item() < 1.25
 
 
@@ -112,22 +126,26 @@ def test_centering_lowers_attention_error(calib_file: KVCenters, monkeypatch, tm
     """Keys with a large common component: error vs exact attention drops with centering
     (centers only: the synthetic scales above are random, not calibrated)."""
     calib_file = _centers(scaled=False)
-    monkeypatch.setenv(cal.CALIBRATION_ENV, str(calib_file.save(tmp_path / "centers_only.safetensors")))
+    static = _centers(scaled=False, rotary=False)
+    files = {"rotary": calib_file.save(tmp_path / "centers_only.safetensors"),
+             "static": KVCenters(static.k_mean + _m(calib_file, 1, torch.arange(96)).mean(0)[None],
+                                 static.v_mean).save(tmp_path / "static.safetensors")}
     g = torch.Generator().manual_seed(7)
     layer_no, L = 1, 96
     mk, mv = calib_file.k_mean[layer_no], calib_file.v_mean[layer_no]
-    k = mk + torch.randn(L, H_KV, D, generator=g)
+    k = mk + _m(calib_file, layer_no, torch.arange(L)) + torch.randn(L, H_KV, D, generator=g)
     v = mv + torch.randn(L, H_KV, D, generator=g)
     q = torch.randn(L, H_Q, D, generator=g) * 0.5
     exact = _float64_attention(q, k, v, L)
     errs = {}
-    for mode in ("centered", "none"):
-        if mode == "none":
-            monkeypatch.setenv(cal.CALIBRATION_ENV, "none")
+    for mode in ("rotary", "static", "none"):
+        monkeypatch.setenv(cal.CALIBRATION_ENV, str(files[mode]) if mode in files else "none")
+        cal.load_centers.cache_clear()
         e8spec._reset_active_dtype()
         out, _, _ = _run(_Impl("e8_k4v4"), k, v, q, layer_no)
         errs[mode] = (out.double() - exact).pow(2).mean().item()
-    assert errs["centered"] < 0.5 * errs["none"], errs
+    # static centers (the best position-independent mean) help; turning + position-0 centers help more
+    assert errs["rotary"] < 0.5 * errs["static"] and errs["static"] < 0.75 * errs["none"], errs
 
 
 def test_file_roundtrip_and_validation(tmp_path) -> None:
@@ -136,7 +154,14 @@ def test_file_roundtrip_and_validation(tmp_path) -> None:
     back = KVCenters.load(p)
     for n in ("k_mean", "v_mean", "k_scale", "v_scale"):
         assert torch.equal(getattr(back, n), getattr(c, n))
-    assert back.meta == {"tokens": "synthetic"}
+    assert back.meta == {"tokens": "synthetic", "version": cal.FORMAT_VERSION}
+    assert torch.equal(back.k_rope, c.k_rope) and torch.equal(back.rope_inv_freq, c.rope_inv_freq)
+    assert back.rope_scale == pytest.approx(1.1) and back.rotary and not _centers(rotary=False).rotary
+    assert torch.equal(back.k_sink, c.k_sink) and back.sink and not _centers(rotary=False).sink
+    part = back.for_layer(1, [1])
+    pos = torch.tensor([0, 5, 0, 9])
+    got = cal.key_centers(part, cal.rope_table(c.rope_inv_freq, c.rope_scale, pos), pos)
+    assert torch.allclose(got, _m(c, 1, pos)[:, [1]], atol=1e-5)
     part = back.for_layer(3, [2, 0])
     assert torch.equal(part["k_mean"], c.k_mean[3, [2, 0]]) and torch.equal(part["v_scale"], c.v_scale[3, [2, 0]])
     assert torch.equal(KVCenters(c.k_mean, c.v_mean).k_scale, torch.ones_like(c.k_mean))  # centering only
@@ -155,6 +180,45 @@ def test_file_roundtrip_and_validation(tmp_path) -> None:
         KVCenters(torch.full((1, 1, 8), float("nan")), torch.zeros(1, 1, 8))
     with pytest.raises(ValueError, match="positive"):
         KVCenters(torch.zeros(1, 1, 8), torch.zeros(1, 1, 8), torch.zeros(1, 1, 8))
+    with pytest.raises(ValueError, match="needs rope_inv_freq"):
+        KVCenters(torch.zeros(1, 1, 8), torch.zeros(1, 1, 8), k_rope=torch.ones(1, 1, 8))
+    with pytest.raises(ValueError, match="rope_inv_freq"):
+        KVCenters(torch.zeros(1, 1, 8), torch.zeros(1, 1, 8), k_rope=torch.ones(1, 1, 8), rope_inv_freq=torch.ones(3))
+    # format 2 files (static centers only) still load
+    save_file({n: getattr(c, n).contiguous() for n in ("k_mean", "v_mean", "k_scale", "v_scale")},
+              str(tmp_path / "v2.safetensors"), metadata={"format": "pt", "e8vllm_kv_calibration": "2"})
+    old = KVCenters.load(tmp_path / "v2.safetensors")
+    assert not old.rotary and old.meta["version"] == "2" and torch.equal(old.k_mean, c.k_mean)
+
+
+def test_rope_helpers_match_the_rotation() -> None:
+    """m(p) is RoPE (neox pairs i, i + D/2) of μ_R; coefficients · table[p] equals q · m(p)."""
+    g = torch.Generator().manual_seed(4)
+    mu = torch.randn(H_KV, D, generator=g, dtype=torch.float64)
+    pos = torch.tensor([0, 1, 7, 300, 4095])
+    trig = cal.rope_table(INV_FREQ, 1.3, pos)
+    m = cal.rope_centers(mu.float(), trig).double()  # [P, H, D]
+    h = D // 2
+    ang = pos[:, None].double() * INV_FREQ[None].double()
+    c, s = ang.cos()[:, None] * 1.3, ang.sin()[:, None] * 1.3
+    want = torch.cat([mu[None, :, :h] * c - mu[None, :, h:] * s, mu[None, :, h:] * c + mu[None, :, :h] * s], -1)
+    assert torch.allclose(m, want, atol=4e-3, rtol=0)  # float32 angles (as the models): p·θ rounds
+    assert torch.allclose(m[0], mu.double() * 1.3, atol=1e-6)  # position 0: no rotation
+    q = torch.randn(2, H_KV, D, generator=g)
+    w = cal.rope_bias_coeffs(q, mu.float())  # [2, H, D]
+    got = torch.einsum("thd,pd->thp", w.double(), trig.double())
+    assert torch.allclose(got, torch.einsum("thd,phd->thp", q.double(), m), atol=1e-3, rtol=1e-5)
+
+
+def test_token_positions() -> None:
+    from e8vllm.vllm_plugin.impl import token_positions
+
+    # three sequences: prefill chunk of 3 (seq_len 5), decode (seq_len 9), prefill 2 (seq_len 2); 2 padding rows
+    qsl = torch.tensor([0, 3, 4, 6])
+    lens = torch.tensor([5, 9, 2])
+    assert token_positions(qsl, lens, 8).tolist() == [2, 3, 4, 8, 0, 1, 0, 0]
+    # padded batch entries (repeated query_start_loc, seq_len 0) are skipped
+    assert token_positions(torch.tensor([0, 1, 1, 2]), torch.tensor([4, 0, 7]), 2).tolist() == [3, 6]
 
 
 def test_channel_scales_formula() -> None:

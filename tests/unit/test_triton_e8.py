@@ -20,7 +20,7 @@ import torch
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="run through tests/unit/test_triton_cpu.py (TRITON_INTERPRET=1)")
 
-from e8vllm.kernels.reference import E8KVFormat, reference_attention, write_kv_cache  # noqa: E402
+from e8vllm.kernels.reference import E8KVFormat, KeyBias, reference_attention, write_kv_cache  # noqa: E402
 from e8vllm.kernels.triton import fp16_operand_reference, supported  # noqa: E402
 from e8vllm.kernels.triton.e8_kv import triton_paged_attention, triton_write_kv_cache  # noqa: E402
 from e8vllm.kernels.triton.cases import random_case  # noqa: E402
@@ -55,14 +55,15 @@ def test_write_strided_input(one_thread):
     assert torch.equal(got.cpu(), ref)
 
 
-def _check_attention(case, **kw):
+def _check_attention(case, key_bias=None, **kw):
     ref = reference_attention(case.query.cpu(), case.kv_cache.cpu(), case.query_start_loc.cpu(), case.seq_lens.cpu(),
-                              case.block_table.cpu(), case.fmt)
+                              case.block_table.cpu(), case.fmt, key_bias=key_bias)
     emu = fp16_operand_reference(case.query, case.kv_cache, case.query_start_loc, case.seq_lens, case.block_table,
-                                 case.fmt)
+                                 case.fmt, key_bias=key_bias)
+    kb = None if key_bias is None else KeyBias(*(None if x is None else x.to(DEV) for x in key_bias))
     out = triton_paged_attention(case.query.to(DEV), case.kv_cache.to(DEV), case.query_start_loc.to(DEV),
                                  case.seq_lens.to(DEV), case.block_table.to(DEV), case.fmt,
-                                 max_query_len=case.max_query_len, **kw)
+                                 max_query_len=case.max_query_len, key_bias=kb, **kw)
     err = (out.cpu().double() - ref).abs().max().item()
     err_emu = (emu - ref).abs().max().item()
     assert 0 < err_emu < 1e-2 * ref.abs().max().item()
@@ -79,6 +80,50 @@ def test_attention_mixed_batch(bits, prefill, one_thread):
     fmt = E8KVFormat.from_bits(64, *bits)
     case = random_case(fmt, [70, 33, 1, 50, 20], [1, 33, 1, 9, 1], h_q=8, h_kv=2)
     _check_attention(case, prefill=prefill)
+
+
+def _key_bias(case, seed=0, parts=("coef", "first"), table_dtype=torch.float32):
+    """Position-dependent key centers as the calibration makes them: coefficients from the queries
+    and a random pre-RoPE key mean, the RoPE table of every position, and a position-0 (sink) term."""
+    from e8vllm.calibration import rope_bias_coeffs, rope_table
+
+    g = torch.Generator().manual_seed(seed)
+    h_q, d = case.query.shape[1], case.query.shape[2]
+    mu = torch.randn(h_q, d, generator=g) * 2.0
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+    trig = rope_table(inv_freq, 1.0, torch.arange(int(case.seq_lens.max()) + 5)).to(table_dtype)
+    first = (case.query.float() * torch.randn(h_q, d, generator=g)).sum(-1) * 0.5
+    if "coef" not in parts:
+        return KeyBias(None, None, first)
+    return KeyBias(rope_bias_coeffs(case.query, mu), trig, first if "first" in parts else None)
+
+
+@pytest.mark.parametrize("kernel", ["tile3", "tile3g"])
+def test_attention_key_bias_both_grids(kernel, one_thread):
+    """Position-dependent key centers: the logit of key p gains coef · table[p] + [p = 0] first, in
+    the decode grid (with segments) and in the general grid (mixed batch), against the float64
+    reference with them; each part alone too (fp16 table as on GPUs for tile3g)."""
+    fmt = E8KVFormat.from_bits(64, 4, 4)
+    tdt = torch.float16 if kernel == "tile3g" else torch.float32
+    mixed = random_case(fmt, [70, 33, 1, 50, 20], [1, 33, 1, 9, 1], h_q=8, h_kv=2, seed=11)
+    err, _ = _check_attention(mixed, key_bias=_key_bias(mixed, table_dtype=tdt), prefill={"kernel": kernel, "block_m": 32})
+    for parts in (("coef",), ("first",)):
+        _check_attention(mixed, key_bias=_key_bias(mixed, parts=parts), prefill={"kernel": kernel, "block_m": 32})
+    dec = random_case(fmt, [150, 9, 64], [1, 1, 1], h_q=8, h_kv=2, seed=12)
+    _check_attention(dec, key_bias=_key_bias(dec, 1, table_dtype=tdt), num_segs=4, decode={"kernel": kernel})
+    _check_attention(dec, key_bias=_key_bias(dec, 2, parts=("first",)), num_segs=4, decode={"kernel": kernel})
+    # the bias matters: without it the same kernel is far from the reference that has it
+    ref = reference_attention(mixed.query, mixed.kv_cache, mixed.query_start_loc, mixed.seq_lens,
+                              mixed.block_table, fmt, key_bias=_key_bias(mixed))
+    plain = triton_paged_attention(mixed.query.to(DEV), mixed.kv_cache.to(DEV), mixed.query_start_loc.to(DEV),
+                                   mixed.seq_lens.to(DEV), mixed.block_table.to(DEV), fmt,
+                                   max_query_len=mixed.max_query_len, prefill={"kernel": kernel, "block_m": 32})
+    assert (plain.cpu().double() - ref).abs().max().item() > 20 * err
+    with pytest.raises(ValueError, match="phase"):
+        triton_paged_attention(mixed.query.to(DEV), mixed.kv_cache.to(DEV), mixed.query_start_loc.to(DEV),
+                               mixed.seq_lens.to(DEV), mixed.block_table.to(DEV), fmt,
+                               max_query_len=mixed.max_query_len, prefill={"kernel": "phase"},
+                               key_bias=_key_bias(mixed))
 
 
 @pytest.mark.parametrize("segs", [1, 4])

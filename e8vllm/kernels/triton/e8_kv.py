@@ -462,17 +462,25 @@ def _query_rows(qsl_ptr, sl_ptr, seq, q_tile, kvh, BLOCK_Q: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, KB: tl.constexpr, VB: tl.constexpr,
-               G: tl.constexpr, TILE_N: tl.constexpr, V_OFF16: tl.constexpr, LUT: tl.constexpr,
-               CAUSAL: tl.constexpr):
+def _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, qb, trig_ptr, sb, KB: tl.constexpr,
+               VB: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, V_OFF16: tl.constexpr, LUT: tl.constexpr,
+               CAUSAL: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr):
     """One online-softmax step of the tile kernels over the cached codes of positions ``n`` [N]
     (int16 pointers ``base`` [N], loaded where ``nmask``); with CAUSAL, row r attends only to
-    positions <= qpos[r]. -> (m_i, l_i, acc)."""
+    positions <= qpos[r]; with BIAS, the logits gain qb [M, D] · trig[n] (position-dependent key
+    centers; trig float32 or fp16 [P, D]); with SINK, the logit of position 0 gains sb [M].
+    -> (m_i, l_i, acc)."""
     NBK: tl.constexpr = G * 8 * KB // 16  # int16 offset of the K scale
     NBV: tl.constexpr = G * 8 * VB // 16
     k = _decode_tile3(base, nmask, k_tab, KB, G, TILE_N, LUT)
     sk = tl.load(base + NBK, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
     s = tl.dot(q, tl.trans(k)) * sk[None, :]
+    if BIAS:
+        dd = tl.arange(0, 8 * G)
+        tg = tl.load(trig_ptr + n.to(tl.int64)[:, None] * (8 * G) + dd[None, :], mask=nmask[:, None], other=0.0)
+        s = tl.dot(qb, tl.trans(tg.to(tl.float16)), s)
+    if SINK:
+        s = s + tl.where(n[None, :] == 0, sb[:, None], 0.0)
     if CAUSAL:
         s = tl.where(nmask[None, :] & (n[None, :] <= qpos[:, None]), s, float("-inf"))
     else:
@@ -491,15 +499,18 @@ def _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, KB: tl.cons
 @triton.jit
 def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
                       cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0, qsl_ptr, sl_ptr,
-                      block_size, num_heads,
+                      block_size, num_heads, qb_ptr, trig_ptr, sink_ptr, ss0,
                       NQ: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
                       KB: tl.constexpr, VB: tl.constexpr, V_OFF16: tl.constexpr, NUM_SEGS: tl.constexpr,
-                      LUT: tl.constexpr):
+                      LUT: tl.constexpr, BIAS: tl.constexpr = False, SINK: tl.constexpr = False):
     """Flash-decoding over the packed cache, natural coordinate order (one query token per sequence).
 
     Program (sequence, kv head, segment): the NQ query heads of the kv head as rows of one tile; each
     tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers (:func:`_decode_tile3`,
     table lookup LUT) and used by one dot for q·k and one for p·v. q: float32 [T, H_q, D] rotated (natural order) and scaled by scale·log2(e).
+    With BIAS: qb float32 [T, H_q, D] (q's strides) and trig [P, D] add qb · trig[n] to the
+    logit of position n; with SINK, sink float32 [T, H_q] (row stride ss0) adds to position 0's
+    (:func:`_tile_step`).
     Writes unnormalized partials to ws_o [T, H_q, S, D] and ws_m / ws_l [T, H_q, S].
     """
     G: tl.constexpr = D // 8
@@ -517,6 +528,13 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
                 other=0.0).to(tl.float16)
+    qb = q
+    if BIAS:
+        qb = tl.load(qb_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
+                     other=0.0).to(tl.float16)
+    sb = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SINK:
+        sb = tl.load(sink_ptr + tok * ss0 + head, mask=rvalid, other=0.0)
     n_tiles = tl.cdiv(seq_len, TILE_N)
     per = tl.cdiv(n_tiles, NUM_SEGS)
     j0 = seg * per
@@ -528,8 +546,8 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
     kvh64 = kvh.to(tl.int64)
     for j in range(j0, j1):
         n, nmask, base = _tile_slots(j, seq_len, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N)
-        m_i, l_i, acc = _tile_step(q, base, n, nmask, n, k_tab, v_tab, m_i, l_i, acc, KB, VB, G, TILE_N, V_OFF16,
-                                   LUT, False)
+        m_i, l_i, acc = _tile_step(q, base, n, nmask, n, k_tab, v_tab, m_i, l_i, acc, qb, trig_ptr, sb, KB, VB, G,
+                                   TILE_N, V_OFF16, LUT, False, BIAS, SINK)
     wi = (tok * num_heads + head) * NUM_SEGS + seg
     tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
     tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
@@ -679,15 +697,17 @@ def _e8_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_p
 
 @triton.jit
 def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0,
-                         qsl_ptr, sl_ptr, num_seqs, block_size,
+                         qsl_ptr, sl_ptr, num_seqs, block_size, qb_ptr, trig_ptr, sink_ptr, ss0,
                          NQ: tl.constexpr, NQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                          TILE_N: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
-                         V_OFF16: tl.constexpr, LUT: tl.constexpr):
+                         V_OFF16: tl.constexpr, LUT: tl.constexpr, BIAS: tl.constexpr = False,
+                         SINK: tl.constexpr = False):
     """The general grid (prefill, chunked prefill, mixed batches) in natural coordinate order.
 
     Like :func:`_e8_attn_kernel` with NUM_SEGS == 1, but each K/V tile is decoded once to fp16
     [TILE_N, D] (:func:`_decode_tile3`) and used by one dot for q·k and one for p·v.
     q: float32 [T, H_q, D] rotated (natural order), scaled by scale·log2(e); o: float32 [T, H_q, D].
+    BIAS, qb, trig, SINK, sink, ss0: as in :func:`_e8_decode_kernel`.
     """
     G: tl.constexpr = D // 8
     kvh = tl.program_id(1)
@@ -701,6 +721,13 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
                 other=0.0).to(tl.float16)
+    qb = q
+    if BIAS:
+        qb = tl.load(qb_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
+                     other=0.0).to(tl.float16)
+    sb = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SINK:
+        sb = tl.load(sink_ptr + tok * ss0 + head, mask=rvalid, other=0.0)
     qpos = ctx + qi
     n_end = tl.minimum(seq_len, ctx + (q_tile + 1) * BLOCK_Q)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -710,8 +737,8 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
     kvh64 = kvh.to(tl.int64)
     for j in range(0, tl.cdiv(n_end, TILE_N)):
         n, nmask, base = _tile_slots(j, n_end, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N)
-        m_i, l_i, acc = _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, KB, VB, G, TILE_N, V_OFF16,
-                                   LUT, True)
+        m_i, l_i, acc = _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, qb, trig_ptr, sb, KB, VB, G,
+                                   TILE_N, V_OFF16, LUT, True, BIAS, SINK)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + (tok * so0 + head * so1)[:, None] + d[None, :], acc, mask=rvalid[:, None])
 
@@ -755,7 +782,8 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
                            seq_lens: torch.Tensor, block_table: torch.Tensor, fmt, *,  # noqa: ANN001
                            max_query_len: int, num_kv_heads: int | None = None, scale: float | None = None,
                            out: torch.Tensor | None = None, num_segs: int | None = None,
-                           decode: dict | None = None, prefill: dict | None = None) -> torch.Tensor:
+                           decode: dict | None = None, prefill: dict | None = None,
+                           key_bias=None) -> torch.Tensor:  # noqa: ANN001 - reference.KeyBias
     """Causal GQA attention over the packed cache (same contract as ``reference.paged_attention``).
 
     Args:
@@ -768,6 +796,9 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             ``num_warps``, ``num_stages``, ``segs`` (default :data:`DECODE_CONFIG`).
         prefill: general-grid settings (batches with max_query_len > 1): ``kernel`` ('tile3', 'tile3g' or
             'phase'), ``block_m``, ``tile_n``, ``num_warps``, ``num_stages`` (default :data:`PREFILL_CONFIG`).
+        key_bias: optional ``reference.KeyBias`` (coef [T, H_q, D] with table [P, D], P > every
+            position, float32 or fp16; first [T, H_q]): extra logit terms of position-dependent key
+            centers (:mod:`e8vllm.calibration`). Tile kernels only.
     Returns:
         ``out`` (or a new [T, H_q, D] tensor of query's dtype).
     """
@@ -789,6 +820,25 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
     natural = (dc if max_query_len <= 1 else pc)["kernel"] != "phase"
     segs = dc["segs"] if num_segs is None else num_segs
     qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale, natural)).view(t, h_q, d)
+    w, trig, first = key_bias if key_bias is not None else (None, None, None)
+    bias, sink = w is not None, first is not None
+    if (bias or sink) and not natural:
+        raise ValueError("the 'phase' kernel has no key bias (position-dependent key centers); use 'tile3' / 'tile3g'")
+    qb = sb = qr  # placeholders when unused
+    if bias:
+        if trig is None or trig.shape[1] != d or w.shape != query.shape:
+            raise ValueError(f"key_bias coef {tuple(w.shape)} / table {None if trig is None else tuple(trig.shape)} "
+                             f"do not fit query {tuple(query.shape)}")
+        qb = (w.to(torch.float32) * (scale * LOG2E)).contiguous()  # same strides as qr
+        trig = trig.contiguous()  # float32 or fp16 (rounded to fp16 in the kernel)
+        if trig.dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"key_bias table must be float16 or float32, got {trig.dtype}")
+    else:
+        trig = qr
+    if sink:
+        if first.shape != (t, h_q):
+            raise ValueError(f"key_bias first {tuple(first.shape)} does not fit query {tuple(query.shape)}")
+        sb = (first.to(torch.float32) * (scale * LOG2E)).contiguous()
     if max_query_len <= 1 and natural:
         ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=query.device)
         ws_l = torch.empty_like(ws_m)
@@ -796,9 +846,9 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         _e8_decode_kernel[(b, h_kv, segs)](
             qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, cache16, cache16.stride(0), cache16.stride(1),
             cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0), query_start_loc,
-            seq_lens, bs, h_q, NQ=nq, BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d,
-            KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2, NUM_SEGS=segs, LUT=_LUT[dc["kernel"]],
-            num_warps=dc["num_warps"], num_stages=dc["num_stages"])
+            seq_lens, bs, h_q, qb, trig, sb, h_q, NQ=nq, BLOCK_M=max(16, triton.next_power_of_2(nq)),
+            TILE_N=dc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2, NUM_SEGS=segs,
+            LUT=_LUT[dc["kernel"]], BIAS=bias, SINK=sink, num_warps=dc["num_warps"], num_stages=dc["num_stages"])
         o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
         _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
                                     D=d, NUM_SEGS=segs, num_warps=4)
@@ -810,9 +860,9 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         _e8_tile_attn_kernel[(t // block_q + b, h_kv)](
             qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), cache16, cache16.stride(0),
             cache16.stride(1), cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0),
-            query_start_loc, seq_lens, b, bs, NQ=nq, NQ_PAD=nq_pad, BLOCK_Q=block_q, BLOCK_M=block_m,
-            TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2,
-            LUT=_LUT[pc["kernel"]], num_warps=pc["num_warps"], num_stages=pc["num_stages"])
+            query_start_loc, seq_lens, b, bs, qb, trig, sb, h_q, NQ=nq, NQ_PAD=nq_pad, BLOCK_Q=block_q,
+            BLOCK_M=block_m, TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2,
+            LUT=_LUT[pc["kernel"]], BIAS=bias, SINK=sink, num_warps=pc["num_warps"], num_stages=pc["num_stages"])
     else:
         o = _phase_attention(qr, cache16, query_start_loc, seq_lens, block_table, c, b, bs, h_kv, nq,
                              max_query_len, segs)
@@ -863,11 +913,13 @@ def _phase_attention(qr: torch.Tensor, cache16: torch.Tensor, query_start_loc: t
 # ---------------------------------------------------------------------------------------------
 def fp16_operand_reference(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                            seq_lens: torch.Tensor, block_table: torch.Tensor, fmt, *,  # noqa: ANN001
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None,
+                           key_bias=None) -> torch.Tensor:  # noqa: ANN001 - reference.KeyBias
     """The attention of ``reference.reference_attention`` with the attention kernel's roundings.
 
     Everything in float64 except what the kernel rounds to fp16 before its dots: the rotated,
-    scaled query q̃, the table values T[k] and T[v], and p·s_v. Its distance to the float64
+    scaled query q̃, the table values T[k] and T[v], and p·s_v (and, with ``key_bias``, the scaled
+    coefficients and the position table). Its distance to the float64
     reference is the float error inherent to those fp16 operands; the tests bound the kernel's
     error by a multiple of it. Loops over sequences (small inputs only).
 
@@ -894,6 +946,12 @@ def fp16_operand_reference(query: torch.Tensor, kv_cache: torch.Tensor, query_st
 
     out = torch.zeros(qsl[-1], h_q, d, dtype=torch.float64)
     qr = (query[:qsl[-1]].cpu().double() @ rk.t() * (scale * LOG2E)).float().half().double()
+    wb = fb = None
+    if key_bias is not None and key_bias.coef is not None:
+        wb = (key_bias.coef[:qsl[-1]].cpu().double() * (scale * LOG2E)).float().half().double()
+        tb = key_bias.table.cpu().float().half().double()
+    if key_bias is not None and key_bias.first is not None:
+        fb = (key_bias.first[:qsl[-1]].cpu().double() * (scale * LOG2E)).float().double()
     for i in range(len(qsl) - 1):
         n, L = qsl[i + 1] - qsl[i], int(seq_lens[i])
         if n == 0:
@@ -908,6 +966,10 @@ def fp16_operand_reference(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             for hq in range(h_q):
                 hk = hq // grp
                 sc = (tk[: last + 1, hk] @ qr[qsl[i] + t, hq]) * sk[: last + 1, hk]
+                if wb is not None:
+                    sc = sc + tb[: last + 1] @ wb[qsl[i] + t, hq]
+                if fb is not None:
+                    sc[0] = sc[0] + fb[qsl[i] + t, hq]
                 p = torch.exp2(sc - sc.max())
                 pv = (p * sv[: last + 1, hk]).half().double()
                 out[qsl[i] + t, hq] = (pv @ tv[: last + 1, hk]) / p.sum()

@@ -27,14 +27,14 @@ def _apply():
                 st[sl[idx] // bs, :, 0] = key[idx].float()
                 st[sl[idx] // bs, :, 1] = value[idx].float()
 
-        def _attend(self, q, kv_cache, md, out):
+        def _attend(self, q, kv_cache, md, out, key_bias=None):
             b = md.query_start_loc.shape[0] - 1
             bs = kv_cache.shape[2]
             _CTX["sinks"] = set((md.block_table[:b, 0].long() * bs).tolist())
             _CTX["store"] = _STORE.get(id(kv_cache))
             _CTX["bs"] = bs
             try:
-                _orig_attend(self, q, kv_cache, md, out)
+                _orig_attend(self, q, kv_cache, md, out, key_bias)
             finally:
                 _CTX.clear()
 
