@@ -121,6 +121,7 @@ _OFF = ("none", "off", "0", "false", "no")
 
 _FIELDS = ("k_mean", "k_scale", "v_mean", "v_scale")
 _ROPE_FIELDS = ("k_rope", "rope_inv_freq", "rope_scale", "k_sink")
+_MAP_FIELDS = ("k_map", "v_map")
 SCALE_CLIP = 8.0
 ROPE_CHECK_TOL = 1e-4
 """Largest relative difference allowed between the model's RoPE keys and ours (else static centers)."""
@@ -141,6 +142,8 @@ class KVCenters:
         rope_scale: the RoPE attention scaling ρ (1 for plain RoPE).
         k_sink: float32 [L, H_kv, D], the extra key center of position 0 (the attention sink; None
             or zeros = none).
+        k_map, v_map: float32 [L, H_kv, D, D] invertible linear maps applied after centering
+            (k' = M (k − c) per head; None = identity; experimental, off by default).
     """
 
     k_mean: torch.Tensor
@@ -152,11 +155,16 @@ class KVCenters:
     rope_inv_freq: torch.Tensor | None = None
     rope_scale: float = 1.0
     k_sink: torch.Tensor | None = None
+    k_map: torch.Tensor | None = None
+    v_map: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for name in ("k_scale", "v_scale"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, torch.ones_like(self.k_mean, dtype=torch.float32))
+        if (self.k_map is not None or self.v_map is not None) and bool(
+                (self.k_scale != 1).any() or (self.v_scale != 1).any()):
+            raise ValueError("channel scales and linear maps are alternatives: give one or the other")
         for name in ("k_rope", "k_sink"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, torch.zeros_like(self.k_mean, dtype=torch.float32))
@@ -188,6 +196,16 @@ class KVCenters:
             raise ValueError(f"rope_inv_freq must be a finite tensor [{self.head_dim // 2}]")
         if not (math.isfinite(float(self.rope_scale)) and float(self.rope_scale) > 0):
             raise ValueError(f"rope_scale must be a positive number, got {self.rope_scale!r}")
+        for name in _MAP_FIELDS:
+            m = getattr(self, name)
+            if m is None:
+                continue
+            if (not isinstance(m, torch.Tensor) or m.shape != (*self.k_mean.shape, self.head_dim)
+                    or not bool(torch.isfinite(m).all())):
+                raise ValueError(f"{name} must be a finite tensor [layers, kv_heads, D, D]")
+            sv = torch.linalg.svdvals(m.double())
+            if bool((sv.amin(-1) <= 1e-6 * sv.amax(-1)).any()):
+                raise ValueError(f"{name} is not invertible")
 
     @property
     def rotary(self) -> bool:
@@ -227,6 +245,9 @@ class KVCenters:
             t["rope_inv_freq"] = self.rope_inv_freq.float().contiguous()
             t["rope_scale"] = torch.tensor([float(self.rope_scale)], dtype=torch.float32)
             t["k_sink"] = self.k_sink.float().contiguous()
+            for name in _MAP_FIELDS:
+                if getattr(self, name) is not None:
+                    t[name] = getattr(self, name).float().contiguous()
             save_file(t, tmp, metadata=meta)
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
@@ -247,14 +268,16 @@ class KVCenters:
             meta = dict(f.metadata() or {})
             version = meta.get("e8vllm_kv_calibration")
             want = set(_FIELDS) | (set(_ROPE_FIELDS) if version == "3" else set())
-            if version not in _READABLE or set(f.keys()) != want:
+            maps = set(f.keys()) & set(_MAP_FIELDS) if version == "3" else set()
+            if version not in _READABLE or set(f.keys()) != want | maps:
                 raise ValueError(f"{path} is not an e8vllm KV calibration file (format {FORMAT_VERSION})")
-            t = {n: f.get_tensor(n) for n in want}
+            t = {n: f.get_tensor(n) for n in want | maps}
         meta.pop("format", None)
         meta.pop("e8vllm_kv_calibration", None)
         meta["version"] = version
         rope = {} if version == "2" else {"k_rope": t["k_rope"], "rope_inv_freq": t["rope_inv_freq"],
-                                           "rope_scale": float(t["rope_scale"].reshape(-1)[0]), "k_sink": t["k_sink"]}
+                                           "rope_scale": float(t["rope_scale"].reshape(-1)[0]), "k_sink": t["k_sink"],
+                                           **{n: t[n] for n in maps}}
         return cls(t["k_mean"], t["v_mean"], t["k_scale"], t["v_scale"], meta, **rope)
 
     def for_layer(self, layer: int, heads: list[int]) -> dict[str, torch.Tensor]:
@@ -265,7 +288,11 @@ class KVCenters:
         if any(not 0 <= h < self.num_kv_heads for h in heads):
             raise ValueError(f"KV heads {heads} are not all in the calibration ({self.num_kv_heads} heads)")
         idx = torch.tensor(heads, dtype=torch.long)
-        return {n: getattr(self, n)[layer].index_select(0, idx).float() for n in (*_FIELDS, "k_rope", "k_sink")}
+        out = {n: getattr(self, n)[layer].index_select(0, idx).float() for n in (*_FIELDS, "k_rope", "k_sink")}
+        for n in _MAP_FIELDS:  # {k,v}_map [H, D, D] when set
+            if getattr(self, n) is not None:
+                out[n] = getattr(self, n)[layer].index_select(0, idx).float()
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +340,18 @@ def rope_bias_coeffs(q: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
     return torch.cat([q1 * m1 + q2 * m2, q2 * m1 - q1 * m2], -1)
 
 
+def pca_maps(x: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
+    """Per-head maps M = diag(a) Uᵀ, a = λ^(-1/4) (mean a² = 1), from samples x [N, H, D] of
+    centered vectors (covariance U diag(λ) Uᵀ per head; λ floored at ``floor`` · max λ): [H, D, D]."""
+    xs = x.double()
+    cov = torch.einsum("nhd,nhe->hde", xs, xs) / max(1, xs.shape[0])
+    lam, u = torch.linalg.eigh(cov)
+    lam = torch.maximum(lam, lam.amax(-1, keepdim=True) * floor)
+    a = lam.pow(-0.25)
+    a = a / a.pow(2).mean(-1, keepdim=True).sqrt()
+    return (a[..., :, None] * u.transpose(-1, -2)).float()
+
+
 def _model_rope(model: Any, head_dim: int) -> tuple[torch.Tensor, float] | None:
     """(inv_freq [D/2], attention scaling) of a transformers model's rotary embedding, or None."""
     rot = getattr(getattr(model, "model", None), "rotary_emb", None)
@@ -353,7 +392,8 @@ def _rope_module(model: Any) -> Any:
 
 @torch.inference_mode()
 def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 1024,
-                    text_path: Path | None = None, scales: bool = False, sink_samples: int = 64) -> KVCenters:
+                    text_path: Path | None = None, scales: bool = False, sink_samples: int = 64,
+                    maps: bool = False) -> KVCenters:
     """Calibrate the KV map of a (Llama-like, transformers) model on real text.
 
     Runs the model (float32, CPU) over ``num_tokens`` tokens of ``text_path`` (default: the KV side
@@ -365,8 +405,13 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
     SmolLM2's perplexity); without ``scales`` they are all ones. The position-0 key center comes
     from the first tokens of ``sink_samples`` more short sequences (4 tokens each, spread over the
     same text); it is kept only where it leaves less than half the position-0 residual energy
-    (leave-one-out estimate), else zeros.
+    (leave-one-out estimate), else zeros. With ``maps`` (experimental), per-head linear maps
+    M = diag(λ^(-1/4)) Uᵀ from the eigen-decomposition U diag(λ) Uᵀ of the residual (centered)
+    key and value covariances: the same E8 error then costs less squared error on K and V
+    (high-resolution estimate: (mean λ) / (mean √λ)² less).
     """
+    if scales and maps:
+        raise ValueError("scales and maps are alternatives")
     from e8vllm.kvdump import load_model, resolve_text_files, text_token_ids
 
     if num_tokens <= 0 or chunk <= 0:
@@ -391,6 +436,8 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
     mod = _rope_module(model)
     orig = mod.apply_rotary_pos_emb
     sink: dict[str, Any] = {"on": False, "calls": 0, "keys": [[] for _ in range(n_layers)]}
+    kept_k: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # with maps: every K / V (float32)
+    kept_v: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
 
     def capture(q: torch.Tensor, k: torch.Tensor, *args: Any, **kw: Any) -> Any:
         qe, ke = orig(q, k, *args, **kw)  # [1, H, T, D]
@@ -402,6 +449,8 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
         calls[0] += 1
         kk = ke[0].transpose(0, 1).double()  # [T, H_kv, D]
         kp = k[0].transpose(0, 1).double()  # before RoPE
+        if maps:
+            kept_k[layer].append(kk.float())
         sk[layer] += kk.sum(0)
         sk2[layer] += kk.pow(2).sum(0)
         skr[layer] += kp.sum(0)
@@ -419,6 +468,8 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
             if sink["on"]:
                 return
             vv = out[0].double().reshape(-1, h_kv, d)
+            if maps:
+                kept_v[i].append(vv.float())
             sv[i] += vv.sum(0)
             sv2[i] += vv.pow(2).sum(0)
         hooks.append(layer.self_attn.v_proj.register_forward_hook(vhook))
@@ -477,6 +528,19 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
         rope_kw["k_sink"] = torch.where(keep, mean, torch.zeros_like(mean)).float()
         meta["sink"] = (f"position 0 from {sink_samples} sequences: kept for {int(keep.sum())} of {keep.numel()} "
                         f"(layer, head); residual energy x{ratio.median().item():.3f} (median, leave-one-out)")
+    if maps:
+        pos = torch.cat(positions)
+        trig_all = rope_table(rope[0], rope[1], pos) if "k_rope" in rope_kw else None
+        km, vm = [], []
+        for layer in range(n_layers):
+            c = {"k_rope": rope_kw.get("k_rope", torch.zeros_like(k_mean.float()))[layer],
+                 "k_sink": rope_kw.get("k_sink", torch.zeros_like(k_mean.float()))[layer]}
+            rk = torch.cat(kept_k[layer]) - k_mean[layer].float() - key_centers(c, trig_all, pos)
+            rv = torch.cat(kept_v[layer]) - v_mean[layer].float()
+            km.append(pca_maps(rk))
+            vm.append(pca_maps(rv))
+        rope_kw["k_map"], rope_kw["v_map"] = torch.stack(km), torch.stack(vm)
+        meta["maps"] = "per-head diag(lambda^-1/4) U^T of the centered K and V covariances"
     if not scales:
         return KVCenters(k_mean.float(), v_mean.float(), None, None, meta, **rope_kw)
     return KVCenters(k_mean.float(), v_mean.float(), channel_scales(q_energy, k_energy),
@@ -484,7 +548,8 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
 
 
 def calibrate(model_dir: Path | str, out: Path | str | None = None, num_tokens: int = 4096,
-              force: bool = False, text_path: Path | None = None, scales: bool = False) -> Path:
+              force: bool = False, text_path: Path | None = None, scales: bool = False,
+              maps: bool = False) -> Path:
     """Write the calibration of ``model_dir`` to ``out`` (default ``model_dir/CALIBRATION_FILE``);
     an existing valid file of the current format is kept unless ``force``."""
     out = Path(out) if out is not None else Path(model_dir) / CALIBRATION_FILE
@@ -495,7 +560,7 @@ def calibrate(model_dir: Path | str, out: Path | str | None = None, num_tokens: 
             logger.warning("replacing calibration file %s of an older format", out)
         except ValueError:
             logger.warning("replacing invalid or old calibration file %s", out)
-    centers = compute_centers(model_dir, num_tokens=num_tokens, text_path=text_path, scales=scales)
+    centers = compute_centers(model_dir, num_tokens=num_tokens, text_path=text_path, scales=scales, maps=maps)
     return centers.save(out)
 
 
@@ -564,7 +629,8 @@ def describe(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {"kv_centering": False, "calibration_file": None}
     c = load_centers(str(path))
-    return {"kv_centering": True, "kv_rope_centers": c.rotary, "calibration_file": str(path), "layers": c.num_layers,
+    return {"kv_centering": True, "kv_rope_centers": c.rotary, "kv_sink_center": c.sink,
+            "kv_maps": c.k_map is not None or c.v_map is not None, "calibration_file": str(path), "layers": c.num_layers,
             "kv_heads": c.num_kv_heads, "head_dim": c.head_dim, **{f"meta_{k}": v for k, v in c.meta.items()}}
 
 

@@ -91,13 +91,15 @@ def calibrate_cmd(
     text: Optional[Path] = typer.Option(None, help="Calibration text file or directory instead."),
     force: bool = typer.Option(False, help="Recompute even if a valid file exists."),
     scales: bool = typer.Option(False, help="Also per-channel scales (experimental: did not lower SmolLM2's PPL)."),
+    maps: bool = typer.Option(False, help="Also per-head PCA maps of K and V (experimental, see e8vllm/calibration.py)."),
 ) -> None:
-    """Write the KV calibration (per-head centers, optional channel scales) that E8 KV dtypes use."""
+    """Write the KV calibration (per-head centers that follow RoPE and the position-0 sink,
+    optional channel scales or linear maps) that E8 KV dtypes use."""
     import json
 
     from e8vllm.calibration import calibrate, describe
 
-    path = calibrate(model, out=out, num_tokens=tokens, force=force, text_path=text, scales=scales)
+    path = calibrate(model, out=out, num_tokens=tokens, force=force, text_path=text, scales=scales, maps=maps)
     typer.echo(json.dumps(describe(path), indent=2))
 
 

@@ -330,7 +330,11 @@ def measure(key: Any, value: Any, kv_cache: Any, slot_mapping: Any, fmt: Any,
         v_hat = v_rot if fmt.v_rotation is None else fmt.v_rotation.inverse(v_rot)
         if centers is not None:  # undo the KV calibration map: x = x' / scale + mean
             h = codes.shape[1]
-            k_hat = k_hat.reshape(-1, h, d) / centers["k_scale"].float() + centers["k_mean"].float()
+            k_hat = k_hat.reshape(-1, h, d)
+            if centers.get("k_inv_map") is not None:  # linear maps: x = N⁻¹ x' + mean
+                k_hat = torch.einsum("nhd,hed->nhe", k_hat, centers["k_inv_map"].float())
+                v_hat = torch.einsum("nhd,hed->nhe", v_hat.reshape(-1, h, d), centers["v_inv_map"].float()).reshape(-1, d)
+            k_hat = k_hat / centers["k_scale"].float() + centers["k_mean"].float()
             if centers.get("k_pos") is not None:  # position-dependent key centers [T, H, D]
                 k_hat = k_hat + centers["k_pos"][idx].float()
             k_hat = k_hat.reshape(-1, d)

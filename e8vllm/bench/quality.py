@@ -77,6 +77,7 @@ KV_SPACE_GIB = 2
 DEBUG_CODECS_ENV = "E8VLLM_DEBUG_CODECS"
 CODECS_PREFIX = "codecs:"
 NOCENTER_SUFFIX = "@nocenter"
+CALIB_MARK = "@calib="
 CALIBRATION_ENV = "E8VLLM_KV_CALIBRATION"
 CARRIER_DTYPE = "e8_k4v4"
 """The e8 dtype whose engine runs a ``codecs:`` pseudo-dtype (its codecs are replaced)."""
@@ -122,7 +123,16 @@ def resolve_dtype(name: str) -> dict[str, Any]:
     ``codecs:KC[/VC]`` -> the :data:`CARRIER_DTYPE` engine with ``E8VLLM_DEBUG_CODECS=KC,VC``.
     A ``@nocenter`` suffix (e.g. ``e8_k4v4@nocenter``) runs the same engine with KV centering
     off (``E8VLLM_KV_CALIBRATION=none``, :mod:`e8vllm.calibration`): the ablation row.
+    ``@calib=PATH`` (e.g. ``e8_k4v4@calib=/tmp/c.safetensors``) runs it with another calibration file.
     """
+    if CALIB_MARK in name:
+        head, _, path = name.partition(CALIB_MARK)
+        if not Path(path).is_file():
+            raise ValueError(f"{name!r}: no calibration file {path}")
+        base = resolve_dtype(head)
+        note = "; ".join(x for x in (base["note"], f"KV calibration {path}") if x)
+        return {"name": name, "kv_cache_dtype": base["kv_cache_dtype"],
+                "env": {**base["env"], CALIBRATION_ENV: path}, "note": note}
     if name.endswith(NOCENTER_SUFFIX):
         base = resolve_dtype(name[: -len(NOCENTER_SUFFIX)])
         note = "; ".join(x for x in (base["note"], f"KV centering off ({CALIBRATION_ENV}=none)") if x)

@@ -122,6 +122,54 @@ def test_centered_impl_equals_attention_over_uncentered_cache(calib_file: KVCent
     assert 0.8 < ratio.median().item() < 1.25
 
 
+@pytest.mark.parametrize("L,n", [(45, 45), (70, 1)])
+def test_mapped_impl_equals_attention_over_unmapped_cache(tmp_path, monkeypatch, L: int, n: int) -> None:
+    """Linear maps (k' = M (k − c(p)), v' = N (v − μ_V), q' = q M⁻¹, o = N⁻¹ o' + μ_V): the impl equals
+    float64 attention over the cache mapped back, and the maps fitted by pca_maps whiten the spread."""
+    g = torch.Generator().manual_seed(L + n)
+    base = _centers(scaled=False)
+    mix = torch.linalg.qr(torch.randn(H_KV, D, D, generator=g))[0]  # rotated axes of spread 0.2..3
+    spread = torch.linspace(0.2, 3.0, D)
+    x = torch.einsum("nhd,hed->nhe", torch.randn(4000, H_KV, D, generator=g) * spread, mix)
+    km = cal.pca_maps(x)  # [H, D, D]
+    y = torch.einsum("nhd,hed->nhe", x, km)
+    cov = torch.einsum("nhd,nhe->hde", y, y) / 4000  # eigenvalues λ^(1/2) (normalized): less spread
+    ev = torch.linalg.eigvalsh(cov.double())
+    ev_x = torch.linalg.eigvalsh(torch.einsum("nhd,nhe->hde", x, x).double() / 4000)
+    assert (ev[:, -1] / ev[:, 0]).max() < (ev_x[:, -1] / ev_x[:, 0]).min() ** 0.6
+    vm = torch.linalg.qr(torch.randn(LAYERS, H_KV, D, D, generator=g))[0] * 1.7
+    c = KVCenters(base.k_mean, base.v_mean, meta={"tokens": "synthetic"}, k_rope=base.k_rope,
+                  rope_inv_freq=base.rope_inv_freq, rope_scale=base.rope_scale, k_sink=base.k_sink,
+                  k_map=km[None].expand(LAYERS, -1, -1, -1).contiguous(), v_map=vm)
+    path = c.save(tmp_path / "maps.safetensors")
+    back = KVCenters.load(path)
+    assert torch.equal(back.k_map, c.k_map) and torch.equal(back.v_map, c.v_map)
+    monkeypatch.setenv(cal.CALIBRATION_ENV, str(path))
+    cal.load_centers.cache_clear()
+    e8spec._reset_active_dtype()
+    layer_no = 2
+    m = _m(c, layer_no, torch.arange(L))
+    k = c.k_mean[layer_no] + m + torch.randn(L, H_KV, D, generator=g)
+    v = c.v_mean[layer_no] + torch.randn(L, H_KV, D, generator=g)
+    q = torch.randn(n, H_Q, D, generator=g)
+    impl = _Impl("e8_k4v4")
+    out, cache, blocks = _run(impl, k, v, q, layer_no)
+    kc, vc = gather_dequantized(cache, blocks, L, impl.fmt)  # mapped codes
+    kinv = torch.linalg.inv(c.k_map[layer_no].double())
+    vinv = torch.linalg.inv(c.v_map[layer_no].double())
+    k_back = torch.einsum("lhd,hed->lhe", kc.double(), kinv) + c.k_mean[layer_no].double() + m.double()
+    v_back = torch.einsum("lhd,hed->lhe", vc.double(), vinv) + c.v_mean[layer_no].double()
+    want = _float64_attention(q, k_back, v_back, n)
+    diff = (out.double() - want).abs().max().item()
+    assert diff <= 1e-4 * want.abs().max().item() + 1e-5, diff
+    # and the quantization error is still small against the raw K / V
+    assert (k_back - k.double()).pow(2).mean() < 0.05 * (k - c.k_mean[layer_no] - m).pow(2).mean()
+    with pytest.raises(ValueError, match="alternatives"):
+        KVCenters(base.k_mean, base.v_mean, torch.full_like(base.k_mean, 2.0), None, k_map=c.k_map)
+    with pytest.raises(ValueError, match="invertible"):
+        KVCenters(base.k_mean, base.v_mean, k_map=torch.zeros_like(c.k_map))
+
+
 def test_centering_lowers_attention_error(calib_file: KVCenters, monkeypatch, tmp_path) -> None:
     """Keys with a large common component: error vs exact attention drops with centering
     (centers only: the synthetic scales above are random, not calibrated)."""

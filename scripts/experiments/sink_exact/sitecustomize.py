@@ -56,7 +56,11 @@ def _apply():
                         ek = self.k_rotation.forward(ek)
                     if self.v_rotation is not None:
                         ev = self.v_rotation.forward(ev)
-                    k[si], v[si] = ek.to(k.dtype), ev.to(v.dtype)
+                    parts = os.environ.get("E8_SINK_PARTS", "kv")
+                    if "k" in parts:
+                        k[si] = ek.to(k.dtype)
+                    if "v" in parts:
+                        v[si] = ev.to(v.dtype)
             return k, v
 
         I.E8ImplMixin._e8_write_codes = _write
