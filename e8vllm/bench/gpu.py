@@ -386,12 +386,16 @@ def engine_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: i
     max_len = prompt + gen + 16
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=max_len,
               max_num_batched_tokens=8192, max_num_seqs=max(seqs, 8), gpu_memory_utilization=0.85,
-              enforce_eager=True, kv_cache_dtype=dtype, attention_config={"backend": backend},
+              enforce_eager=True, kv_cache_dtype=dtype.removesuffix("+centers"), attention_config={"backend": backend},
               enable_prefix_caching=True)
     cc = llm.llm_engine.vllm_config.cache_config
     rec: dict[str, Any] = {"dtype": dtype, "backend": backend, "seqs": seqs, "prompt": prompt, "gen": gen,
                            "start_s": round(time.time() - t0, 1), "num_gpu_blocks": cc.num_gpu_blocks,
                            "block_size": cc.block_size, "capacity_tokens": cc.num_gpu_blocks * cc.block_size}
+    from e8vllm.calibration import find_calibration
+
+    calib = find_calibration(model_dir)
+    rec["kv_calibration"] = str(calib) if calib is not None else None
     print("CAPACITY", json.dumps(rec), flush=True)
     prompts = [{"prompt_token_ids": [(7919 * i + 104729 * j) % 120000 + 100 for j in range(prompt)]}
                for i in range(seqs)]
@@ -414,17 +418,41 @@ def engine_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: i
     print("RESULT", json.dumps(rec), flush=True)
 
 
+def _synthetic_calibration(model_dir: Path, cfg: dict[str, Any]) -> None:
+    """A KV calibration with every position-dependent center (RoPE-turned mean and the position-0
+    sink; random values, the model's RoPE frequencies) in ``model_dir``: dummy weights have no real
+    statistics, this measures what the centers cost."""
+    import torch
+
+    from e8vllm.calibration import CALIBRATION_FILE, KVCenters
+
+    g = torch.Generator().manual_seed(0)
+    d = cfg["head_dim"]
+    shape = (cfg["num_hidden_layers"], cfg["num_key_value_heads"], d)
+    KVCenters(torch.randn(shape, generator=g) * 0.1, torch.randn(shape, generator=g) * 0.01,
+              meta={"tokens": "synthetic (benchmark)"}, k_rope=torch.randn(shape, generator=g) * 0.1,
+              rope_inv_freq=cfg["rope_theta"] ** (-torch.arange(0, d, 2, dtype=torch.float32) / d),
+              k_sink=torch.randn(shape, generator=g) * 0.1).save(model_dir / CALIBRATION_FILE)
+
+
 def run_engine(runs: list[tuple[str, str]], seqs: int, prompt: int, gen: int) -> list[dict[str, Any]]:
-    """Run :func:`engine_worker` per (dtype, backend) in a fresh process; results in ``engine.jsonl``."""
+    """Run :func:`engine_worker` per (dtype, backend) in a fresh process; results in ``engine.jsonl``.
+    A dtype ``X+centers`` runs X on a model directory with a synthetic KV calibration."""
     out = str(_out_dir() / f"engine_{seqs}x{prompt}.jsonl")
     model_dir = Path(tempfile.mkdtemp(prefix="llama3-8b-shape-"))
     (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
+    calibrated = None  # a second directory with a synthetic KV calibration, for "DTYPE+centers" runs
+    if any(dt.endswith("+centers") for dt, _ in runs):
+        calibrated = Path(tempfile.mkdtemp(prefix="llama3-8b-shape-calibrated-"))
+        (calibrated / "config.json").write_text(json.dumps(LLAMA3_8B))
+        _synthetic_calibration(calibrated, LLAMA3_8B)
     env = {**os.environ, "PYTHONPATH": _plugin_path() + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "VLLM_PLUGINS": "e8vllm", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     for dtype, backend in runs:
         print(f"=== {dtype} ({backend}) {seqs}x{prompt}+{gen}", flush=True)
+        mdir = calibrated if dtype.endswith("+centers") else model_dir
         code = ("import sys; sys.path[:0]=%r.split(%r); from e8vllm.bench.gpu import engine_worker; "
-                "engine_worker(%r, %r, %r, %d, %d, %d, %r)" % (env["PYTHONPATH"], os.pathsep, str(model_dir),
+                "engine_worker(%r, %r, %r, %d, %d, %d, %r)" % (env["PYTHONPATH"], os.pathsep, str(mdir),
                                                                dtype, backend, seqs, prompt, gen, out))
         r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT)
         print(f"=== {dtype}: exit {r.returncode}", flush=True)
