@@ -462,6 +462,23 @@ def _query_rows(qsl_ptr, sl_ptr, seq, q_tile, kvh, BLOCK_Q: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _query_operands(q_ptr, qb_ptr, sink_ptr, tok, head, rvalid, sq0, sq1, ss0, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr):
+    """The query tile's operands for rows (tok, head): q fp16 [M, D], the key-bias coefficients qb
+    fp16 [M, D] (q itself when not BIAS) and the position-0 term sb float32 [M] (zeros when not SINK)."""
+    d = tl.arange(0, D)
+    rows = (tok * sq0 + head * sq1)[:, None] + d[None, :]
+    q = tl.load(q_ptr + rows, mask=rvalid[:, None], other=0.0).to(tl.float16)
+    qb = q
+    if BIAS:
+        qb = tl.load(qb_ptr + rows, mask=rvalid[:, None], other=0.0).to(tl.float16)
+    sb = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SINK:
+        sb = tl.load(sink_ptr + tok * ss0 + head, mask=rvalid, other=0.0)
+    return q, qb, sb
+
+
+@triton.jit
 def _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, qb, trig_ptr, sb, KB: tl.constexpr,
                VB: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, V_OFF16: tl.constexpr, LUT: tl.constexpr,
                CAUSAL: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr):
@@ -526,15 +543,7 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
     head = kvh * NQ + r
     tok = q_start.to(tl.int64)
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
-                other=0.0).to(tl.float16)
-    qb = q
-    if BIAS:
-        qb = tl.load(qb_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
-                     other=0.0).to(tl.float16)
-    sb = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if SINK:
-        sb = tl.load(sink_ptr + tok * ss0 + head, mask=rvalid, other=0.0)
+    q, qb, sb = _query_operands(q_ptr, qb_ptr, sink_ptr, tok, head, rvalid, sq0, sq1, ss0, D, BLOCK_M, BIAS, SINK)
     n_tiles = tl.cdiv(seq_len, TILE_N)
     per = tl.cdiv(n_tiles, NUM_SEGS)
     j0 = seg * per
@@ -719,15 +728,7 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
     if q_tile * BLOCK_Q >= q_len:
         return
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
-                other=0.0).to(tl.float16)
-    qb = q
-    if BIAS:
-        qb = tl.load(qb_ptr + (tok * sq0 + head * sq1)[:, None] + d[None, :], mask=rvalid[:, None],
-                     other=0.0).to(tl.float16)
-    sb = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if SINK:
-        sb = tl.load(sink_ptr + tok * ss0 + head, mask=rvalid, other=0.0)
+    q, qb, sb = _query_operands(q_ptr, qb_ptr, sink_ptr, tok, head, rvalid, sq0, sq1, ss0, D, BLOCK_M, BIAS, SINK)
     qpos = ctx + qi
     n_end = tl.minimum(seq_len, ctx + (q_tile + 1) * BLOCK_Q)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
