@@ -418,6 +418,65 @@ def engine_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: i
     print("RESULT", json.dumps(rec), flush=True)
 
 
+def sweep_worker(model_dir: str, dtype: str, backend: str, concurrency: list[int], prompt: int, gen: int,
+                 out: str) -> None:
+    """Concurrency sweep on one engine: for each c, c requests of ``prompt`` distinct tokens + ``gen``
+    generated, all submitted at once (the scheduler admits what fits in the KV cache). Per c: wall
+    time, output and total token throughput, p50 / p99 time per output token over the requests
+    (vLLM's per-request stats: (last token - first token) / (tokens - 1)) and preemptions."""
+    import statistics
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=prompt + gen + 16,
+              max_num_batched_tokens=8192, max_num_seqs=max(concurrency), gpu_memory_utilization=0.85,
+              enforce_eager=True, kv_cache_dtype=dtype, attention_config={"backend": backend},
+              enable_prefix_caching=False, disable_log_stats=False)
+    cc = llm.llm_engine.vllm_config.cache_config
+    llm.generate([{"prompt_token_ids": [5] * 64}], SamplingParams(max_tokens=4, detokenize=False), use_tqdm=False)
+    for c in concurrency:
+        prompts = [{"prompt_token_ids": [(7919 * i + 104729 * j + 31 * c) % 120000 + 100 for j in range(prompt)]}
+                   for i in range(c)]
+        t = time.time()
+        outs = llm.generate(prompts, SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True,
+                                                    detokenize=False), use_tqdm=False)
+        dt = time.time() - t
+        tpot, preempt = [], 0
+        for o in outs:
+            m = getattr(o, "metrics", None)
+            n = getattr(m, "num_generation_tokens", 0) if m is not None else 0
+            if m is not None and n > 1 and m.last_token_ts > m.first_token_ts:
+                tpot.append((m.last_token_ts - m.first_token_ts) / (n - 1))
+            preempt += int(getattr(m, "num_preemptions", 0) or 0) if m is not None else 0
+        n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+        tpot.sort()
+        rec = {"dtype": dtype, "backend": backend, "concurrency": c, "prompt": prompt, "gen": gen,
+               "capacity_tokens": cc.num_gpu_blocks * cc.block_size, "wall_s": round(dt, 2),
+               "output_tok_s": round(n_out / dt, 1), "total_tok_s": round((n_out + c * prompt) / dt, 1),
+               "tpot_p50_ms": round(1e3 * statistics.median(tpot), 2) if tpot else None,
+               "tpot_p99_ms": round(1e3 * tpot[min(len(tpot) - 1, int(0.99 * len(tpot)))], 2) if tpot else None,
+               "preemptions": preempt if tpot else None}
+        with open(out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print("SWEEP", json.dumps(rec), flush=True)
+
+
+def run_sweep(runs: list[tuple[str, str]], concurrency: list[int], prompt: int, gen: int) -> None:
+    """:func:`sweep_worker` per (dtype, backend) in a fresh process; JSON lines in ``sweep_PROMPT.jsonl``."""
+    out = str(_out_dir() / f"sweep_{prompt}.jsonl")
+    model_dir = Path(tempfile.mkdtemp(prefix="llama3-8b-shape-"))
+    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
+    env = {**os.environ, "PYTHONPATH": _plugin_path() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "VLLM_PLUGINS": "e8vllm", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    for dtype, backend in runs:
+        print(f"=== sweep {dtype} ({backend}) c={concurrency} {prompt}+{gen}", flush=True)
+        code = ("import sys; sys.path[:0]=%r.split(%r); from e8vllm.bench.gpu import sweep_worker; "
+                "sweep_worker(%r, %r, %r, %r, %d, %d, %r)" % (env["PYTHONPATH"], os.pathsep, str(model_dir),
+                                                              dtype, backend, concurrency, prompt, gen, out))
+        r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT)
+        print(f"=== {dtype}: exit {r.returncode}", flush=True)
+
+
 def _synthetic_calibration(model_dir: Path, cfg: dict[str, Any]) -> None:
     """A KV calibration with every position-dependent center (RoPE-turned mean and the position-0
     sink; random values, the model's RoPE frequencies) in ``model_dir``: dummy weights have no real
@@ -584,6 +643,11 @@ def main(argv: list[str] | None = None) -> None:
     pe.add_argument("--seqs", type=int, default=64)
     pe.add_argument("--prompt", type=int, default=8192)
     pe.add_argument("--gen", type=int, default=128)
+    ps = sub.add_parser("sweep")
+    ps.add_argument("--runs", nargs="+", default=["auto:TRITON_ATTN", "e8_k4v4:CUSTOM"])
+    ps.add_argument("--concurrency", default="32,128,512")
+    ps.add_argument("--prompt", type=int, default=2048)
+    ps.add_argument("--gen", type=int, default=128)
     pt = sub.add_parser("tune")
     pt.add_argument("--batch", type=int, default=64)
     pt.add_argument("--context", type=int, default=8192)
@@ -600,6 +664,9 @@ def main(argv: list[str] | None = None) -> None:
                    a.dtypes.split(","))
     if a.cmd == "engine":
         run_engine([tuple(r.split(":")) for r in a.runs], a.seqs, a.prompt, a.gen)  # type: ignore[misc]
+    if a.cmd == "sweep":
+        run_sweep([tuple(r.split(":")) for r in a.runs], [int(x) for x in a.concurrency.split(",")],  # type: ignore[misc]
+                  a.prompt, a.gen)
     if a.cmd in ("report",):
         print(report(Path(os.environ.get("E8_BENCH_OUT") or RESULTS)))
 
