@@ -127,9 +127,9 @@ _FIELDS = ("k_mean", "k_scale", "v_mean", "v_scale")
 _ROPE_FIELDS = ("k_rope", "rope_inv_freq", "rope_scale", "k_sink")
 _MAP_FIELDS = ("k_map", "v_map")
 SCALE_CLIP = 8.0
+"""Scales are clipped to [1/SCALE_CLIP, SCALE_CLIP] (after normalizing to mean square 1)."""
 ROPE_CHECK_TOL = 1e-4
 """Largest relative difference allowed between the model's RoPE keys and ours (else static centers)."""
-"""Scales are clipped to [1/SCALE_CLIP, SCALE_CLIP] (after normalizing to mean square 1)."""
 
 
 @dataclass(frozen=True)
@@ -493,7 +493,8 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
         for h in hooks:
             h.remove()
     if calls[0] != n_layers * -(-len(ids) // chunk) or sink["calls"] != n_layers * sink_samples:
-        raise RuntimeError(f"captured {calls[0]} RoPE calls, expected {n_layers} per chunk")
+        raise RuntimeError(f"captured {calls[0]} + {sink['calls']} RoPE calls, expected {n_layers} per chunk "
+                           f"and per sink sequence")
 
     k_mean, v_mean = sk / count, sv / count
     k_energy = sk2 / count - k_mean.pow(2)
@@ -509,8 +510,7 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
         # μ_R = E[κ]; the static part is what is left of the mean: E[k] − E_p[m(p)]
         k_rope = skr / count
         trig_mean = rope_table(rope[0], rope[1], torch.cat(positions)).double().mean(0)  # [D]
-        for layer in range(n_layers):
-            k_mean[layer] -= rope_centers(k_rope[layer].float(), trig_mean[None].float()).double()[0]
+        k_mean -= _rotate(k_rope.float(), trig_mean.float()).double()  # every layer and head at once
         rope_kw = {"k_rope": k_rope.float(), "rope_inv_freq": rope[0], "rope_scale": rope[1]}
         meta["rope"] = f"neox, checked on layer 0 (relative error {rope_err[0]:.1e})"
     else:
@@ -518,12 +518,10 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
         logger.warning("e8vllm calibration: static key centers only (%s)", why)
         meta["rope"] = f"off: {why}"
     # position 0: residual of the first keys after the centers above; its mean is the sink center
-    if sink_samples >= 2 and sink["calls"] == n_layers * sink_samples:
+    if sink_samples >= 2:
         m0 = k_mean.clone()
         if "k_rope" in rope_kw:
-            t0 = rope_table(rope[0], rope[1], torch.zeros(1))
-            for layer in range(n_layers):
-                m0[layer] += rope_centers(rope_kw["k_rope"][layer], t0).double()[0]
+            m0 += _rotate(rope_kw["k_rope"], rope_table(rope[0], rope[1], torch.zeros(1))[0]).double()
         x = torch.stack([torch.stack(sink["keys"][layer]) for layer in range(n_layers)]) - m0[:, None]  # [L, S, H, D]
         mean = x.mean(1)
         loo = (x.sum(1, keepdim=True) - x) / (x.shape[1] - 1)

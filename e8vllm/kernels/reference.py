@@ -34,8 +34,8 @@ Nothing here imports vLLM.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -19,6 +19,7 @@ kv_cache uint8 [num_blocks, H_kv, block_size, slot_bytes].
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -116,10 +117,12 @@ class E8ImplMixin:
     def _e8_centers(self, layer: Any, device: torch.device) -> dict[str, torch.Tensor] | None:
         """This layer's calibration for its local KV heads, or None (no calibration file).
 
-        ``{"k_mean", "k_scale", "v_mean", "v_scale", "k_rope"}`` float32 [H_kv, D], plus ``q_inv`` (1 /
-        k_scale per query head) [H_q, D], ``v_inv`` (1 / v_scale) [H_kv, D] and ``q_rope`` (k_rope per
-        query head) [H_q, D]; with position-dependent centers the RoPE table is built here too
-        (:meth:`_e8_rope_table`). Resolved once, at the first
+        ``{"k_mean", "k_scale", "v_mean", "v_scale", "k_rope", "k_sink"}`` float32 [H_kv, D], plus
+        ``q_inv`` (1 / k_scale per query head) [H_q, D], ``v_inv`` (1 / v_scale) [H_kv, D], ``q_rope``
+        and ``q_sink`` (k_rope, k_sink per query head) [H_q, D], and with linear maps ``k_map``,
+        ``v_map``, their inverses ``k_inv_map``, ``v_inv_map`` [H_kv, D, D] and ``q_map`` [H_q, D, D];
+        with position-dependent centers the RoPE table is built here too (:meth:`_e8_rope_table`).
+        Resolved once, at the first
         call with the layer (its ``layer_name`` gives the index, the tensor-parallel rank the heads).
         A calibration that does not fit the model is an error.
         """
@@ -180,6 +183,14 @@ class E8ImplMixin:
             self._trig = t.half() if device.type == "cuda" else t
         return self._trig
 
+    def _e8_trig(self, device: torch.device, longest: Callable[[], int]) -> torch.Tensor:
+        """The RoPE table for this call: on CPU (and before any table exists) grown to ``longest()``
+        positions, a host sync; on CUDA the table built at the first call (max_model_len) as is,
+        so the hot path has no sync (CUDA-graph safe)."""
+        if device.type == "cpu" or self._trig is None:
+            return self._e8_rope_table(longest(), device)
+        return self._trig
+
     def _e8_write_positions(self, layer: Any, n: int, device: torch.device) -> torch.Tensor:
         """Positions [n] of the rows being written, from the layer's attention metadata."""
         meta = _layer_metadata(layer)
@@ -215,9 +226,7 @@ class E8ImplMixin:
                 positions = positions[:n]
                 rows = None
                 if self._rotary:
-                    if key.device.type == "cpu" or self._trig is None:  # CPU / unit tests: sync allowed
-                        self._e8_rope_table(int(positions.max().item()) + 1 if n else 1, key.device)
-                    rows = self._trig[positions]
+                    rows = self._e8_trig(key.device, lambda: int(positions.max().item()) + 1 if n else 1)[positions]
                 mp = calibration.key_centers(centers, rows, positions)  # [T, H_kv, D]
                 key = key - mp
                 centers = dict(centers, k_pos=mp)
@@ -262,9 +271,8 @@ class E8ImplMixin:
         if c is not None and (self._rotary or self._sink):  # + q·c(p_j) per key (before q is scaled)
             coef = table = first = None
             if self._rotary:
-                if query.device.type == "cpu" or self._trig is None:  # CPU / unit tests: sync allowed
-                    self._e8_rope_table(int(attn_metadata.seq_lens.max().item()), query.device)
-                coef, table = calibration.rope_bias_coeffs(q, c["q_rope"]), self._trig
+                table = self._e8_trig(query.device, lambda: int(attn_metadata.seq_lens.max().item()))
+                coef = calibration.rope_bias_coeffs(q, c["q_rope"])
             if self._sink:
                 first = (q.float() * c["q_sink"]).sum(-1)  # [n, H_q]
             key_bias = KeyBias(coef, table, first)
