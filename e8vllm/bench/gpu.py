@@ -378,16 +378,23 @@ def _plugin_path() -> str:
     return f"{d}{os.pathsep}{ROOT}"
 
 
+def _dummy_llm(model_dir: str, dtype: str, backend: str, max_model_len: int, max_num_seqs: int, **kw: Any) -> Any:
+    """vLLM engine on the dummy-weight model of the engine benchmarks (gpu_memory_utilization 0.85,
+    enforce_eager, 8,192 batched tokens); ``dtype`` may carry the ``+centers`` run suffix."""
+    from vllm import LLM
+
+    return LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=max_model_len,
+               max_num_batched_tokens=8192, max_num_seqs=max_num_seqs, gpu_memory_utilization=0.85,
+               enforce_eager=True, kv_cache_dtype=dtype.removesuffix("+centers"),
+               attention_config={"backend": backend}, **kw)
+
+
 def engine_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: int, gen: int, out: str) -> None:
     """One engine: capacity, prefill and decode throughput (appends one JSON line to ``out``)."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     t0 = time.time()
-    max_len = prompt + gen + 16
-    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=max_len,
-              max_num_batched_tokens=8192, max_num_seqs=max(seqs, 8), gpu_memory_utilization=0.85,
-              enforce_eager=True, kv_cache_dtype=dtype.removesuffix("+centers"), attention_config={"backend": backend},
-              enable_prefix_caching=True)
+    llm = _dummy_llm(model_dir, dtype, backend, prompt + gen + 16, max(seqs, 8), enable_prefix_caching=True)
     cc = llm.llm_engine.vllm_config.cache_config
     rec: dict[str, Any] = {"dtype": dtype, "backend": backend, "seqs": seqs, "prompt": prompt, "gen": gen,
                            "start_s": round(time.time() - t0, 1), "num_gpu_blocks": cc.num_gpu_blocks,
@@ -426,12 +433,10 @@ def sweep_worker(model_dir: str, dtype: str, backend: str, concurrency: list[int
     (vLLM's per-request stats: (last token - first token) / (tokens - 1)) and preemptions."""
     import statistics
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=prompt + gen + 16,
-              max_num_batched_tokens=8192, max_num_seqs=max(concurrency), gpu_memory_utilization=0.85,
-              enforce_eager=True, kv_cache_dtype=dtype, attention_config={"backend": backend},
-              enable_prefix_caching=False, disable_log_stats=False)
+    llm = _dummy_llm(model_dir, dtype, backend, prompt + gen + 16, max(concurrency), enable_prefix_caching=False,
+                     disable_log_stats=False)
     cc = llm.llm_engine.vllm_config.cache_config
     llm.generate([{"prompt_token_ids": [5] * 64}], SamplingParams(max_tokens=4, detokenize=False), use_tqdm=False)
     for c in concurrency:
@@ -441,13 +446,10 @@ def sweep_worker(model_dir: str, dtype: str, backend: str, concurrency: list[int
         outs = llm.generate(prompts, SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True,
                                                     detokenize=False), use_tqdm=False)
         dt = time.time() - t
-        tpot, preempt = [], 0
-        for o in outs:
-            m = getattr(o, "metrics", None)
-            n = getattr(m, "num_generation_tokens", 0) if m is not None else 0
-            if m is not None and n > 1 and m.last_token_ts > m.first_token_ts:
-                tpot.append((m.last_token_ts - m.first_token_ts) / (n - 1))
-            preempt += int(getattr(m, "num_preemptions", 0) or 0) if m is not None else 0
+        stats = [m for m in (getattr(o, "metrics", None) for o in outs) if m is not None]
+        tpot = [(m.last_token_ts - m.first_token_ts) / (m.num_generation_tokens - 1) for m in stats
+                if m.num_generation_tokens > 1 and m.last_token_ts > m.first_token_ts]
+        preempt = sum(int(getattr(m, "num_preemptions", 0) or 0) for m in stats)
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         tpot.sort()
         rec = {"dtype": dtype, "backend": backend, "concurrency": c, "prompt": prompt, "gen": gen,
@@ -455,26 +457,37 @@ def sweep_worker(model_dir: str, dtype: str, backend: str, concurrency: list[int
                "output_tok_s": round(n_out / dt, 1), "total_tok_s": round((n_out + c * prompt) / dt, 1),
                "tpot_p50_ms": round(1e3 * statistics.median(tpot), 2) if tpot else None,
                "tpot_p99_ms": round(1e3 * tpot[min(len(tpot) - 1, int(0.99 * len(tpot)))], 2) if tpot else None,
-               "preemptions": preempt if tpot else None}
+               "preemptions": preempt if stats else None}
         with open(out, "a") as f:
             f.write(json.dumps(rec) + "\n")
         print("SWEEP", json.dumps(rec), flush=True)
 
 
+def _model_dir(prefix: str = "llama3-8b-shape-") -> Path:
+    """A fresh directory with the Llama-3-8B-shaped config (weights are dummy)."""
+    model_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
+    return model_dir
+
+
+def _in_fresh_process(worker: str, *args: Any) -> int:
+    """Run ``e8vllm.bench.gpu.<worker>(*args)`` in a new Python process with the plugin loaded
+    (engines do not share a process); returns its exit code."""
+    env = {**os.environ, "PYTHONPATH": _plugin_path() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "VLLM_PLUGINS": "e8vllm", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    code = ("import sys; sys.path[:0]=%r.split(%r); from e8vllm.bench.gpu import %s; %s(*%r)"
+            % (env["PYTHONPATH"], os.pathsep, worker, worker, args))
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT).returncode
+
+
 def run_sweep(runs: list[tuple[str, str]], concurrency: list[int], prompt: int, gen: int) -> None:
     """:func:`sweep_worker` per (dtype, backend) in a fresh process; JSON lines in ``sweep_PROMPT.jsonl``."""
     out = str(_out_dir() / f"sweep_{prompt}.jsonl")
-    model_dir = Path(tempfile.mkdtemp(prefix="llama3-8b-shape-"))
-    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
-    env = {**os.environ, "PYTHONPATH": _plugin_path() + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "VLLM_PLUGINS": "e8vllm", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    model_dir = _model_dir()
     for dtype, backend in runs:
         print(f"=== sweep {dtype} ({backend}) c={concurrency} {prompt}+{gen}", flush=True)
-        code = ("import sys; sys.path[:0]=%r.split(%r); from e8vllm.bench.gpu import sweep_worker; "
-                "sweep_worker(%r, %r, %r, %r, %d, %d, %r)" % (env["PYTHONPATH"], os.pathsep, str(model_dir),
-                                                              dtype, backend, concurrency, prompt, gen, out))
-        r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT)
-        print(f"=== {dtype}: exit {r.returncode}", flush=True)
+        rc = _in_fresh_process("sweep_worker", str(model_dir), dtype, backend, concurrency, prompt, gen, out)
+        print(f"=== {dtype}: exit {rc}", flush=True)
 
 
 def _synthetic_calibration(model_dir: Path, cfg: dict[str, Any]) -> None:
@@ -498,23 +511,16 @@ def run_engine(runs: list[tuple[str, str]], seqs: int, prompt: int, gen: int) ->
     """Run :func:`engine_worker` per (dtype, backend) in a fresh process; results in ``engine.jsonl``.
     A dtype ``X+centers`` runs X on a model directory with a synthetic KV calibration."""
     out = str(_out_dir() / f"engine_{seqs}x{prompt}.jsonl")
-    model_dir = Path(tempfile.mkdtemp(prefix="llama3-8b-shape-"))
-    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
+    model_dir = _model_dir()
     calibrated = None  # a second directory with a synthetic KV calibration, for "DTYPE+centers" runs
     if any(dt.endswith("+centers") for dt, _ in runs):
-        calibrated = Path(tempfile.mkdtemp(prefix="llama3-8b-shape-calibrated-"))
-        (calibrated / "config.json").write_text(json.dumps(LLAMA3_8B))
+        calibrated = _model_dir("llama3-8b-shape-calibrated-")
         _synthetic_calibration(calibrated, LLAMA3_8B)
-    env = {**os.environ, "PYTHONPATH": _plugin_path() + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "VLLM_PLUGINS": "e8vllm", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     for dtype, backend in runs:
         print(f"=== {dtype} ({backend}) {seqs}x{prompt}+{gen}", flush=True)
         mdir = calibrated if dtype.endswith("+centers") else model_dir
-        code = ("import sys; sys.path[:0]=%r.split(%r); from e8vllm.bench.gpu import engine_worker; "
-                "engine_worker(%r, %r, %r, %d, %d, %d, %r)" % (env["PYTHONPATH"], os.pathsep, str(mdir),
-                                                               dtype, backend, seqs, prompt, gen, out))
-        r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT)
-        print(f"=== {dtype}: exit {r.returncode}", flush=True)
+        rc = _in_fresh_process("engine_worker", str(mdir), dtype, backend, seqs, prompt, gen, out)
+        print(f"=== {dtype}: exit {rc}", flush=True)
     return [json.loads(x) for x in Path(out).read_text().splitlines()] if Path(out).exists() else []
 
 
