@@ -356,6 +356,43 @@ def pca_maps(x: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
     return (a[..., :, None] * u.transpose(-1, -2)).float()
 
 
+def _psd_pow(a: torch.Tensor, p: float, floor: float) -> torch.Tensor:
+    """a^p of symmetric PSD matrices [..., D, D] (eigenvalues floored at ``floor`` x the largest)."""
+    lam, u = torch.linalg.eigh(a)
+    lam = torch.maximum(lam, lam.amax(-1, keepdim=True) * floor)
+    return (u * lam.pow(p)[..., None, :]) @ u.transpose(-1, -2)
+
+
+def metric_maps(cov: torch.Tensor, metric: torch.Tensor, floor: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Maps M that minimise the error a per-vector-scaled rotated code makes in a quadratic metric.
+
+    A code after a random rotation with a per-vector scale leaves an error e' in the mapped space
+    that is isotropic with variance ∝ |M x|²; mapped back, e = M⁻¹ e'. Its cost in the metric W
+    (keys: W = E[q qᵀ], the logit error (q·e)²; values: W = W_oᵀ W_o, the output projection's)
+    is ∝ tr(P Σ) tr(P⁻¹ W) with P = MᵀM and Σ the covariance of x. The minimum is at P = Σ⁻¹ # W,
+    the matrix geometric mean (P Σ P = W): P = Σ^(-1/2) (Σ^(1/2) W Σ^(1/2))^(1/2) Σ^(-1/2), and
+    M = P^(1/2) (symmetric), normalised to tr(MΣMᵀ) = tr Σ.
+
+    Args:
+        cov: [..., D, D] covariance of the centered vectors.
+        metric: [..., D, D] PSD metric of the error.
+    Returns:
+        (M float32 [..., D, D], predicted gain float64 [...]: tr Σ · tr W / (tr (Σ^½ W Σ^½)^½)²,
+        the factor by which the metric error falls against M = I).
+    """
+    c, w = cov.double(), metric.double()
+    ch = _psd_pow(c, 0.5, floor)
+    chi = _psd_pow(c, -0.5, floor)
+    mid = _psd_pow(ch @ w @ ch, 0.5, floor)
+    p = chi @ mid @ chi
+    m = _psd_pow((p + p.transpose(-1, -2)) / 2, 0.5, floor)
+    energy = torch.einsum("...ij,...jk,...ik->...", m, c, m)
+    tr = torch.diagonal(c, dim1=-2, dim2=-1).sum(-1)
+    m = m * (tr / energy).sqrt()[..., None, None]
+    gain = tr * torch.diagonal(w, dim1=-2, dim2=-1).sum(-1) / torch.diagonal(mid, dim1=-2, dim2=-1).sum(-1).pow(2)
+    return m.float(), gain
+
+
 def _model_rope(model: Any, head_dim: int) -> tuple[torch.Tensor, float] | None:
     """(inv_freq [D/2], attention scaling) of a transformers model's rotary embedding, or None."""
     rot = getattr(getattr(model, "model", None), "rotary_emb", None)
@@ -397,7 +434,7 @@ def _rope_module(model: Any) -> Any:
 @torch.inference_mode()
 def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 1024,
                     text_path: Path | None = None, scales: bool = False, sink_samples: int = 64,
-                    maps: bool = False) -> KVCenters:
+                    maps: bool | str = False) -> KVCenters:
     """Calibrate the KV map of a (Llama-like, transformers) model on real text.
 
     Runs the model (float32, CPU) over ``num_tokens`` tokens of ``text_path`` (default: the KV side
@@ -416,6 +453,9 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
     """
     if scales and maps:
         raise ValueError("scales and maps are alternatives")
+    kind = {True: "pca", False: None}.get(maps, maps) if isinstance(maps, bool) else maps
+    if kind not in (None, "pca", "metric"):
+        raise ValueError(f"maps must be 'pca' or 'metric', got {maps!r}")
     from e8vllm.kvdump import load_model, resolve_text_files, text_token_ids
 
     if num_tokens <= 0 or chunk <= 0:
@@ -432,6 +472,7 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
     # before RoPE), count; the positions seen (for the mean of m(p)); RoPE convention checks
     sk = torch.zeros(n_layers, h_kv, d, dtype=torch.float64)
     sk2, sv, sv2, sq2, skr = (torch.zeros_like(sk) for _ in range(5))
+    sqq = torch.zeros(n_layers, h_kv, d, d, dtype=torch.float64) if kind == "metric" else None
     count = 0
     calls: list[int] = [0]
     rope_err: list[float] = [0.0]
@@ -453,13 +494,15 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
         calls[0] += 1
         kk = ke[0].transpose(0, 1).double()  # [T, H_kv, D]
         kp = k[0].transpose(0, 1).double()  # before RoPE
-        if maps:
+        if kind:
             kept_k[layer].append(kk.float())
         sk[layer] += kk.sum(0)
         sk2[layer] += kk.pow(2).sum(0)
         skr[layer] += kp.sum(0)
         qq = qe[0].transpose(0, 1).double().reshape(-1, h_kv, grp, d)
         sq2[layer] += qq.pow(2).sum((0, 2))
+        if sqq is not None:
+            sqq[layer] += torch.einsum("thgd,thge->hde", qq, qq)
         if rope is not None and layer == 0:  # our neox formula and table reproduce the model's keys
             trig = rope_table(rope[0], rope[1], torch.arange(kk.shape[0]))  # key t sits at position t
             ours = _rotate(kp[:, 0].float(), trig)
@@ -472,7 +515,7 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
             if sink["on"]:
                 return
             vv = out[0].double().reshape(-1, h_kv, d)
-            if maps:
+            if kind:
                 kept_v[i].append(vv.float())
             sv[i] += vv.sum(0)
             sv2[i] += vv.pow(2).sum(0)
@@ -530,19 +573,38 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
         rope_kw["k_sink"] = torch.where(keep, mean, torch.zeros_like(mean)).float()
         meta["sink"] = (f"position 0 from {sink_samples} sequences: kept for {int(keep.sum())} of {keep.numel()} "
                         f"(layer, head); residual energy x{ratio.median().item():.3f} (median, leave-one-out)")
-    if maps:
+    if kind:
         pos = torch.cat(positions)
         trig_all = rope_table(rope[0], rope[1], pos) if "k_rope" in rope_kw else None
-        km, vm = [], []
+        km, vm, gains = [], [], []
         for layer in range(n_layers):
             c = {"k_rope": rope_kw.get("k_rope", torch.zeros_like(k_mean.float()))[layer],
                  "k_sink": rope_kw.get("k_sink", torch.zeros_like(k_mean.float()))[layer]}
             rk = torch.cat(kept_k[layer]) - k_mean[layer].float() - key_centers(c, trig_all, pos)
             rv = torch.cat(kept_v[layer]) - v_mean[layer].float()
-            km.append(pca_maps(rk))
-            vm.append(pca_maps(rv))
+            if kind == "pca":
+                km.append(pca_maps(rk))
+                vm.append(pca_maps(rv))
+                continue
+            cov_k = torch.einsum("nhd,nhe->hde", rk.double(), rk.double()) / rk.shape[0]
+            cov_v = torch.einsum("nhd,nhe->hde", rv.double(), rv.double()) / rv.shape[0]
+            wo = model.model.layers[layer].self_attn.o_proj.weight.detach().double().reshape(-1, h_kv, grp, d)
+            gram = torch.einsum("ohgd,ohge->hde", wo, wo)
+            mk, gk = metric_maps(cov_k, sqq[layer] / (count * grp))
+            mv, gv = metric_maps(cov_v, gram)
+            km.append(mk)
+            vm.append(mv)
+            gains.append(torch.stack([gk, gv]))
         rope_kw["k_map"], rope_kw["v_map"] = torch.stack(km), torch.stack(vm)
-        meta["maps"] = "per-head diag(lambda^-1/4) U^T of the centered K and V covariances"
+        if kind == "pca":
+            meta["maps"] = "per-head diag(lambda^-1/4) U^T of the centered K and V covariances"
+        else:
+            g = 10 * torch.stack(gains).log10()  # [L, 2, H]
+            logger.info("metric maps, predicted gain per layer (dB, K | V): %s", "; ".join(
+                f"{i}: {g[i, 0].mean().item():.2f} | {g[i, 1].mean().item():.2f}" for i in range(n_layers)))
+            meta["maps"] = ("per-head metric maps (cov^-1 # metric)^(1/2): keys E[q q^T], values W_o^T W_o; "
+                            f"predicted metric-error gain median K {g[:, 0].median().item():.2f} dB, "
+                            f"V {g[:, 1].median().item():.2f} dB")
     if not scales:
         return KVCenters(k_mean.float(), v_mean.float(), None, None, meta, **rope_kw)
     return KVCenters(k_mean.float(), v_mean.float(), channel_scales(q_energy, k_energy),
@@ -551,7 +613,7 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
 
 def calibrate(model_dir: Path | str, out: Path | str | None = None, num_tokens: int = 4096,
               force: bool = False, text_path: Path | None = None, scales: bool = False,
-              maps: bool = False) -> Path:
+              maps: bool | str = False) -> Path:
     """Write the calibration of ``model_dir`` to ``out`` (default ``model_dir/CALIBRATION_FILE``);
     an existing valid file of the current format is kept unless ``force``."""
     out = Path(out) if out is not None else Path(model_dir) / CALIBRATION_FILE

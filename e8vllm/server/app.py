@@ -122,8 +122,8 @@ async def drain(ctx: AppContext, timeout_s: float) -> int:
         log.info("shutdown: aborting %d request(s) still running after %.1f s", aborted, timeout_s)
         try:
             await ctx.handle.engine.abort(ids)
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception as e:  # noqa: BLE001 - the engine may be gone already; shut down anyway
+            log.warning("shutdown: aborting the engine requests failed: %r", e)
         end = time.monotonic() + 5.0
         while ctx.state.inflight > 0 and time.monotonic() < end:
             await asyncio.sleep(0.05)
@@ -152,10 +152,14 @@ def serve(config: ServerConfig) -> None:
             loop = self._loop
 
             async def _go() -> None:
-                await drain(ctx, config.shutdown_timeout_s)
-                self.should_exit = True
+                try:
+                    await drain(ctx, config.shutdown_timeout_s)
+                finally:
+                    self.should_exit = True
 
-            loop.call_soon_threadsafe(lambda: loop.create_task(_go()))
+            # keep a reference: the event loop holds tasks weakly, and a drain task collected while it
+            # awaits the engine would leave the server draining forever
+            loop.call_soon_threadsafe(lambda: setattr(self, "_drain_task", loop.create_task(_go())))
 
         async def serve(self, sockets: Any = None) -> None:  # noqa: D401 - uvicorn API
             self._loop = asyncio.get_running_loop()

@@ -287,11 +287,16 @@ class Generation:
                             token_ids=list(o.token_ids), logprobs=list(o.logprobs) if o.logprobs else None,
                             finish_reason=o.finish_reason, prompt_tokens=len(self.prompts[i]))
 
+    @property
+    def running(self) -> list[str]:
+        """Engine request ids of this generation that have not finished."""
+        return [r for r in self.request_ids if r in self._active]
+
     async def close(self) -> None:
         for t in self._tasks:
             if not t.done():
                 t.cancel()
-        live = [r for r in self.request_ids if r in self._active]
+        live = self.running
         if live:
             try:
                 await self.handle.engine.abort(live)

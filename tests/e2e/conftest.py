@@ -37,7 +37,8 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m e8vllm serve ...`` in a subprocess (its own process group)."""
 
-    def __init__(self, tmp: Path, name: str, args: list[str], api_key: str | None) -> None:
+    def __init__(self, tmp: Path, name: str, args: list[str], api_key: str | None,
+                 max_model_len: int = MAX_MODEL_LEN) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -47,7 +48,7 @@ class ServerProcess:
         env["VLLM_PLUGINS"] = "e8vllm"
         env.pop("VLLM_API_KEY", None)
         cmd = [sys.executable, "-m", "e8vllm", "serve", "--port", str(self.port), "--kv-cache-space-gib",
-               str(KV_GIB), "--max-model-len", str(MAX_MODEL_LEN), *args]
+               str(KV_GIB), "--max-model-len", str(max_model_len), *args]
         if api_key:
             cmd += ["--api-key", api_key]
         self._log = open(self.log_path, "wb")

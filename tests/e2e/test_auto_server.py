@@ -24,12 +24,16 @@ from .test_metrics import one, scrape
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 DRAIN_S = 5
+#: the long stream of the SIGTERM test: ~35 s of decode at this CPU's ~26 tokens/s for 900 tokens,
+#: so it is still running when the drain ends even if the client is late by minutes
+LONG_TOKENS = 4000
 
 
 @pytest.fixture(scope="module")
 def auto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     s = ServerProcess(tmp_path_factory.mktemp("autosrv"), "auto",
-                      ["--kv-cache-dtype", "auto", "--shutdown-timeout", str(DRAIN_S)], api_key=None)
+                      ["--kv-cache-dtype", "auto", "--shutdown-timeout", str(DRAIN_S)], api_key=None,
+                      max_model_len=LONG_TOKENS + 96)
     yield s
     s.stop()
 
@@ -73,20 +77,29 @@ def test_auto_reports_no_compression(auto_server, e8_server) -> None:
 def _stream(url: str, max_tokens: int, out: dict) -> None:
     body = {"model": MODEL, "prompt": "Write a long story about a dragon.", "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True}
+    t0 = time.monotonic()
     try:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             out["status"] = r.status_code
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     out.setdefault("events", []).append(line[6:])
+                    out.setdefault("first_s", time.monotonic() - t0)
     except httpx.HTTPError as e:
         out["error"] = repr(e)
+    out["end_s"] = time.monotonic() - t0
+
+
+def _finish(events: list[str]) -> list[str]:
+    return [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]
+            if json.loads(e)["choices"][0]["finish_reason"]]
 
 
 def test_sigterm_drains_then_aborts(auto_server) -> None:
     short, long_ = {}, {}
     ts = [threading.Thread(target=_stream, args=(auto_server.url, 24, short)),
-          threading.Thread(target=_stream, args=(auto_server.url, 900, long_))]
+          threading.Thread(target=_stream, args=(auto_server.url, LONG_TOKENS, long_))]
+    t_start = time.monotonic()
     for t in ts:
         t.start()
     deadline = time.monotonic() + 60
@@ -94,6 +107,7 @@ def test_sigterm_drains_then_aborts(auto_server) -> None:
         time.sleep(0.05)
     assert short.get("events") and long_.get("events"), (short, long_)
     t_sig = time.monotonic()
+    n_at_sig = len(long_["events"])
     auto_server.proc.send_signal(signal.SIGTERM)
     # refused at once while draining
     time.sleep(0.3)
@@ -104,14 +118,15 @@ def test_sigterm_drains_then_aborts(auto_server) -> None:
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
     for t in ts:
         t.join(120)
-    assert short["status"] == 200 and long_["status"] == 200 and "error" not in short and "error" not in long_
-    assert short["events"][-1] == "[DONE]" and long_["events"][-1] == "[DONE]"
-    fin = lambda ev: [json.loads(e)["choices"][0]["finish_reason"] for e in ev[:-1]  # noqa: E731
-                      if json.loads(e)["choices"][0]["finish_reason"]]
-    assert fin(short["events"]) == ["length"]
-    assert fin(long_["events"]) == ["abort"]
+    why = (f"SIGTERM {t_sig - t_start:.1f} s after the requests, with {n_at_sig} long events; long stream: "
+           f"first event {long_.get('first_s')} s, ended {long_.get('end_s')} s, {len(long_.get('events', []))} "
+           f"events\n{auto_server.log_tail(30)}")
+    assert short["status"] == 200 and long_["status"] == 200 and "error" not in short and "error" not in long_, why
+    assert short["events"][-1] == "[DONE]" and long_["events"][-1] == "[DONE]", why
+    assert _finish(short["events"]) == ["length"], why
+    assert _finish(long_["events"]) == ["abort"], why
     n_long = len(long_["events"]) - 2
-    assert 0 < n_long < 900
+    assert 0 < n_long < LONG_TOKENS, why
     rc = auto_server.proc.wait(60)
     took = time.monotonic() - t_sig
     assert rc == 0, auto_server.log_tail()

@@ -34,6 +34,7 @@ def _wait_idle(url: str, within_s: float) -> float:
 
 def test_streaming_disconnect_aborts(e8_server) -> None:
     _wait_idle(e8_server.url, 30)
+    t0 = time.monotonic()
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", e8_server.url + "/v1/completions", headers=e8_server.headers,
                       json={**BODY, "stream": True}) as r:
@@ -47,7 +48,9 @@ def test_streaming_disconnect_aborts(e8_server) -> None:
                         break
             assert events[-1]["choices"][0]["finish_reason"] is None, events
             h = httpx.get(e8_server.url + "/health", timeout=10).json()
-            assert h["engine_unfinished_requests"] == 1, (h, events)  # it is running now
+            # it is running now
+            assert h["engine_unfinished_requests"] == 1, (
+                f"{h}: first text after {time.monotonic() - t0:.1f} s, {len(events)} events\n{e8_server.log_tail(30)}")
             del lines
         # leaving the block closes the connection after one event
     _wait_idle(e8_server.url, 5.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from ..engine import Delta, EngineHandle, Generation
 from ..errors import APIError, engine_error
 from ..metrics import ServerMetrics
 from ..protocol import SamplingFields
+
+log = logging.getLogger("e8vllm.server")
 
 __all__ = ["AppContext", "context", "check_model", "sampling_params", "prompt_budget", "run", "Formatter",
            "MAX_CHOICES"]
@@ -187,6 +190,8 @@ async def _watch_disconnect(request: Request, gen: Generation) -> None:
     while True:
         msg = await request.receive()
         if msg["type"] == "http.disconnect":
+            if gen.running:
+                log.info("client disconnected: aborting %s", ", ".join(gen.running))
             await gen.close()
             return
 
