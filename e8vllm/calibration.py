@@ -63,12 +63,28 @@ held-out tokens, e8-4bit): the logit error q·(k̂ − k) falls by 3.4 dB with c
 5.6 dB with centering and scales. Perplexity does not follow the second step: in vLLM with
 ``e8_k4v4`` (10,240 held-out tokens, ΔPPL vs the bf16 cache) no calibration +4.59 %, centers
 +2.53 %, centers + key scales +3.16 %, centers + value scales +2.80 %, both +3.04 %. So the
-default calibration is **centers only** (scales all ones); ``scales=True``
-(``e8vllm calibrate --scales``) writes the scales for experiments. The same holds for full
-per-head linear maps (``maps=True``, ``--maps``: M = diag(λ^(-1/4)) Uᵀ from the PCA of the centered
-K and V, which lowers e8-4bit's squared error on SmolLM2's centered keys by 1.05 dB offline):
-e8_k4v4 PPL 17.9457 with them against 17.9394 without (20,480 held-out tokens, both with the
-RoPE and sink centers below), so they stay off.
+default calibration has no scales (all ones); ``scales=True`` (``e8vllm calibrate --scales``)
+writes them for experiments.
+
+**Key maps (the default): the same idea with a full matrix, at half strength.** Keys are
+stored as k' = M (k − c(p)) per head and the queries read as q' = q M⁻¹ (q'·k' = q·(k − c(p))).
+With the rotation and per-vector scale the code's error e' is isotropic in the mapped space with
+variance ∝ |k'|², so the error the model sees, M⁻¹ e', costs ∝ tr(P Σ) tr(P⁻¹ W) in a metric W
+(P = MᵀM, Σ the residual key covariance): minimal at P = Σ⁻¹ # W, the matrix geometric mean
+(:func:`metric_maps`). For keys the metric is the logit error's, W = E[q qᵀ] over the group's
+query heads ("moment"); "attn" weighs each query by how much a key error moves its output
+(:func:`_attention_query_metric`). The model's optimum (strength 1) overshoots in practice; the
+default is M = P^(1/4) (strength 0.5), halfway from the identity in the geometric sense. Values
+get no map. Measured on SmolLM2 in vLLM 0.32 CPU (20,480 held-out tokens, ΔPPL vs the bf16
+cache, all with the RoPE and sink centers): e8_k3v3 +7.04 % without a key map; "attn" at
+strength 0.35 / 0.5 / 0.75 / 1: +6.15 / +5.06 / +5.22 / +5.54 %; "attn" fitted on 16,384
+tokens at 0.5: +6.23 %; "moment" at 0.5: **+4.92 %** (the default; chosen among these on the
+same tokens, and their spread, about one point, is as large as the differences between them).
+e8_k4v4: +1.50 % without, +1.14 % with "attn" at strength 1. Value maps raised the perplexity:
+e8_k4v4 with K and V maps at strength 1 (values in the W_oᵀW_o metric) +2.24 % ("moment" keys)
+and +2.53 % ("attn" keys), against +1.14 % with the key map alone; PCA maps of K and V (M = diag(λ^(-1/4)) Uᵀ,
+−1.05 dB squared key error offline): 17.9457 against 17.9394 without. The diagonal scales above
+are the diagonal special case of the metric maps at full strength.
 
 The same map must be used for every key of a sequence (and of sequences sharing a cached
 prefix), so it is static per model: calibrated once on real text, stored beside the model.
@@ -118,14 +134,23 @@ CALIBRATION_FILE = "e8vllm/kv_calibration.safetensors"
 CALIBRATION_ENV = "E8VLLM_KV_CALIBRATION"
 """A path to a calibration file, or ``none`` / ``off`` / ``0`` to disable centering."""
 
-FORMAT_VERSION = "3"
-_READABLE = ("2", "3")
+FORMAT_VERSION = "4"
+_READABLE = ("2", "3", "4")
 _OFF = ("none", "off", "0", "false", "no")
 
 
 _FIELDS = ("k_mean", "k_scale", "v_mean", "v_scale")
 _ROPE_FIELDS = ("k_rope", "rope_inv_freq", "rope_scale", "k_sink")
 _MAP_FIELDS = ("k_map", "v_map")
+KEY_MAPS = ("moment", "attn", "pca", "none")
+"""Key maps :func:`compute_centers` can fit: the metric maps of :func:`metric_maps` with the
+query second moment E[q qᵀ] ("moment", the default) or the attention-weighted query metric of
+:func:`_attention_query_metric` ("attn"); PCA whitening ("pca"); none."""
+VALUE_MAPS = ("none", "wo", "pca")
+"""Value maps: none (the default), the metric map with W_oᵀW_o ("wo"), PCA whitening ("pca")."""
+DEFAULT_KEY_MAP = "moment"
+DEFAULT_KEY_MAP_STRENGTH = 0.5
+"""The metric key map is applied at this strength (M = P^(s/2), :func:`metric_maps`)."""
 SCALE_CLIP = 8.0
 """Scales are clipped to [1/SCALE_CLIP, SCALE_CLIP] (after normalizing to mean square 1)."""
 ROPE_CHECK_TOL = 1e-4
@@ -147,7 +172,8 @@ class KVCenters:
         k_sink: float32 [L, H_kv, D], the extra key center of position 0 (the attention sink; None
             or zeros = none).
         k_map, v_map: float32 [L, H_kv, D, D] invertible linear maps applied after centering
-            (k' = M (k − c) per head; None = identity; experimental, off by default).
+            (k' = M (k − c) per head; None = identity). The default calibration has a key map and
+            no value map.
     """
 
     k_mean: torch.Tensor
@@ -271,8 +297,8 @@ class KVCenters:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             version = meta.get("e8vllm_kv_calibration")
-            want = set(_FIELDS) | (set(_ROPE_FIELDS) if version == "3" else set())
-            maps = set(f.keys()) & set(_MAP_FIELDS) if version == "3" else set()
+            want = set(_FIELDS) | (set(_ROPE_FIELDS) if version != "2" else set())
+            maps = set(f.keys()) & set(_MAP_FIELDS) if version != "2" else set()
             if version not in _READABLE or set(f.keys()) != want | maps:
                 raise ValueError(f"{path} is not an e8vllm KV calibration file (format {FORMAT_VERSION})")
             t = {n: f.get_tensor(n) for n in want | maps}
@@ -363,7 +389,8 @@ def _psd_pow(a: torch.Tensor, p: float, floor: float) -> torch.Tensor:
     return (u * lam.pow(p)[..., None, :]) @ u.transpose(-1, -2)
 
 
-def metric_maps(cov: torch.Tensor, metric: torch.Tensor, floor: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+def metric_maps(cov: torch.Tensor, metric: torch.Tensor, floor: float = 1e-4,
+                strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Maps M that minimise the error a per-vector-scaled rotated code makes in a quadratic metric.
 
     A code after a random rotation with a per-vector scale leaves an error e' in the mapped space
@@ -376,6 +403,9 @@ def metric_maps(cov: torch.Tensor, metric: torch.Tensor, floor: float = 1e-4) ->
     Args:
         cov: [..., D, D] covariance of the centered vectors.
         metric: [..., D, D] PSD metric of the error.
+        floor: eigenvalues below ``floor`` x the largest are raised to it (each matrix power).
+        strength: M = P^(strength / 2): 1 is the optimum above, smaller values a partial step
+            from the identity (the gain returned is the one of strength 1).
     Returns:
         (M float32 [..., D, D], predicted gain float64 [...]: tr Σ · tr W / (tr (Σ^½ W Σ^½)^½)²,
         the factor by which the metric error falls against M = I).
@@ -385,12 +415,45 @@ def metric_maps(cov: torch.Tensor, metric: torch.Tensor, floor: float = 1e-4) ->
     chi = _psd_pow(c, -0.5, floor)
     mid = _psd_pow(ch @ w @ ch, 0.5, floor)
     p = chi @ mid @ chi
-    m = _psd_pow((p + p.transpose(-1, -2)) / 2, 0.5, floor)
+    m = _psd_pow((p + p.transpose(-1, -2)) / 2, 0.5 * strength, floor)
     energy = torch.einsum("...ij,...jk,...ik->...", m, c, m)
     tr = torch.diagonal(c, dim1=-2, dim2=-1).sum(-1)
     m = m * (tr / energy).sqrt()[..., None, None]
     gain = tr * torch.diagonal(w, dim1=-2, dim2=-1).sum(-1) / torch.diagonal(mid, dim1=-2, dim2=-1).sum(-1).pow(2)
     return m.float(), gain
+
+
+def _attention_query_metric(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_o: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    r"""Σ_t ω_t q_t q_tᵀ per KV head: the metric of a key error e_j seen through one causal sequence.
+
+    A key error e_j moves query t's output by p_tj s (q_t·e_j)(v_j − o_t) (first order), which
+    reaches the residual stream through W_o; its squared size summed over the keys is
+    (q_t·e)² ω_t with ω_t = s² Σ_j p_tj² ‖W_o (v_j − o_t)‖² for an error e common to the keys.
+    So queries that attend sharply to keys whose values differ from their output weigh most.
+
+    Args:
+        q: [T, H_kv, G, D] queries after RoPE (G query heads per KV head); k: [T, H_kv, D] keys
+        after RoPE; v: [T, H_kv, D]; w_o: [hidden, H_kv * G * D] output projection; scale: s.
+    Returns:
+        float64 [H_kv, D, D].
+    """
+    t, h_kv, g, d = q.shape
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    wo = w_o.reshape(w_o.shape[0], h_kv, g, d)
+    out = torch.zeros(h_kv, d, d, dtype=torch.float64)
+    for h in range(h_kv):
+        for j in range(g):
+            qh = q[:, h, j]
+            p = torch.softmax((scale * qh @ k[:, h].T).masked_fill(~causal, float("-inf")), dim=-1)
+            o = p @ v[:, h]
+            gram = wo[:, h, j].T @ wo[:, h, j]  # [D, D]
+            vg, og = v[:, h] @ gram, o @ gram
+            p2 = p.pow(2)
+            omega = (p2 @ (vg * v[:, h]).sum(-1) - 2 * (p2 * (og @ v[:, h].T)).sum(-1)
+                     + (og * o).sum(-1) * p2.sum(-1)) * scale ** 2
+            out[h] += torch.einsum("t,td,te->de", omega.clamp_min(0), qh, qh)
+    return out
 
 
 def _model_rope(model: Any, head_dim: int) -> tuple[torch.Tensor, float] | None:
@@ -434,7 +497,8 @@ def _rope_module(model: Any) -> Any:
 @torch.inference_mode()
 def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 1024,
                     text_path: Path | None = None, scales: bool = False, sink_samples: int = 64,
-                    maps: bool | str = False) -> KVCenters:
+                    key_map: str = DEFAULT_KEY_MAP, value_map: str = "none",
+                    key_map_strength: float = DEFAULT_KEY_MAP_STRENGTH) -> KVCenters:
     """Calibrate the KV map of a (Llama-like, transformers) model on real text.
 
     Runs the model (float32, CPU) over ``num_tokens`` tokens of ``text_path`` (default: the KV side
@@ -446,16 +510,18 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
     SmolLM2's perplexity); without ``scales`` they are all ones. The position-0 key center comes
     from the first tokens of ``sink_samples`` more short sequences (4 tokens each, spread over the
     same text); it is kept only where it leaves less than half the position-0 residual energy
-    (leave-one-out estimate), else zeros. With ``maps`` (experimental), per-head linear maps
-    M = diag(λ^(-1/4)) Uᵀ from the eigen-decomposition U diag(λ) Uᵀ of the residual (centered)
-    key and value covariances: the same E8 error then costs less squared error on K and V
-    (high-resolution estimate: (mean λ) / (mean √λ)² less).
+    (leave-one-out estimate), else zeros. ``key_map`` / ``value_map`` (:data:`KEY_MAPS`,
+    :data:`VALUE_MAPS`) pick the per-head linear maps applied after centering (module docstring);
+    ``key_map_strength`` is the strength of the metric key maps.
     """
-    if scales and maps:
-        raise ValueError("scales and maps are alternatives")
-    kind = {True: "pca", False: None}.get(maps, maps) if isinstance(maps, bool) else maps
-    if kind not in (None, "pca", "metric"):
-        raise ValueError(f"maps must be 'pca' or 'metric', got {maps!r}")
+    if not 0 < key_map_strength <= 1:
+        raise ValueError(f"key_map_strength must be in (0, 1], got {key_map_strength}")
+    if key_map not in KEY_MAPS or value_map not in VALUE_MAPS:
+        raise ValueError(f"key_map must be one of {KEY_MAPS} and value_map one of {VALUE_MAPS}, "
+                         f"got {key_map!r}, {value_map!r}")
+    mapped = key_map != "none" or value_map != "none"
+    if scales and mapped:
+        raise ValueError("scales and maps are alternatives: use key_map='none', value_map='none' with scales")
     from e8vllm.kvdump import load_model, resolve_text_files, text_token_ids
 
     if num_tokens <= 0 or chunk <= 0:
@@ -472,7 +538,7 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
     # before RoPE), count; the positions seen (for the mean of m(p)); RoPE convention checks
     sk = torch.zeros(n_layers, h_kv, d, dtype=torch.float64)
     sk2, sv, sv2, sq2, skr = (torch.zeros_like(sk) for _ in range(5))
-    sqq = torch.zeros(n_layers, h_kv, d, d, dtype=torch.float64) if kind == "metric" else None
+    sqq = torch.zeros(n_layers, h_kv, d, d, dtype=torch.float64) if key_map in ("moment", "attn") else None
     count = 0
     calls: list[int] = [0]
     rope_err: list[float] = [0.0]
@@ -494,15 +560,19 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
         calls[0] += 1
         kk = ke[0].transpose(0, 1).double()  # [T, H_kv, D]
         kp = k[0].transpose(0, 1).double()  # before RoPE
-        if kind:
+        if mapped:
             kept_k[layer].append(kk.float())
         sk[layer] += kk.sum(0)
         sk2[layer] += kk.pow(2).sum(0)
         skr[layer] += kp.sum(0)
         qq = qe[0].transpose(0, 1).double().reshape(-1, h_kv, grp, d)
         sq2[layer] += qq.pow(2).sum((0, 2))
-        if sqq is not None:
+        if key_map == "moment":
             sqq[layer] += torch.einsum("thgd,thge->hde", qq, qq)
+        elif key_map == "attn":
+            attn = model.model.layers[layer].self_attn
+            sqq[layer] += _attention_query_metric(qq, kk, kept_v[layer][-1].double(), attn.o_proj.weight.detach()
+                                                  .double(), float(attn.scaling))
         if rope is not None and layer == 0:  # our neox formula and table reproduce the model's keys
             trig = rope_table(rope[0], rope[1], torch.arange(kk.shape[0]))  # key t sits at position t
             ours = _rotate(kp[:, 0].float(), trig)
@@ -515,7 +585,7 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
             if sink["on"]:
                 return
             vv = out[0].double().reshape(-1, h_kv, d)
-            if kind:
+            if mapped:
                 kept_v[i].append(vv.float())
             sv[i] += vv.sum(0)
             sv2[i] += vv.pow(2).sum(0)
@@ -573,7 +643,7 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
         rope_kw["k_sink"] = torch.where(keep, mean, torch.zeros_like(mean)).float()
         meta["sink"] = (f"position 0 from {sink_samples} sequences: kept for {int(keep.sum())} of {keep.numel()} "
                         f"(layer, head); residual energy x{ratio.median().item():.3f} (median, leave-one-out)")
-    if kind:
+    if mapped:
         pos = torch.cat(positions)
         trig_all = rope_table(rope[0], rope[1], pos) if "k_rope" in rope_kw else None
         km, vm, gains = [], [], []
@@ -582,29 +652,33 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
                  "k_sink": rope_kw.get("k_sink", torch.zeros_like(k_mean.float()))[layer]}
             rk = torch.cat(kept_k[layer]) - k_mean[layer].float() - key_centers(c, trig_all, pos)
             rv = torch.cat(kept_v[layer]) - v_mean[layer].float()
-            if kind == "pca":
+            if key_map == "pca":
                 km.append(pca_maps(rk))
+            elif key_map != "none":
+                cov_k = torch.einsum("nhd,nhe->hde", rk.double(), rk.double()) / rk.shape[0]
+                m, gk = metric_maps(cov_k, sqq[layer] / sqq[layer].diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None],
+                                    strength=key_map_strength)
+                km.append(m)
+                gains.append(gk)
+            if value_map == "pca":
                 vm.append(pca_maps(rv))
-                continue
-            cov_k = torch.einsum("nhd,nhe->hde", rk.double(), rk.double()) / rk.shape[0]
-            cov_v = torch.einsum("nhd,nhe->hde", rv.double(), rv.double()) / rv.shape[0]
-            wo = model.model.layers[layer].self_attn.o_proj.weight.detach().double().reshape(-1, h_kv, grp, d)
-            gram = torch.einsum("ohgd,ohge->hde", wo, wo)
-            mk, gk = metric_maps(cov_k, sqq[layer] / (count * grp))
-            mv, gv = metric_maps(cov_v, gram)
-            km.append(mk)
-            vm.append(mv)
-            gains.append(torch.stack([gk, gv]))
-        rope_kw["k_map"], rope_kw["v_map"] = torch.stack(km), torch.stack(vm)
-        if kind == "pca":
-            meta["maps"] = "per-head diag(lambda^-1/4) U^T of the centered K and V covariances"
-        else:
-            g = 10 * torch.stack(gains).log10()  # [L, 2, H]
-            logger.info("metric maps, predicted gain per layer (dB, K | V): %s", "; ".join(
-                f"{i}: {g[i, 0].mean().item():.2f} | {g[i, 1].mean().item():.2f}" for i in range(n_layers)))
-            meta["maps"] = ("per-head metric maps (cov^-1 # metric)^(1/2): keys E[q q^T], values W_o^T W_o; "
-                            f"predicted metric-error gain median K {g[:, 0].median().item():.2f} dB, "
-                            f"V {g[:, 1].median().item():.2f} dB")
+            elif value_map == "wo":
+                cov_v = torch.einsum("nhd,nhe->hde", rv.double(), rv.double()) / rv.shape[0]
+                wo = model.model.layers[layer].self_attn.o_proj.weight.detach().double().reshape(-1, h_kv, grp, d)
+                vm.append(metric_maps(cov_v, torch.einsum("ohgd,ohge->hde", wo, wo))[0])
+        if km:
+            rope_kw["k_map"] = torch.stack(km)
+        if vm:
+            rope_kw["v_map"] = torch.stack(vm)
+        desc = {"attn": f"metric map (strength {key_map_strength:g}), attention-weighted query metric",
+                "moment": f"metric map (strength {key_map_strength:g}), E[q q^T]",
+                "pca": "PCA whitening diag(lambda^-1/4) U^T", "wo": "metric map, W_o^T W_o", "none": "none"}
+        meta["maps"] = f"keys: {desc[key_map]}; values: {desc[value_map]}"
+        if gains:
+            g = 10 * torch.stack(gains).log10()  # [L, H]
+            meta["maps"] += f" (predicted key metric-error gain {g.median().item():.2f} dB, median over heads)"
+            logger.info("key maps: predicted metric-error gain per layer (dB): %s",
+                        " ".join(f"{x:.2f}" for x in g.mean(1).tolist()))
     if not scales:
         return KVCenters(k_mean.float(), v_mean.float(), None, None, meta, **rope_kw)
     return KVCenters(k_mean.float(), v_mean.float(), channel_scales(q_energy, k_energy),
@@ -613,7 +687,8 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
 
 def calibrate(model_dir: Path | str, out: Path | str | None = None, num_tokens: int = 4096,
               force: bool = False, text_path: Path | None = None, scales: bool = False,
-              maps: bool | str = False) -> Path:
+              key_map: str = DEFAULT_KEY_MAP, value_map: str = "none",
+              key_map_strength: float = DEFAULT_KEY_MAP_STRENGTH) -> Path:
     """Write the calibration of ``model_dir`` to ``out`` (default ``model_dir/CALIBRATION_FILE``);
     an existing valid file of the current format is kept unless ``force``."""
     out = Path(out) if out is not None else Path(model_dir) / CALIBRATION_FILE
@@ -624,7 +699,10 @@ def calibrate(model_dir: Path | str, out: Path | str | None = None, num_tokens: 
             logger.warning("replacing calibration file %s of an older format", out)
         except ValueError:
             logger.warning("replacing invalid or old calibration file %s", out)
-    centers = compute_centers(model_dir, num_tokens=num_tokens, text_path=text_path, scales=scales, maps=maps)
+    if scales:
+        key_map = value_map = "none"
+    centers = compute_centers(model_dir, num_tokens=num_tokens, text_path=text_path, scales=scales,
+                              key_map=key_map, value_map=value_map, key_map_strength=key_map_strength)
     return centers.save(out)
 
 

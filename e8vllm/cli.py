@@ -91,7 +91,9 @@ def calibrate_cmd(
     text: Optional[Path] = typer.Option(None, help="Calibration text file or directory instead."),
     force: bool = typer.Option(False, help="Recompute even if a valid file exists."),
     scales: bool = typer.Option(False, help="Also per-channel scales (experimental: did not lower SmolLM2's PPL)."),
-    maps: bool = typer.Option(False, help="Also per-head PCA maps of K and V (experimental, see e8vllm/calibration.py)."),
+    key_map: str = typer.Option("moment", help="Per-head key map: moment (default), attn, pca or none (see e8vllm/calibration.py)."),
+    value_map: str = typer.Option("none", help="Per-head value map: none (default), wo or pca (experimental: they raised SmolLM2's PPL)."),
+    key_map_strength: float = typer.Option(0.5, help="Strength s of the metric key map M = P^(s/2), in (0, 1]."),
 ) -> None:
     """Write the KV calibration (per-head centers that follow RoPE and the position-0 sink,
     optional channel scales or linear maps) that E8 KV dtypes use."""
@@ -99,7 +101,8 @@ def calibrate_cmd(
 
     from e8vllm.calibration import calibrate, describe
 
-    path = calibrate(model, out=out, num_tokens=tokens, force=force, text_path=text, scales=scales, maps=maps)
+    path = calibrate(model, out=out, num_tokens=tokens, force=force, text_path=text, scales=scales,
+                     key_map=key_map, value_map=value_map, key_map_strength=key_map_strength)
     typer.echo(json.dumps(describe(path), indent=2))
 
 

@@ -268,6 +268,7 @@ def engine_info(llm: Any, kv_cache_dtype: str) -> dict[str, Any]:
         calib = find_calibration(mc.model)
         info["kv_centering"] = calib is not None
         info["kv_calibration"] = str(calib) if calib is not None else None
+        info["kv_calibration_sha"] = file_sha(calib)
     if cc.cache_dtype != kv_cache_dtype:
         raise RuntimeError(f"engine cache dtype is {cc.cache_dtype!r}, asked for {kv_cache_dtype!r}")
     if kv_cache_dtype.startswith("e8_"):
@@ -563,9 +564,27 @@ def slice_result(old: dict[str, Any], windows: list[list[int]]) -> dict[str, Any
     return r
 
 
+def file_sha(path: Path | str | None) -> str | None:
+    """sha256 of a file (None for None)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path is not None else None
+
+
+def expected_calibration_sha(spec: dict[str, Any], model_dir: Path) -> str | None:
+    """sha256 of the calibration file the engine of ``spec`` will use (None: an uncentered or stock dtype)."""
+    if not spec["kv_cache_dtype"].startswith("e8_"):
+        return None
+    from e8vllm.calibration import find_calibration
+
+    forced = spec["env"].get(CALIBRATION_ENV)
+    if forced is not None:
+        return None if forced.lower() in ("none", "off", "0", "false", "no") else file_sha(forced)
+    return file_sha(find_calibration(str(model_dir)))
+
+
 def _reusable(res_path: Path, windows: list[list[int]], all_windows: list[list[int]],
-              kv_space_gib: int) -> dict[str, Any] | None:
-    """An earlier ok result for the same (or a longer, same-prefix) list of windows, sliced; else None."""
+              kv_space_gib: int, calibration_sha: str | None = None) -> dict[str, Any] | None:
+    """An earlier ok result for the same (or a longer, same-prefix) list of windows and the same
+    KV calibration file, sliced; else None."""
     if not res_path.exists():
         return None
     try:
@@ -578,6 +597,8 @@ def _reusable(res_path: Path, windows: list[list[int]], all_windows: list[list[i
     if old.get("window") != len(windows[0]) or n_old < len(windows) or n_old > len(all_windows):
         return None
     if old.get("tokens_sha") != tokens_sha(all_windows[:n_old]):
+        return None
+    if old.get("engine", {}).get("kv_calibration_sha") != calibration_sha:
         return None
     r = slice_result(old, windows) if n_old > len(windows) else dict(old)
     r["reused"] = True
@@ -636,7 +657,8 @@ def run(out_dir: Path, dtypes: list[str] | None = None, max_tokens: int = 20480,
         res_path = out_dir / f"quality_{safe_name(d)}.json"
         log_path = out_dir / f"quality_{safe_name(d)}.log"
         if reuse:
-            old = _reusable(res_path, windows, all_windows, kv_space_gib)
+            old = _reusable(res_path, windows, all_windows, kv_space_gib,
+                            expected_calibration_sha(spec, Path(model_dir)))
             if old is not None:
                 per[d] = old
                 src = f" (first {len(windows)} of its {old['sliced_from_windows']} windows)" if old.get(

@@ -281,6 +281,76 @@ def test_channel_scales_formula() -> None:
     assert channel_scales(torch.tensor([[1e12, 1.0]]), torch.ones(1, 2)).min().item() == pytest.approx(1 / 8)
 
 
+def _spd(g: torch.Generator, d: int, spread: float) -> torch.Tensor:
+    u = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    return (u * torch.logspace(0, spread, d, dtype=torch.float64)) @ u.T
+
+
+def test_metric_maps_minimise_the_metric_error() -> None:
+    """M = (Σ⁻¹ # W)^(1/2): P = MᵀM solves P Σ P = W; the cost tr(MΣMᵀ) tr(M⁻¹ W M⁻ᵀ) of a code whose
+    error is isotropic in the mapped space is minimal there (below identity, PCA whitening and random
+    perturbations of M), and the predicted gain is the cost ratio against M = I."""
+    g = torch.Generator().manual_seed(7)
+    d = 16
+    sig, w = _spd(g, d, 3.0), _spd(g, d, 2.0)
+    m, gain = cal.metric_maps(sig, w, floor=1e-12)
+    m = m.double()
+    p = m.T @ m
+    lhs = p @ sig @ p
+    assert torch.allclose(lhs / lhs.trace(), w / w.trace(), atol=1e-4)
+    assert torch.trace(m @ sig @ m.T).item() == pytest.approx(torch.trace(sig).item(), rel=1e-5)
+
+    def cost(a: torch.Tensor) -> float:
+        ai = torch.linalg.inv(a)
+        return (torch.trace(a @ sig @ a.T) * torch.trace(ai @ w @ ai.T)).item()
+
+    best = cost(m)
+    assert cost(torch.eye(d, dtype=torch.float64)) / best == pytest.approx(gain.item(), rel=1e-4)
+    assert gain.item() > 2.0  # Σ and W with unrelated axes: a real gain
+    pca = cal.pca_maps(torch.randn(20000, 1, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(sig).T)
+    assert cost(pca[0].double()) > best
+    for _ in range(20):
+        assert cost(m + 0.05 * torch.randn(d, d, generator=g, dtype=torch.float64)) > best
+    # Σ ∝ W: nothing to gain
+    _, g1 = cal.metric_maps(sig, 3 * sig, floor=1e-12)
+    assert g1.item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_compute_centers_validates_its_choices() -> None:
+    """Bad map choices fail before any model is loaded (the directory does not exist)."""
+    with pytest.raises(ValueError, match="key_map"):
+        cal.compute_centers("/nonexistent", key_map="bogus")
+    with pytest.raises(ValueError, match="value_map"):
+        cal.compute_centers("/nonexistent", value_map="attn")
+    with pytest.raises(ValueError, match="alternatives"):
+        cal.compute_centers("/nonexistent", scales=True)  # the default key map is a map
+    with pytest.raises(ValueError, match="strength"):
+        cal.compute_centers("/nonexistent", key_map_strength=0.0)
+    assert cal.DEFAULT_KEY_MAP in cal.KEY_MAPS and "none" in cal.VALUE_MAPS
+
+
+def test_attention_query_metric_matches_brute_force() -> None:
+    """ω_t = s² Σ_j p_tj² ‖W_o (v_j − o_t)‖², summed as Σ_t ω_t q_t q_tᵀ, against explicit loops."""
+    g = torch.Generator().manual_seed(3)
+    t, h, grp, d, hidden = 7, 2, 2, 4, 5
+    q = torch.randn(t, h, grp, d, generator=g, dtype=torch.float64)
+    k = torch.randn(t, h, d, generator=g, dtype=torch.float64)
+    v = torch.randn(t, h, d, generator=g, dtype=torch.float64)
+    w_o = torch.randn(hidden, h * grp * d, generator=g, dtype=torch.float64)
+    s = 0.4
+    got = cal._attention_query_metric(q, k, v, w_o, s)
+    want = torch.zeros(h, d, d, dtype=torch.float64)
+    for hh in range(h):
+        for j in range(grp):
+            w = w_o[:, (hh * grp + j) * d:(hh * grp + j + 1) * d]
+            for ti in range(t):
+                p = torch.softmax(s * k[: ti + 1, hh] @ q[ti, hh, j], 0)
+                o = p @ v[: ti + 1, hh]
+                om = sum(p[jj] ** 2 * (w @ (v[jj, hh] - o)).pow(2).sum() for jj in range(ti + 1)) * s * s
+                want[hh] += om * torch.outer(q[ti, hh, j], q[ti, hh, j])
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_find_calibration(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv(cal.CALIBRATION_ENV, raising=False)
     assert find_calibration(tmp_path) is None

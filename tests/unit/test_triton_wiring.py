@@ -52,3 +52,53 @@ def test_impl_routes_and_matches_reference(kernels, monkeypatch, one_thread):
     else:
         assert err < 1e-5
         assert gpu.CALLS.get("torch_write") == 1 and gpu.CALLS.get("torch_attn") == 1
+
+
+def test_calibration_with_key_maps_routes_through_kernels(monkeypatch, tmp_path, one_thread):
+    """With a calibration (static, RoPE and sink centers, and a key map), the Triton path writes the
+    same codes as the PyTorch path and its attention agrees within the fp16-operand error; without
+    the map applied on both sides (q' = q M⁻¹, k' = M (k − c)) the outputs would differ at O(1)."""
+    from e8vllm import calibration as cal
+    from e8vllm.vllm_plugin import spec as e8spec
+
+    g = torch.Generator().manual_seed(5)
+    layers, h_kv, h_q, d, length, n = 2, 2, 8, 64, 37, 5
+    eye = torch.eye(d).expand(layers, h_kv, d, d)
+    c = cal.KVCenters(torch.randn(layers, h_kv, d, generator=g) * 2, torch.randn(layers, h_kv, d, generator=g),
+                      meta={"tokens": "synthetic"}, k_rope=torch.randn(layers, h_kv, d, generator=g) * 2,
+                      rope_inv_freq=10000.0 ** (-torch.arange(0, d, 2).float() / d), rope_scale=1.0,
+                      k_sink=torch.randn(layers, h_kv, d, generator=g) * 3,
+                      k_map=(eye + 0.3 * torch.randn(layers, h_kv, d, d, generator=g) / d ** 0.5).contiguous())
+    monkeypatch.setenv(cal.CALIBRATION_ENV, str(c.save(tmp_path / "c.safetensors")))
+    cal.load_centers.cache_clear()
+    e8spec._reset_active_dtype()
+    k = torch.randn(length, h_kv, d, generator=g) + c.k_mean[1]
+    v = torch.randn(length, h_kv, d, generator=g)
+    q = torch.randn(n, h_q, d, generator=g)
+    block = 16
+    blocks = torch.tensor([3, 0, 2], dtype=torch.int32)
+    pos = torch.arange(length)
+    slots = blocks[pos // block].long() * block + pos % block
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    res = {}
+    try:
+        for kernels in ("triton", "torch"):
+            impl = _impl(monkeypatch, kernels)
+            gpu.CALLS.clear()
+            assert impl._mapped is False  # set up on the first call with a layer
+            cache = torch.zeros(4, h_kv, block, impl.fmt.slot_bytes, dtype=torch.uint8)
+            impl._e8_write(k, v, cache, slots, layer, positions=pos)
+            md = SimpleNamespace(num_actual_tokens=n, max_query_len=n,
+                                 query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+                                 seq_lens=torch.tensor([length], dtype=torch.int32), block_table=blocks[None])
+            out = torch.zeros(n, h_q * d)
+            impl._e8_forward(q.reshape(n, -1), cache, md, out, layer=layer)
+            assert impl._mapped
+            assert gpu.CALLS.get(f"{kernels}_write") == 1 and gpu.CALLS.get(f"{kernels}_attn") == 1
+            res[kernels] = (cache, out.view(n, h_q, d).double())
+    finally:
+        cal.load_centers.cache_clear()
+        e8spec._reset_active_dtype()
+    assert torch.equal(res["triton"][0], res["torch"][0])
+    err = (res["triton"][1] - res["torch"][1]).abs().max().item()
+    assert err < 2e-3 * res["torch"][1].abs().max().item(), err
