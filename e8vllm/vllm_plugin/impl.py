@@ -102,6 +102,7 @@ class E8ImplMixin:
         self._rotary = False
         self._sink = False
         self._mapped = False
+        self._v_mapped = False
         self._trig: torch.Tensor | None = None
         self._e8_model: str | None = None
         self._e8_max_len = 0
@@ -158,6 +159,7 @@ class E8ImplMixin:
             self._rotary = bool((t["k_rope"] != 0).any())
             self._sink = bool((t["k_sink"] != 0).any())
             self._mapped = "k_map" in t or "v_map" in t
+            self._v_mapped = "v_map" in t  # the default calibration maps the keys only
             if self._mapped:  # identity where one side has none; inverses once (float64)
                 eye = torch.eye(self.head_size, device=device).expand(t["k_mean"].shape[0], -1, -1)
                 t["k_map"], t["v_map"] = t.get("k_map", eye).contiguous(), t.get("v_map", eye).contiguous()
@@ -235,7 +237,8 @@ class E8ImplMixin:
                 key, value = key * centers["k_scale"], value * centers["v_scale"]
             if self._mapped:  # k' = M (k − c), v' = N (v − μ_V) per head
                 key = torch.einsum("thd,hed->the", key, centers["k_map"])
-                value = torch.einsum("thd,hed->the", value, centers["v_map"])
+                if self._v_mapped:
+                    value = torch.einsum("thd,hed->the", value, centers["v_map"])
         self._e8_write_codes(key, value, kv_cache, slot_mapping)
         if self._e8_telemetry is not None:  # error against the model's own K/V (centers added back)
             self._e8_telemetry.after_write(k_in, v_in, kv_cache, slot_mapping, self.fmt, centers, id(self))
@@ -285,7 +288,7 @@ class E8ImplMixin:
             g = self.num_heads // self.num_kv_heads
             o = out.view(n, self.num_kv_heads, g, self.head_size)
             of = o.float() * c["v_inv"][None, :, None, :] if self._scaled else o.float()
-            if self._mapped:
+            if self._v_mapped:
                 of = torch.einsum("tgkd,ged->tgke", of, c["v_inv_map"])
             o.copy_(of + c["v_mean"][None, :, None, :])
         return output
