@@ -495,6 +495,23 @@ def _rope_module(model: Any) -> Any:
 
 
 @torch.inference_mode()
+def _check_choices(key_map: str, value_map: str, key_map_strength: float) -> None:
+    if key_map not in KEY_MAPS:
+        raise ValueError(f"key_map must be one of {KEY_MAPS}, got {key_map!r}")
+    if value_map not in VALUE_MAPS:
+        raise ValueError(f"value_map must be one of {VALUE_MAPS}, got {value_map!r}")
+    if not 0 < key_map_strength <= 1:
+        raise ValueError(f"key_map_strength must be in (0, 1], got {key_map_strength}")
+
+
+def _settings(num_tokens: int, scales: bool, key_map: str, value_map: str, key_map_strength: float,
+              text_path: Path | None = None) -> str:
+    """What a calibration file was asked for (stored in its metadata; a different ask recomputes it)."""
+    strength = f"{key_map_strength:g}" if key_map in ("moment", "attn") else "-"
+    return (f"tokens={num_tokens} text={text_path or 'default'} scales={int(scales)} key_map={key_map} "
+            f"value_map={value_map} key_map_strength={strength}")
+
+
 def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 1024,
                     text_path: Path | None = None, scales: bool = False, sink_samples: int = 64,
                     key_map: str = DEFAULT_KEY_MAP, value_map: str = "none",
@@ -514,11 +531,7 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
     :data:`VALUE_MAPS`) pick the per-head linear maps applied after centering (module docstring);
     ``key_map_strength`` is the strength of the metric key maps.
     """
-    if not 0 < key_map_strength <= 1:
-        raise ValueError(f"key_map_strength must be in (0, 1], got {key_map_strength}")
-    if key_map not in KEY_MAPS or value_map not in VALUE_MAPS:
-        raise ValueError(f"key_map must be one of {KEY_MAPS} and value_map one of {VALUE_MAPS}, "
-                         f"got {key_map!r}, {value_map!r}")
+    _check_choices(key_map, value_map, key_map_strength)
     mapped = key_map != "none" or value_map != "none"
     if scales and mapped:
         raise ValueError("scales and maps are alternatives: use key_map='none', value_map='none' with scales")
@@ -585,7 +598,7 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
             if sink["on"]:
                 return
             vv = out[0].double().reshape(-1, h_kv, d)
-            if mapped:
+            if value_map != "none" or key_map == "attn":
                 kept_v[i].append(vv.float())
             sv[i] += vv.sum(0)
             sv2[i] += vv.pow(2).sum(0)
@@ -651,7 +664,6 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
             c = {"k_rope": rope_kw.get("k_rope", torch.zeros_like(k_mean.float()))[layer],
                  "k_sink": rope_kw.get("k_sink", torch.zeros_like(k_mean.float()))[layer]}
             rk = torch.cat(kept_k[layer]) - k_mean[layer].float() - key_centers(c, trig_all, pos)
-            rv = torch.cat(kept_v[layer]) - v_mean[layer].float()
             if key_map == "pca":
                 km.append(pca_maps(rk))
             elif key_map != "none":
@@ -660,6 +672,8 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
                                     strength=key_map_strength)
                 km.append(m)
                 gains.append(gk)
+            if value_map != "none":
+                rv = torch.cat(kept_v[layer]) - v_mean[layer].float()
             if value_map == "pca":
                 vm.append(pca_maps(rv))
             elif value_map == "wo":
@@ -690,19 +704,24 @@ def calibrate(model_dir: Path | str, out: Path | str | None = None, num_tokens: 
               key_map: str = DEFAULT_KEY_MAP, value_map: str = "none",
               key_map_strength: float = DEFAULT_KEY_MAP_STRENGTH) -> Path:
     """Write the calibration of ``model_dir`` to ``out`` (default ``model_dir/CALIBRATION_FILE``);
-    an existing valid file of the current format is kept unless ``force``."""
+    an existing valid file of the current format, made with the same settings, is kept unless ``force``."""
+    if scales:
+        key_map = value_map = "none"
+    _check_choices(key_map, value_map, key_map_strength)
+    want = _settings(num_tokens, scales, key_map, value_map, key_map_strength, text_path)
     out = Path(out) if out is not None else Path(model_dir) / CALIBRATION_FILE
     if out.is_file() and not force:
         try:
-            if KVCenters.load(out).meta.get("version") == FORMAT_VERSION:
+            meta = KVCenters.load(out).meta
+            if meta.get("version") == FORMAT_VERSION and meta.get("settings") == want:
                 return out
-            logger.warning("replacing calibration file %s of an older format", out)
+            logger.warning("replacing calibration file %s (format %s, settings %s; asked: %s)", out,
+                           meta.get("version"), meta.get("settings"), want)
         except ValueError:
             logger.warning("replacing invalid or old calibration file %s", out)
-    if scales:
-        key_map = value_map = "none"
     centers = compute_centers(model_dir, num_tokens=num_tokens, text_path=text_path, scales=scales,
                               key_map=key_map, value_map=value_map, key_map_strength=key_map_strength)
+    centers.meta["settings"] = want
     return centers.save(out)
 
 

@@ -333,6 +333,7 @@ def measure(key: Any, value: Any, kv_cache: Any, slot_mapping: Any, fmt: Any,
             k_hat = k_hat.reshape(-1, h, d)
             if centers.get("k_inv_map") is not None:  # linear maps: x = N⁻¹ x' + mean
                 k_hat = torch.einsum("nhd,hed->nhe", k_hat, centers["k_inv_map"].float())
+            if centers.get("v_inv_map") is not None:
                 v_hat = torch.einsum("nhd,hed->nhe", v_hat.reshape(-1, h, d), centers["v_inv_map"].float()).reshape(-1, d)
             k_hat = k_hat / centers["k_scale"].float() + centers["k_mean"].float()
             if centers.get("k_pos") is not None:  # position-dependent key centers [T, H, D]

@@ -24,8 +24,8 @@ from .test_metrics import one, scrape
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 DRAIN_S = 5
-#: the long stream of the SIGTERM test: ~35 s of decode at this CPU's ~26 tokens/s for 900 tokens,
-#: so it is still running when the drain ends even if the client is late by minutes
+#: the long stream of the SIGTERM test: ~150 s of decode at the ~26 tokens/s measured for `auto` on
+#: this 2-core CPU, so it is still running when the 5 s drain ends even if the client is late by minutes
 LONG_TOKENS = 4000
 
 

@@ -122,8 +122,10 @@ def test_centered_impl_equals_attention_over_uncentered_cache(calib_file: KVCent
     assert 0.8 < ratio.median().item() < 1.25
 
 
+@pytest.mark.parametrize("value_map", [True, False])
 @pytest.mark.parametrize("L,n", [(45, 45), (70, 1)])
-def test_mapped_impl_equals_attention_over_unmapped_cache(tmp_path, monkeypatch, L: int, n: int) -> None:
+def test_mapped_impl_equals_attention_over_unmapped_cache(tmp_path, monkeypatch, L: int, n: int,
+                                                          value_map: bool) -> None:
     """Linear maps (k' = M (k − c(p)), v' = N (v − μ_V), q' = q M⁻¹, o = N⁻¹ o' + μ_V): the impl equals
     float64 attention over the cache mapped back, and the maps fitted by pca_maps whiten the spread."""
     g = torch.Generator().manual_seed(L + n)
@@ -140,10 +142,11 @@ def test_mapped_impl_equals_attention_over_unmapped_cache(tmp_path, monkeypatch,
     vm = torch.linalg.qr(torch.randn(LAYERS, H_KV, D, D, generator=g))[0] * 1.7
     c = KVCenters(base.k_mean, base.v_mean, meta={"tokens": "synthetic"}, k_rope=base.k_rope,
                   rope_inv_freq=base.rope_inv_freq, rope_scale=base.rope_scale, k_sink=base.k_sink,
-                  k_map=km[None].expand(LAYERS, -1, -1, -1).contiguous(), v_map=vm)
+                  k_map=km[None].expand(LAYERS, -1, -1, -1).contiguous(), v_map=vm if value_map else None)
     path = c.save(tmp_path / "maps.safetensors")
     back = KVCenters.load(path)
-    assert torch.equal(back.k_map, c.k_map) and torch.equal(back.v_map, c.v_map)
+    assert torch.equal(back.k_map, c.k_map)
+    assert torch.equal(back.v_map, c.v_map) if value_map else back.v_map is None
     monkeypatch.setenv(cal.CALIBRATION_ENV, str(path))
     cal.load_centers.cache_clear()
     e8spec._reset_active_dtype()
@@ -156,7 +159,8 @@ def test_mapped_impl_equals_attention_over_unmapped_cache(tmp_path, monkeypatch,
     out, cache, blocks = _run(impl, k, v, q, layer_no)
     kc, vc = gather_dequantized(cache, blocks, L, impl.fmt)  # mapped codes
     kinv = torch.linalg.inv(c.k_map[layer_no].double())
-    vinv = torch.linalg.inv(c.v_map[layer_no].double())
+    vinv = (torch.linalg.inv(c.v_map[layer_no].double()) if value_map
+            else torch.eye(D, dtype=torch.float64).expand(H_KV, D, D))
     k_back = torch.einsum("lhd,hed->lhe", kc.double(), kinv) + c.k_mean[layer_no].double() + m.double()
     v_back = torch.einsum("lhd,hed->lhe", vc.double(), vinv) + c.v_mean[layer_no].double()
     want = _float64_attention(q, k_back, v_back, n)
@@ -318,10 +322,12 @@ def test_metric_maps_minimise_the_metric_error() -> None:
 
 def test_compute_centers_validates_its_choices() -> None:
     """Bad map choices fail before any model is loaded (the directory does not exist)."""
-    with pytest.raises(ValueError, match="key_map"):
+    with pytest.raises(ValueError, match="key_map must be"):
         cal.compute_centers("/nonexistent", key_map="bogus")
-    with pytest.raises(ValueError, match="value_map"):
+    with pytest.raises(ValueError, match="value_map must be"):
         cal.compute_centers("/nonexistent", value_map="attn")
+    with pytest.raises(ValueError, match="key_map must be"):
+        cal.calibrate("/nonexistent", key_map="bogus")  # checked before an existing file is kept
     with pytest.raises(ValueError, match="alternatives"):
         cal.compute_centers("/nonexistent", scales=True)  # the default key map is a map
     with pytest.raises(ValueError, match="strength"):

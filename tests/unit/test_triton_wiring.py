@@ -23,7 +23,7 @@ from e8vllm.kernels.triton.cases import random_case  # noqa: E402
 
 def _impl(monkeypatch, kernels: str):
     monkeypatch.setenv(gpu.KERNELS_ENV, kernels)
-    monkeypatch.delenv("E8VLLM_CALIBRATION", raising=False)
+    monkeypatch.delenv("E8VLLM_KV_CALIBRATION", raising=False)
     return gpu.E8TritonImpl(8, 64, 64 ** -0.5, 2, None, None, "e8_k4v4")
 
 
@@ -69,9 +69,7 @@ def test_calibration_with_key_maps_routes_through_kernels(monkeypatch, tmp_path,
                       rope_inv_freq=10000.0 ** (-torch.arange(0, d, 2).float() / d), rope_scale=1.0,
                       k_sink=torch.randn(layers, h_kv, d, generator=g) * 3,
                       k_map=(eye + 0.3 * torch.randn(layers, h_kv, d, d, generator=g) / d ** 0.5).contiguous())
-    monkeypatch.setenv(cal.CALIBRATION_ENV, str(c.save(tmp_path / "c.safetensors")))
-    cal.load_centers.cache_clear()
-    e8spec._reset_active_dtype()
+    path = str(c.save(tmp_path / "c.safetensors"))
     k = torch.randn(length, h_kv, d, generator=g) + c.k_mean[1]
     v = torch.randn(length, h_kv, d, generator=g)
     q = torch.randn(n, h_q, d, generator=g)
@@ -83,7 +81,10 @@ def test_calibration_with_key_maps_routes_through_kernels(monkeypatch, tmp_path,
     res = {}
     try:
         for kernels in ("triton", "torch"):
-            impl = _impl(monkeypatch, kernels)
+            impl = _impl(monkeypatch, kernels)  # read on the first call with a layer, below
+            monkeypatch.setenv(cal.CALIBRATION_ENV, path)
+            cal.load_centers.cache_clear()
+            e8spec._reset_active_dtype()
             gpu.CALLS.clear()
             assert impl._mapped is False  # set up on the first call with a layer
             cache = torch.zeros(4, h_kv, block, impl.fmt.slot_bytes, dtype=torch.uint8)
