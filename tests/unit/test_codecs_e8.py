@@ -174,7 +174,9 @@ def test_voronoi_code_matches_nearest_e8_without_overload():
 @pytest.mark.parametrize("name", [n for n in codecs.names("e8")])
 def test_e8_family_basics(name):
     c = codecs.get(name, head_dim=64)
-    x = torch.randn(64, 64)
+    # seeded: the Voronoi codes (e8v-*) wrap around on rare overloaded vectors, and with the global
+    # RNG (whatever ran before) one such draw failed CI once (e8v-4bit at 5.3x the bound)
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
     a, b = c.encode(x), c.encode(x)
     assert torch.equal(a, b)
     assert a.shape[1] == c.code_bytes == round(c.bits_per_value * 64 / 8)
