@@ -138,7 +138,8 @@ CALIBRATION_ENV = "E8VLLM_KV_CALIBRATION"
 
 FORMAT_VERSION = "4"
 _READABLE = ("2", "3", "4")
-_OFF = ("none", "off", "0", "false", "no")
+OFF_VALUES = ("none", "off", "0", "false", "no")
+"""Values of :data:`CALIBRATION_ENV` that turn the calibration off."""
 
 
 _FIELDS = ("k_mean", "k_scale", "v_mean", "v_scale")
@@ -496,7 +497,6 @@ def _rope_module(model: Any) -> Any:
     return mod
 
 
-@torch.inference_mode()
 def _check_choices(key_map: str, value_map: str, key_map_strength: float) -> None:
     if key_map not in KEY_MAPS:
         raise ValueError(f"key_map must be one of {KEY_MAPS}, got {key_map!r}")
@@ -514,6 +514,7 @@ def _settings(num_tokens: int, scales: bool, key_map: str, value_map: str, key_m
             f"value_map={value_map} key_map_strength={strength}")
 
 
+@torch.inference_mode()
 def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 1024,
                     text_path: Path | None = None, scales: bool = False, sink_samples: int = 64,
                     key_map: str = DEFAULT_KEY_MAP, value_map: str = "none",
@@ -575,7 +576,7 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
         calls[0] += 1
         kk = ke[0].transpose(0, 1).double()  # [T, H_kv, D]
         kp = k[0].transpose(0, 1).double()  # before RoPE
-        if mapped:
+        if key_map != "none":
             kept_k[layer].append(kk.float())
         sk[layer] += kk.sum(0)
         sk2[layer] += kk.pow(2).sum(0)
@@ -665,7 +666,8 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
         for layer in range(n_layers):
             c = {"k_rope": rope_kw.get("k_rope", torch.zeros_like(k_mean.float()))[layer],
                  "k_sink": rope_kw.get("k_sink", torch.zeros_like(k_mean.float()))[layer]}
-            rk = torch.cat(kept_k[layer]) - k_mean[layer].float() - key_centers(c, trig_all, pos)
+            if key_map != "none":
+                rk = torch.cat(kept_k[layer]) - k_mean[layer].float() - key_centers(c, trig_all, pos)
             if key_map == "pca":
                 km.append(pca_maps(rk))
             elif key_map != "none":
@@ -736,7 +738,7 @@ def find_calibration(model: str | os.PathLike[str] | None) -> Path | None:
     """
     env = os.environ.get(CALIBRATION_ENV, "").strip()
     if env:
-        if env.lower() in _OFF:
+        if env.lower() in OFF_VALUES:
             return None
         p = Path(env).expanduser()
         if not p.is_file():

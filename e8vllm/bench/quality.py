@@ -573,11 +573,11 @@ def expected_calibration_sha(spec: dict[str, Any], model_dir: Path) -> str | Non
     """sha256 of the calibration file the engine of ``spec`` will use (None: an uncentered or stock dtype)."""
     if not spec["kv_cache_dtype"].startswith("e8_"):
         return None
-    from e8vllm.calibration import CALIBRATION_FILE
+    from e8vllm.calibration import CALIBRATION_FILE, OFF_VALUES
 
     forced = spec["env"].get(CALIBRATION_ENV)
     if forced is not None:
-        return None if forced.lower() in ("none", "off", "0", "false", "no") else file_sha(forced)
+        return None if forced.lower() in OFF_VALUES else file_sha(forced)
     own = Path(model_dir) / CALIBRATION_FILE  # engine_env drops an inherited E8VLLM_KV_CALIBRATION
     return file_sha(own) if own.is_file() else None
 

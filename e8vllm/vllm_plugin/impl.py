@@ -101,7 +101,7 @@ class E8ImplMixin:
         self._scaled = False
         self._rotary = False
         self._sink = False
-        self._mapped = False
+        self._k_mapped = False
         self._v_mapped = False
         self._trig: torch.Tensor | None = None
         self._e8_model: str | None = None
@@ -120,8 +120,9 @@ class E8ImplMixin:
 
         ``{"k_mean", "k_scale", "v_mean", "v_scale", "k_rope", "k_sink"}`` float32 [H_kv, D], plus
         ``q_inv`` (1 / k_scale per query head) [H_q, D], ``v_inv`` (1 / v_scale) [H_kv, D], ``q_rope``
-        and ``q_sink`` (k_rope, k_sink per query head) [H_q, D], and with linear maps ``k_map``,
-        ``v_map``, their inverses ``k_inv_map``, ``v_inv_map`` [H_kv, D, D] and ``q_map`` [H_q, D, D];
+        and ``q_sink`` (k_rope, k_sink per query head) [H_q, D], and for each side with a linear map
+        ``k_map`` / ``v_map``, its inverse ``k_inv_map`` / ``v_inv_map`` [H_kv, D, D] (keys: also
+        ``q_map`` [H_q, D, D]);
         with position-dependent centers the RoPE table is built here too (:meth:`_e8_rope_table`).
         Resolved once, at the first
         call with the layer (its ``layer_name`` gives the index, the tensor-parallel rank the heads).
@@ -158,14 +159,12 @@ class E8ImplMixin:
             self._scaled = bool((t["k_scale"] != 1).any() or (t["v_scale"] != 1).any())  # else centers only
             self._rotary = bool((t["k_rope"] != 0).any())
             self._sink = bool((t["k_sink"] != 0).any())
-            self._mapped = "k_map" in t or "v_map" in t
-            self._v_mapped = "v_map" in t  # the default calibration maps the keys only
-            if self._mapped:  # identity where one side has none; inverses once (float64)
-                eye = torch.eye(self.head_size, device=device).expand(t["k_mean"].shape[0], -1, -1)
-                t["k_map"], t["v_map"] = t.get("k_map", eye).contiguous(), t.get("v_map", eye).contiguous()
+            self._k_mapped, self._v_mapped = "k_map" in t, "v_map" in t  # the default maps the keys only
+            if self._k_mapped:  # inverses once (float64)
                 t["k_inv_map"] = torch.linalg.inv(t["k_map"].double()).float()
-                t["v_inv_map"] = torch.linalg.inv(t["v_map"].double()).float()
                 t["q_map"] = t["k_inv_map"].repeat_interleave(grp, dim=0)  # q' = q M⁻¹ (row vectors)
+            if self._v_mapped:
+                t["v_inv_map"] = torch.linalg.inv(t["v_map"].double()).float()
             self._rope = (c.rope_inv_freq.to(device), float(c.rope_scale))
             self._centers = t
             if self._rotary and self._e8_max_len > 0:  # the whole table now, before any graph capture
@@ -235,10 +234,10 @@ class E8ImplMixin:
             value = value.float() - centers["v_mean"]
             if self._scaled:
                 key, value = key * centers["k_scale"], value * centers["v_scale"]
-            if self._mapped:  # k' = M (k − c), v' = N (v − μ_V) per head
+            if self._k_mapped:  # k' = M (k − c), v' = N (v − μ_V) per head
                 key = torch.einsum("thd,hed->the", key, centers["k_map"])
-                if self._v_mapped:
-                    value = torch.einsum("thd,hed->the", value, centers["v_map"])
+            if self._v_mapped:
+                value = torch.einsum("thd,hed->the", value, centers["v_map"])
         self._e8_write_codes(key, value, kv_cache, slot_mapping)
         if self._e8_telemetry is not None:  # error against the model's own K/V (centers added back)
             self._e8_telemetry.after_write(k_in, v_in, kv_cache, slot_mapping, self.fmt, centers, id(self))
@@ -281,7 +280,7 @@ class E8ImplMixin:
             key_bias = KeyBias(coef, table, first)
         if c is not None and self._scaled:  # q ⊘ a: the same logits up to a per-query shift
             q = (q.float() * c["q_inv"]).to(q.dtype)
-        if c is not None and self._mapped:  # q' = q M⁻¹: q'·k' = q·(k − c)
+        if c is not None and self._k_mapped:  # q' = q M⁻¹: q'·k' = q·(k − c)
             q = torch.einsum("thd,hde->the", q.float(), c["q_map"]).to(q.dtype)
         self._e8_attend(q, kv_cache, attn_metadata, out, key_bias)
         if c is not None:  # o ⊘ b + μ_V (or N⁻¹ o + μ_V), per KV head's group of query heads

@@ -86,7 +86,7 @@ def test_calibration_with_key_maps_routes_through_kernels(monkeypatch, tmp_path,
             cal.load_centers.cache_clear()
             e8spec._reset_active_dtype()
             gpu.CALLS.clear()
-            assert impl._mapped is False  # set up on the first call with a layer
+            assert impl._k_mapped is False  # set up on the first call with a layer
             cache = torch.zeros(4, h_kv, block, impl.fmt.slot_bytes, dtype=torch.uint8)
             impl._e8_write(k, v, cache, slots, layer, positions=pos)
             md = SimpleNamespace(num_actual_tokens=n, max_query_len=n,
@@ -94,7 +94,7 @@ def test_calibration_with_key_maps_routes_through_kernels(monkeypatch, tmp_path,
                                  seq_lens=torch.tensor([length], dtype=torch.int32), block_table=blocks[None])
             out = torch.zeros(n, h_q * d)
             impl._e8_forward(q.reshape(n, -1), cache, md, out, layer=layer)
-            assert impl._mapped
+            assert impl._k_mapped
             assert gpu.CALLS.get(f"{kernels}_write") == 1 and gpu.CALLS.get(f"{kernels}_attn") == 1
             res[kernels] = (cache, out.view(n, h_q, d).double())
     finally:

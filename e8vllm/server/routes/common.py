@@ -190,8 +190,9 @@ async def _watch_disconnect(request: Request, gen: Generation) -> None:
     while True:
         msg = await request.receive()
         if msg["type"] == "http.disconnect":
-            if gen.running:
-                log.info("client disconnected: aborting %s", ", ".join(gen.running))
+            running = gen.running
+            if running:
+                log.info("client disconnected: aborting %s", ", ".join(running))
             await gen.close()
             return
 
