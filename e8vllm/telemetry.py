@@ -324,8 +324,8 @@ def measure(key: Any, value: Any, kv_cache: Any, slot_mapping: Any, fmt: Any,
         bs = kv_cache.shape[2]
         codes = kv_cache[s // bs, :, s % bs, :]  # [n, H, slot_bytes]
         d = fmt.head_size
-        k_rot = fmt.decode_k_rotated(codes[..., :fmt.k_bytes]).reshape(-1, d)
-        v_rot = fmt.decode_v_rotated(codes[..., fmt.k_bytes:]).reshape(-1, d)
+        k_rot, v_rot = fmt.decode_kv_rotated(codes)
+        k_rot, v_rot = k_rot.reshape(-1, d), v_rot.reshape(-1, d)
         k_hat = k_rot if fmt.k_rotation is None else fmt.k_rotation.inverse(k_rot)
         v_hat = v_rot if fmt.v_rotation is None else fmt.v_rotation.inverse(v_rot)
         if centers is not None:  # undo the KV calibration map: x = x' / scale + mean

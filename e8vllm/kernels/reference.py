@@ -4,7 +4,13 @@ Cache layout (what vLLM 0.32's CPU backend hands an attention impl after our ``c
 ``KVCacheLayout.LBHNC``; and what our 0.26 ``get_kv_cache_shape`` returns)::
 
     kv_cache: uint8 [num_blocks, H_kv, block_size, slot_bytes]        (a strided view is fine)
-    slot    = [ K code (k_codec.code_bytes) | V code (v_codec.code_bytes) ]
+    slot    = [ K fields | V fields | K scale | V scale ]
+
+A codec's code is ``[fields (code_bytes - 2) | fp16 scale (2)]``; the slot keeps the two codes'
+fields first and their scales last (:meth:`E8KVFormat.join_codes` / :meth:`E8KVFormat.split_slots`),
+so for the E8 codes (``D·b/8`` field bytes, a multiple of 8 for D = 64, 128) every field run and the
+scale pair start on a 4-byte boundary and ``slot_bytes`` is a multiple of 4: the GPU kernels read
+the slot as int32 words (one word holds both scales).
 
 A token at absolute position ``p`` of sequence ``i`` lives at block ``block_table[i, p // bs]``,
 offset ``p % bs``; ``slot_mapping`` (write path) gives ``block * bs + offset`` per new token,
@@ -180,7 +186,10 @@ def _fast_encoder_ok(codec: Codec) -> bool:
 
 @dataclass(frozen=True)
 class E8KVFormat:
-    """The packed (token, kv-head) slot: ``[K code | V code]`` of ``slot_bytes`` bytes.
+    """The packed (token, kv-head) slot: ``[K fields | V fields | K scale | V scale]``, ``slot_bytes`` bytes.
+
+    ``K fields`` + ``K scale`` is the K codec's code (``[fields | 2-byte scale]``), the same for V
+    (:meth:`join_codes`, :meth:`split_slots`).
 
     Attributes:
         head_size: D.
@@ -229,6 +238,21 @@ class E8KVFormat:
         """Bytes per (token, kv-head): K code + V code."""
         return self.k_bytes + self.v_bytes
 
+    def join_codes(self, ck: Tensor, cv: Tensor) -> Tensor:
+        """K codes uint8 [..., k_bytes] and V codes [..., v_bytes] -> slots [..., slot_bytes]."""
+        return torch.cat([ck[..., :-2], cv[..., :-2], ck[..., -2:], cv[..., -2:]], dim=-1)
+
+    def split_slots(self, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Slots uint8 [..., slot_bytes] -> (K codes [..., k_bytes], V codes [..., v_bytes]) (copies)."""
+        nk, nv = self.k_bytes - 2, self.v_bytes - 2
+        return (torch.cat([slots[..., :nk], slots[..., nk + nv:nk + nv + 2]], dim=-1),
+                torch.cat([slots[..., nk:nk + nv], slots[..., nk + nv + 2:]], dim=-1))
+
+    def _slot_parts(self, slots: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Slots [..., slot_bytes] -> views (K fields, V fields, K scale, V scale)."""
+        nk, nv = self.k_bytes - 2, self.v_bytes - 2
+        return slots[..., :nk], slots[..., nk:nk + nv], slots[..., nk + nv:nk + nv + 2], slots[..., nk + nv + 2:]
+
     # ---- encoding ---------------------------------------------------------------------------
     @property
     def uses_fast_encoder(self) -> tuple[bool, bool]:
@@ -236,9 +260,9 @@ class E8KVFormat:
         return self._fast
 
     def encode_kv(self, key: Tensor, value: Tensor) -> Tensor:
-        """key, value float [N, H, D] -> slots uint8 [N, H, slot_bytes] (``[K code | V code]``).
+        """key, value float [N, H, D] -> slots uint8 [N, H, slot_bytes] (:meth:`join_codes` layout).
 
-        Bit-identical to ``cat([k_codec.encode(k), v_codec.encode(v)])``; K and V go through one
+        Bit-identical to ``join_codes(k_codec.encode(k), v_codec.encode(v))``; K and V go through one
         encoder call when they share the codec.
         """
         n, h, d = key.shape
@@ -251,7 +275,7 @@ class E8KVFormat:
         else:
             ck = fast_e8_encode(self.k_codec, kf) if fast[0] else self.k_codec.encode(kf)
             cv = fast_e8_encode(self.v_codec, vf) if fast[1] else self.v_codec.encode(vf)
-        return torch.cat([ck.reshape(n, h, -1), cv.reshape(n, h, -1)], dim=-1)
+        return self.join_codes(ck.reshape(n, h, -1), cv.reshape(n, h, -1))
 
     # ---- rotated domain ---------------------------------------------------------------------
     @property
@@ -265,8 +289,15 @@ class E8KVFormat:
         return None if self._v_rot is None else self._v_rot[0]
 
     @staticmethod
-    def _decode(codec: Codec, parts: tuple | None, codes: Tensor) -> Tensor:
-        """uint8 [..., code_bytes] -> float32 [..., D], rotated domain when ``parts``."""
+    def _decode(codec: Codec, parts: tuple | None, codes: Tensor, scale_bytes: Tensor | None = None) -> Tensor:
+        """uint8 [..., code_bytes] -> float32 [..., D], rotated domain when ``parts``.
+
+        With ``scale_bytes`` ([..., 2]), ``codes`` holds the fields only ([..., code_bytes - 2])."""
+        if scale_bytes is not None:
+            if parts is None:
+                codes, scale_bytes = torch.cat([codes, scale_bytes], dim=-1), None
+            else:
+                scale_bytes = scale_bytes.reshape(-1, 2)
         lead = codes.shape[:-1]
         flat = codes.reshape(-1, codes.shape[-1])
         if flat.shape[0] == 0:
@@ -275,18 +306,19 @@ class E8KVFormat:
             return codec.decode(flat.contiguous()).reshape(*lead, -1)
         _rot, bits, nb = parts
         fields = unpack_fields(flat[:, :nb], bits)
-        scale = flat[:, nb:nb + 2].contiguous().view(torch.float16).reshape(-1).float()
+        sb = flat[:, nb:nb + 2] if scale_bytes is None else scale_bytes
+        scale = sb.contiguous().view(torch.float16).reshape(-1).float()
         return codec.decode_rotated(fields, scale).reshape(*lead, -1)  # type: ignore[attr-defined]
 
     def decode_kv_rotated(self, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Slots uint8 [..., slot_bytes] -> (K, V) float32 [..., D] each, rotated domains.
 
         One decoder call for K and V together when they share the codec."""
-        kc, vc = slots[..., :self.k_bytes], slots[..., self.k_bytes:]
+        kf, vf, ks, vs = self._slot_parts(slots)
         if self.k_codec == self.v_codec:
-            both = self._decode(self.k_codec, self._k_rot, torch.stack([kc, vc]))
+            both = self._decode(self.k_codec, self._k_rot, torch.stack([kf, vf]), torch.stack([ks, vs]))
             return both[0], both[1]
-        return self.decode_k_rotated(kc), self.decode_v_rotated(vc)
+        return (self._decode(self.k_codec, self._k_rot, kf, ks), self._decode(self.v_codec, self._v_rot, vf, vs))
 
     def decode_k_rotated(self, codes: Tensor) -> Tensor:
         """K codes uint8 [..., k_bytes] -> float32 [..., D] in the K rotation's domain."""
@@ -524,8 +556,9 @@ def gather_dequantized(kv_cache: Tensor, block_table_row: Tensor, seq_len: int,
     ks, vs = [], []
     for p in range(seq_len):
         row = kv_cache[int(block_table_row[p // bs]), :, p % bs, :]  # [H, C]
-        ks.append(fmt.k_codec.decode(row[:, :fmt.k_bytes].contiguous()))
-        vs.append(fmt.v_codec.decode(row[:, fmt.k_bytes:].contiguous()))
+        ck, cv = fmt.split_slots(row)
+        ks.append(fmt.k_codec.decode(ck))
+        vs.append(fmt.v_codec.decode(cv))
     if not ks:
         z = torch.zeros(0, h, fmt.head_size)
         return z, z.clone()

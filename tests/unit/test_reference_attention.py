@@ -198,12 +198,20 @@ def test_write_then_decode_is_codec_roundtrip(fmt32: E8KVFormat, fast_max: int,
     ck = fmt32.k_codec.encode(k.reshape(-1, D))
     cv = fmt32.v_codec.encode(v.reshape(-1, D))
     got = cache[slots // 16, :, slots % 16].reshape(60, -1)
-    assert torch.equal(got[:, :fmt32.k_bytes], ck) and torch.equal(got[:, fmt32.k_bytes:], cv)
+    assert torch.equal(got, fmt32.join_codes(ck, cv))
+    gk, gv = fmt32.split_slots(got)
+    assert torch.equal(gk, ck) and torch.equal(gv, cv)
+    # layout: [K fields | V fields | K scale | V scale], the scales are the codes' last 2 bytes
+    nk, nv = fmt32.k_bytes - 2, fmt32.v_bytes - 2
+    assert torch.equal(got[:, :nk], ck[:, :nk]) and torch.equal(got[:, nk:nk + nv], cv[:, :nv])
+    assert torch.equal(got[:, nk + nv:nk + nv + 2], ck[:, nk:]) and torch.equal(got[:, nk + nv + 2:], cv[:, nv:])
     kd, vd = gather_dequantized(cache, block_row, 20, fmt32)
     assert torch.equal(kd.reshape(60, D), fmt32.k_codec.decode(ck))
     assert torch.equal(vd.reshape(60, D), fmt32.v_codec.decode(cv))
     # rotated-domain decode = R (codec.decode)
-    kr = fmt32.decode_k_rotated(got[:, :fmt32.k_bytes])
+    kr = fmt32.decode_k_rotated(gk)
+    kr2, vr2 = fmt32.decode_kv_rotated(got)
+    assert torch.equal(kr2, kr) and torch.equal(vr2, fmt32.decode_v_rotated(gv))
     torch.testing.assert_close(fmt32.k_rotation.inverse(kr), fmt32.k_codec.decode(ck), rtol=0, atol=1e-5)
 
 
