@@ -161,14 +161,14 @@ def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None
     res: dict[str, Any] = {"bytes": nbytes}
     if decodes:
         ref = triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=1, num_kv_heads=H_KV,
-                                     scale=D ** -0.5, decode={"kernel": "phase"}).float()
+                                     scale=D ** -0.5, decode=REF_DECODE).float()
         res["variants"] = []
         for dc in decodes:
             v: dict[str, Any] = dict(dc)
             try:
                 got = triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=1, num_kv_heads=H_KV,
                                              scale=D ** -0.5, decode=dc).float()
-                v["rel_diff_vs_phase"] = float((got - ref).abs().max() / ref.abs().max())
+                v["rel_diff_vs_ref"] = float((got - ref).abs().max() / ref.abs().max())
                 fn = lambda dc=dc: triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=1,  # noqa: E731
                                                           num_kv_heads=H_KV, scale=D ** -0.5, out=out, decode=dc)
                 v["time_s"], v["graph"] = _time_graph(fn)
@@ -199,17 +199,18 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
     import torch
 
     torch.manual_seed(0)
-    decodes: list[dict[str, Any]] = [{"kernel": "phase", "segs": 16}]
+    decodes: list[dict[str, Any]] = [{**REF_DECODE, "num_stages": 2, "segs": 16}]
     decodes += [{"kernel": k, "tile_n": n, "num_warps": w, "num_stages": 2, "segs": 16}
-                for k, (n, w) in itertools.product(("tile3", "tile3g"), ((16, 2), (32, 2), (32, 4), (64, 2), (64, 4)))]
+                for k, (n, w) in itertools.chain(itertools.product(("pairs",), ((32, 4), (64, 4), (128, 4), (128, 8))),
+                                                 (("pairs_l1", (64, 4)),))]
     res = _e8_case(dtype, batch, ctx, decodes)
 
     def best_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        ok = [v for v in rows if "time_s" in v and v["rel_diff_vs_phase"] < 1e-2]
+        ok = [v for v in rows if "time_s" in v and v["rel_diff_vs_ref"] < 1e-2]
         return min(ok, key=lambda v: v["time_s"])
 
     best = best_of(res["variants"])
-    for segs in (8, 32):  # the segment count for the best setting
+    for segs in (4, 8, 32):  # the segment count for the best setting
         more = _e8_case(dtype, batch, ctx, [{**{k: best[k] for k in DECODE_KEYS if k in best}, "segs": segs}])
         res["variants"] += more["variants"]
     best = best_of(res["variants"])
@@ -247,22 +248,22 @@ def tune_prefill(seq: int = 8192, dtype: str = "e8_k4v4") -> dict[str, Any]:
     out = torch.empty_like(q)
     call = lambda pc: triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=seq,  # noqa: E731
                                              num_kv_heads=H_KV, scale=D ** -0.5, out=out, prefill=pc)
-    ref = call({"kernel": "phase"}).float().clone()
+    ref = call(REF_PREFILL).float().clone()
     rows: list[dict[str, Any]] = []
-    cands: list[dict[str, Any]] = [{"kernel": "phase"}]
-    cands += [{"kernel": kk, "block_m": m, "tile_n": n, "num_warps": w, "num_stages": 2}
-              for kk, (m, n, w) in (("tile3g", (128, 64, 8)), ("tile3g", (64, 32, 4)), ("tile3", (128, 64, 8)),
-                                    ("tile3g", (128, 32, 8)), ("tile3g", (256, 64, 8)))]
+    cands: list[dict[str, Any]] = [REF_PREFILL]
+    cands += [{"kernel": kk, "block_m": m, "tile_n": n, "num_warps": w, "num_stages": 1}
+              for kk, (m, n, w) in (("values", (128, 64, 8)), ("values", (256, 64, 8)), ("values", (128, 32, 4)),
+                                    ("pairs", (128, 64, 8)))]
     for pc in cands:
         v: dict[str, Any] = dict(pc)
         try:
-            v["rel_diff_vs_phase"] = float((call(pc).float() - ref).abs().max() / ref.abs().max())
+            v["rel_diff_vs_ref"] = float((call(pc).float() - ref).abs().max() / ref.abs().max())
             v["time_s"], v["graph"] = _time_graph(lambda pc=pc: call(pc), reps=5, inner=2)
         except Exception as e:  # noqa: BLE001 - record and go on
             v["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(v)
         print(f"  {json.dumps(v)}", flush=True)
-    ok = [v for v in rows if "time_s" in v and v["rel_diff_vs_phase"] < 1e-2]
+    ok = [v for v in rows if "time_s" in v and v["rel_diff_vs_ref"] < 1e-2]
     best = min(ok, key=lambda v: v["time_s"])
     res = {"dtype": dtype, "seq": seq, "variants": rows, "best": {k: best[k] for k in PREFILL_KEYS if k in best},
            "best_time_s": best["time_s"]}
@@ -274,6 +275,10 @@ def tune_prefill(seq: int = 8192, dtype: str = "e8_k4v4") -> dict[str, Any]:
 
 
 PREFILL_KEYS = ("kernel", "block_m", "tile_n", "num_warps", "num_stages")
+#: the settings other settings are checked against in ``tune`` (the one-value-per-lookup kernel: a
+#: different table and lookup path than the pair kernels)
+REF_DECODE = {"kernel": "pairs", "tile_n": 64, "num_warps": 4, "num_stages": 1}
+REF_PREFILL = {"kernel": "pairs", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 2}
 DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs")
 
 
@@ -550,22 +555,22 @@ def report(src: Path = RESULTS) -> str:
         lines.append("")
     tunes = [(p, "decode") for p in sorted(src.glob("tune_decode*.json"))]
     tunes += [(p, "prefill of one 8192-token prompt") for p in sorted(src.glob("tune_prefill*.json"))]
+    tunes += [(p, "decode diagnostics (scripts/gpu/diag_decode.py; 'nolut' skips the table lookup and computes "
+                  "wrong values: a timing floor; 'tile3'/'tile3g': the previous kernel)")
+              for p in sorted(src.glob("diag_decode*.json"))]
     for tj, what in tunes:
         name = tj.name
         t = json.loads(tj.read_text())
         shape = f"{t['batch']} x {t['context']}" if "batch" in t else f"1 x {t.get('seq', '?')}"
         lines += [f"Kernel settings ({name}, {what}: {shape}, {t.get('dtype', 'e8_k4v4')}); relative difference "
-                  "to the phase kernel's output. Rows marked *removed* are settings measured in that run whose "
-                  "code was dropped afterwards (not faster); *diagnostic* rows compute wrong values on purpose "
-                  "(no table lookup, timing only). The fastest correct current setting is the default.", "",
-                  "| kernel | block_m | tile_n | warps | segs | time (us) | rel. diff |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "to the output of the run's reference setting (the first one it ran).", "",
+                  "| kernel | block_m | tile_n | warps | stages | segs | time (us) | rel. diff |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for v in sorted(t["variants"], key=lambda v: v.get("time_s", 1e9)):
             tm = f"{v['time_s'] * 1e6:.1f}" if "time_s" in v else "error"
-            tag = (" *diagnostic*" if v.get("rel_diff_vs_phase", 0) >= 1e-2 else
-                   " *removed*" if v["kernel"] not in ("tile3", "tile3g", "phase") else "")
-            lines.append(f"| {v['kernel']}{tag} | {v.get('block_m', '')} | {v.get('tile_n', '')} | {v.get('num_warps', '')} | "
-                         f"{v.get('segs', '')} | {tm} | {v.get('rel_diff_vs_phase', float('nan')):.1e} |")
+            lines.append(f"| {v['kernel']} | {v.get('block_m', '')} | {v.get('tile_n', '')} | {v.get('num_warps', '')} | "
+                         f"{v.get('num_stages', '')} | {v.get('segs', '')} | {tm} | "
+                         f"{v.get('rel_diff_vs_ref', float('nan')):.1e} |")
         lines.append("")
     for ej in sorted(src.glob("engine_*.jsonl")) + sorted(src.glob("engine_*.log")):
         recs = [r for r in _engine_records(ej) if "seqs" in r]
@@ -658,11 +663,14 @@ def main(argv: list[str] | None = None) -> None:
     pt.add_argument("--batch", type=int, default=64)
     pt.add_argument("--context", type=int, default=8192)
     pt.add_argument("--dtype", default="e8_k4v4")
+    pt.add_argument("--what", choices=("both", "decode", "prefill"), default="both")
     sub.add_parser("report")
     a = p.parse_args(argv)
     if a.cmd == "tune":
-        tune_decode(a.batch, a.context, a.dtype)
-        tune_prefill(8192, a.dtype)
+        if a.what in ("both", "decode"):
+            tune_decode(a.batch, a.context, a.dtype)
+        if a.what in ("both", "prefill"):
+            tune_prefill(8192, a.dtype)
     if a.cmd in (None, "kernel"):
         if a.cmd is None:
             a = p.parse_args(["kernel"])

@@ -3,7 +3,7 @@
 * write: the kernel's codes equal the reference encoder's byte for byte (same search, same
   float32 arithmetic; rotation as an IEEE dot instead of a butterfly);
 * attention (general grid for mixed prefill / chunked prefill / decode batches, decode grid with and
-  without KV segments; each kernel setting: tile3 / tile3g / phase): error against the float64 ``reference_attention`` at most 4x the error of
+  without KV segments; each lookup setting: pairs / pairs_l1 / values): error against the float64 ``reference_attention`` at most 4x the error of
   the same float64 computation with the kernel's fp16 operand roundings (``fp16_operand_reference``).
 Small sizes (head size 64, a few hundred cached tokens) to stay fast in the interpreter.
 """
@@ -72,9 +72,10 @@ def _check_attention(case, key_bias=None, **kw):
 
 
 @pytest.mark.parametrize("bits", [(4, 4), (4, 2)])
-@pytest.mark.parametrize("prefill", [{"kernel": "phase"}, {"kernel": "tile3", "block_m": 64, "tile_n": 32},
-                                     {"kernel": "tile3g", "block_m": 32}, {"kernel": "tile3g"}],
-                         ids=["phase", "tile3", "tile3g-32", "tile3g-default"])
+@pytest.mark.parametrize("prefill", [{"kernel": "values", "block_m": 64, "tile_n": 32},
+                                     {"kernel": "pairs_l1", "block_m": 64, "tile_n": 32},
+                                     {"kernel": "pairs", "block_m": 32}, {"kernel": "pairs"}],
+                         ids=["values", "pairs_l1", "pairs-32", "pairs-default"])
 def test_attention_mixed_batch(bits, prefill, one_thread):
     """Decode rows, a full prefill, a chunked prefill and a one-token sequence in one batch."""
     fmt = E8KVFormat.from_bits(64, *bits)
@@ -98,13 +99,13 @@ def _key_bias(case, seed=0, parts=("coef", "first"), table_dtype=torch.float32):
     return KeyBias(rope_bias_coeffs(case.query, mu), trig, first if "first" in parts else None)
 
 
-@pytest.mark.parametrize("kernel", ["tile3", "tile3g"])
+@pytest.mark.parametrize("kernel", ["pairs", "pairs_l1"])
 def test_attention_key_bias_both_grids(kernel, one_thread):
     """Position-dependent key centers: the logit of key p gains coef · table[p] + [p = 0] first, in
     the decode grid (with segments) and in the general grid (mixed batch), against the float64
-    reference with them; each part alone too (fp16 table as on GPUs for tile3g)."""
+    reference with them; each part alone too (fp16 table as on GPUs for pairs)."""
     fmt = E8KVFormat.from_bits(64, 4, 4)
-    tdt = torch.float16 if kernel == "tile3g" else torch.float32
+    tdt = torch.float16 if kernel == "pairs" else torch.float32
     mixed = random_case(fmt, [70, 33, 1, 50, 20], [1, 33, 1, 9, 1], h_q=8, h_kv=2, seed=11)
     err, _ = _check_attention(mixed, key_bias=_key_bias(mixed, table_dtype=tdt), prefill={"kernel": kernel, "block_m": 32})
     for parts in (("coef",), ("first",)):
@@ -119,17 +120,12 @@ def test_attention_key_bias_both_grids(kernel, one_thread):
                                    mixed.seq_lens.to(DEV), mixed.block_table.to(DEV), fmt,
                                    max_query_len=mixed.max_query_len, prefill={"kernel": kernel, "block_m": 32})
     assert (plain.cpu().double() - ref).abs().max().item() > 20 * err
-    with pytest.raises(ValueError, match="phase"):
-        triton_paged_attention(mixed.query.to(DEV), mixed.kv_cache.to(DEV), mixed.query_start_loc.to(DEV),
-                               mixed.seq_lens.to(DEV), mixed.block_table.to(DEV), fmt,
-                               max_query_len=mixed.max_query_len, prefill={"kernel": "phase"},
-                               key_bias=_key_bias(mixed))
 
 
 @pytest.mark.parametrize("segs", [1, 4])
-@pytest.mark.parametrize("decode", [{"kernel": "tile3"}, {"kernel": "tile3", "tile_n": 64}, {"kernel": "tile3g"},
-                                    {"kernel": "tile3g", "tile_n": 16}, {"kernel": "phase"}],
-                         ids=["tile3", "tile3-64", "tile3g", "tile3g-16", "phase"])
+@pytest.mark.parametrize("decode", [{"kernel": "pairs"}, {"kernel": "pairs", "tile_n": 16}, {"kernel": "pairs_l1"},
+                                    {"kernel": "values", "tile_n": 32}],
+                         ids=["pairs", "pairs-16", "pairs_l1", "values"])
 def test_attention_decode_grid(segs, decode, one_thread):
     fmt = E8KVFormat.from_bits(64, 3, 3)
     case = random_case(fmt, [150, 9, 64], [1, 1, 1], h_q=8, h_kv=2, seed=3)
@@ -159,7 +155,7 @@ def test_supported_formats():
     assert not supported(E8KVFormat.from_bits(96, 4, 4))  # not a power of two: reference path
 
 
-@pytest.mark.parametrize("kernel", ["tile3", "tile3g"])
+@pytest.mark.parametrize("kernel", ["pairs", "values"])
 def test_tile_kernels_nq3_block32(kernel, one_thread):
     """SmolLM2's grouping (3 query heads per kv head: NQ not a power of two), cache blocks of 32,
     a chunked prefill over a prefix with several query tiles, decode rows, and a one-token sequence."""
@@ -177,8 +173,8 @@ def test_tile_prefill_head128_3bit_default_settings(one_thread):
     _check_attention(case)
 
 
-@pytest.mark.parametrize("bad", [{"kernel": "tile3p"}, {"tile_n": 8}, {"num_stages": 0}, {"num_stages": True},
-                                 {"segs": 3}, {"tiles": 32}, {"kernel": "phase", "tile_n": 64}])
+@pytest.mark.parametrize("bad", [{"kernel": "tile3"}, {"tile_n": 8}, {"num_stages": 0}, {"num_stages": True},
+                                 {"segs": 3}, {"tiles": 32}, {"kernel": "phase"}])
 def test_kernel_settings_are_validated(bad):
     from e8vllm.kernels.triton.e8_kv import DECODE_CONFIG, kernel_config
 
@@ -186,3 +182,30 @@ def test_kernel_settings_are_validated(bad):
         kernel_config(DECODE_CONFIG, bad, "decode settings")
     with pytest.raises(ValueError):
         kernel_config(DECODE_CONFIG, __import__("json").dumps(bad), "E8VLLM_DECODE_CONFIG")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pair_table_packs_both_values(bits):
+    """Entry c·4^b + (hi << b | lo) of the pair table holds fp16 T_c[lo] in its low and T_c[hi] in its high half."""
+    from e8vllm.kernels.triton.e8_kv import _pair_table
+
+    fmt = E8KVFormat.from_bits(64, bits, bits)
+    table = fmt.k_codec.code.main.float()  # [2, 2^b]
+    pairs = _pair_table(table, bits)
+    k = 1 << bits
+    assert pairs.dtype == torch.int32 and pairs.numel() == 2 * k * k
+    halves = pairs.view(torch.int16).view(torch.float16).reshape(2, k, k, 2)  # [c, hi, lo, (lo half, hi half)]
+    for c in range(2):
+        for hi in range(k):
+            for lo in range(k):
+                assert halves[c, hi, lo, 0] == table[c, lo].half() and halves[c, hi, lo, 1] == table[c, hi].half()
+
+
+def test_cache_must_be_word_aligned():
+    """The kernels read the cache as int32 words: a slot size that is not a multiple of 4 is refused."""
+    from e8vllm.kernels.triton.e8_kv import _cache_words
+
+    ok = torch.zeros(2, 2, 16, 68, dtype=torch.uint8)
+    assert _cache_words(ok).shape == (2, 2, 16, 17)
+    with pytest.raises(ValueError, match="int32 words"):
+        _cache_words(torch.zeros(2, 2, 16, 66, dtype=torch.uint8))

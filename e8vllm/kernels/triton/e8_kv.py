@@ -14,11 +14,16 @@ against, and :mod:`e8vllm.codecs.e8`, which defines the code):
   coordinate whose move to a neighbouring level costs least moves; keep the better coset. The
   factor with the smallest s²·Σ‖u − û‖² (first one on ties) wins. Stored: 8 fields of b bits per block
   (fields 0..6 = v_0..v_6, field 7 = (v_7 with its low bit replaced by c)), little-endian bit stream,
-  then the fp16 scale: D·b/8 + 2 bytes per vector. ``[K code | V code]`` per (token, kv head) slot of
-  the cache ``uint8 [num_blocks, H_kv, block_size, slot_bytes]``, scattered by ``slot_mapping``
-  (-1 = skip).
-* decode (in registers, never to memory): fields → c = f_7 & 1, parity p = Σ_{i<7} f_i mod 2,
-  v_7 = (f_7 & ~1) | p, value_i = T_c[v_i]; the vector is s · value (rotated domain).
+  and the fp16 scale. Slot of a (token, kv head) in the cache ``uint8 [num_blocks, H_kv, block_size,
+  slot_bytes]``: ``[K fields | V fields | K scale | V scale]`` (``reference.E8KVFormat``), every part
+  4-byte aligned, scattered by ``slot_mapping`` (-1 = skip).
+* decode (in registers, never to memory): the attention kernels read the slot as int32 words. Per
+  8-block word w (8·b bits): c = bit 7b, parity p of Σ_{i<7} f_i (one multiply for b = 3, 4: the
+  low bits of the seven fields summed into bit 6b; a xor fold for b = 2), v_7 = (f_7 & ~1) | p. The
+  values come out two at a time: the 2b-bit index of fields (2j, 2j+1), with c on top, selects an
+  int32 of the *pair table* P_c[(f_{2j+1} << b) | f_{2j}] = fp16 T_c[f_{2j}] | fp16 T_c[f_{2j+1}] << 16
+  (2·4^b entries: 2 KiB at b = 4), split into its two fp16 halves. The vector is s · value
+  (rotated domain).
 * attention in the rotated domain: q·k = (qR)·(kR), so the query is rotated once (one matmul,
   folded with the softmax scale and log2(e)), scores are s_k · (q̃ · T[k]) (the scale applied per key
   column after the dot), probabilities p use exp2 with an online softmax (flash attention), the
@@ -29,23 +34,22 @@ Kernels:
 
 * :func:`_e8_write_kernel`: one program per ``BLOCK_R`` (token, head) rows of K or V: load, rotate
   (``tl.dot``), scale search, E8 nearest point, pack, scatter. Launched once for K, once for V.
-* attention, natural coordinate order (the defaults): each tile of TILE_N codes is decoded once to
-  fp16 [TILE_N, D] in registers (:func:`_decode_tile3`: words, coset and parity as [N, G, 1], fields
-  and table values as [N, G, 8], so no layout changes between them) and feeds one dot for q·k and
-  one for p·v. :func:`_e8_decode_kernel`: flash-decoding (one query token per sequence, the context
-  split in ``segs`` segments, partials merged by :func:`_e8_reduce_kernel`);
-  :func:`_e8_tile_attn_kernel`: the general grid (prefill, chunked prefill, mixed batches; query
-  tiles found by a binary search over ``query_start_loc`` like vLLM's ``triton_unified_attention``).
-  The query tile holds ``BLOCK_Q`` query tokens × the query heads of one kv head, so every code is
-  decoded once per tile for all heads that use it. Table lookup: a gather load (``tile3``) or
-  ``tl.gather`` from registers (``tile3g``). Settings: :data:`DECODE_CONFIG`, :data:`PREFILL_CONFIG`.
-* :func:`_e8_attn_kernel` (``phase``): the first version, in the *phase layout* (coordinate 8g + i
-  handled as phase i of group g: 8 small dots per tile for q·k and for p·v); both grids. Kept as
-  the baseline the tile kernels are checked against (``bench.gpu tune``); about 2.3x slower.
+* attention: each tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers
+  (:func:`_decode_tile`: block words [N, G], the four pair indices of every block as [N, G] tensors
+  joined into [N, G, 2, 2] (natural order), one lookup per pair, the halves joined again) and
+  feeds one dot for q·k and one for p·v. Lookup (``kernel`` setting): ``pairs`` the pair table with
+  ``tl.gather`` (shared memory), ``pairs_l1`` the pair table by a gather load (global memory, L1),
+  ``values`` one ``tl.gather`` per value from the 2·2^b-entry fp16 table.
+  :func:`_e8_decode_kernel`: flash-decoding (one query token per sequence, the context split in
+  ``segs`` segments, partials merged by :func:`_e8_reduce_kernel`); :func:`_e8_tile_attn_kernel`: the
+  general grid (prefill, chunked prefill, mixed batches; query tiles found by a binary search over
+  ``query_start_loc`` like vLLM's ``triton_unified_attention``). The query tile holds ``BLOCK_Q``
+  query tokens × the query heads of one kv head, so every code is decoded once per tile for all
+  heads that use it. Settings: :data:`DECODE_CONFIG`, :data:`PREFILL_CONFIG`.
 
 Nothing here synchronizes with the host: sequence lengths, block tables and slot mappings are
 read on the device; the host only uses tensor shapes and the metadata's Python ints
-(``max_query_len``) to pick the grid.
+(``max_query_len``) to pick the grid. The cache block size is a compile-time constant.
 
 Supported: E8 codecs of kind 'e8' (parity in both cosets, identical tables for coordinate 7),
 2..4 bits, head sizes 64 and 128 (powers of two: ``tl.arange``). :func:`supported` says so.
@@ -64,7 +68,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["TritonE8Format", "supported", "triton_write_kv_cache", "triton_paged_attention", "fp16_operand_reference",
-           "LOG2E", "DECODE_SEGMENTS"]
+           "LOG2E", "DECODE_SEGMENTS", "KERNELS"]
 
 LOG2E = 1.4426950408889634
 #: KV segments per sequence of the decode (flash-decoding) grid; a constant so that the grid only
@@ -72,25 +76,17 @@ LOG2E = 1.4426950408889634
 DECODE_SEGMENTS = 16
 #: decode kernel settings (see ``triton_paged_attention(decode=...)``), chosen on the H200 with
 #: ``python -m e8vllm.bench.gpu tune``; ``E8VLLM_DECODE_CONFIG`` (JSON) overrides keys.
-DECODE_CONFIG = {"kernel": "tile3", "tile_n": 32, "num_warps": 4, "num_stages": 2, "segs": DECODE_SEGMENTS}
+DECODE_CONFIG = {"kernel": "values", "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS}
 
-
-#: tile-kernel name -> how table values are looked up (LUT constexpr of :func:`_decode_words3`):
-#: 'tile3' a gather load from the table in global memory (L1), 'tile3g' ``tl.gather`` from registers.
-#: 'phase' selects the older phase-layout kernel :func:`_e8_attn_kernel` instead.
-_LUT = {"tile3": 0, "tile3g": 1}
-
+#: kernel name -> how table values are looked up (LUT constexpr of :func:`_decode_tile`).
+KERNELS = {"pairs": 0, "pairs_l1": 1, "values": 2, "values_l1": 3, "nolut": 4}
 
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys.
-PREFILL_CONFIG = {"kernel": "tile3g", "block_m": 256, "tile_n": 64, "num_warps": 8, "num_stages": 2}
+PREFILL_CONFIG = {"kernel": "values", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 1}
 
 
 def kernel_config(base: dict, extra: dict | str | None, what: str) -> dict:
-    """``base`` updated with ``extra`` (a dict, or JSON text from an environment variable), validated.
-
-    'phase' (the older kernel) takes only ``segs`` (decode); its tile sizes and warps are fixed, so
-    other keys are refused with it instead of being silently ignored.
-    """
+    """``base`` updated with ``extra`` (a dict, or JSON text from an environment variable), validated."""
     if isinstance(extra, str):
         try:
             extra = json.loads(extra) if extra.strip() else {}
@@ -103,11 +99,8 @@ def kernel_config(base: dict, extra: dict | str | None, what: str) -> dict:
     if bad:
         raise ValueError(f"{what}: unknown keys {sorted(bad)}; known: {sorted(base)}")
     cfg = {**base, **extra}
-    if cfg["kernel"] not in ("tile3", "tile3g", "phase"):
-        raise ValueError(f"{what}: kernel must be 'tile3', 'tile3g' or 'phase', not {cfg['kernel']!r}")
-    if cfg["kernel"] == "phase" and set(extra) - {"kernel", "segs"}:
-        raise ValueError(f"{what}: the 'phase' kernel has fixed tiles and warps; only 'segs' can be set "
-                         f"(got {sorted(set(extra) - {'kernel'})})")
+    if cfg["kernel"] not in KERNELS:
+        raise ValueError(f"{what}: kernel must be one of {sorted(KERNELS)}, not {cfg['kernel']!r}")
     for k in ("block_m", "tile_n", "num_warps", "segs"):
         if k in cfg:
             v, lo = cfg[k], 16 if k in ("block_m", "tile_n") else 1
@@ -140,12 +133,21 @@ def supported(fmt) -> bool:  # noqa: ANN001 - E8KVFormat
     return fmt.k_rotation is not None and fmt.v_rotation is not None
 
 
+def _pair_table(table: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp16 pair table int32 [2 · 4^b]: entry c·4^b + (hi << b | lo) = fp16 T_c[lo] | fp16 T_c[hi] << 16."""
+    k = 1 << bits
+    h = table.reshape(2, k).half().view(torch.int16).to(torch.int64) & 0xFFFF  # [2, K]
+    pair = h[:, None, :] | (h[:, :, None] << 16)  # [c, hi, lo]
+    return ((pair.reshape(-1) ^ 0x80000000) - 0x80000000).to(torch.int32)  # the same 32 bits, signed
+
+
 @dataclass(frozen=True)
 class _CodecConsts:
     bits: int
     n_bytes: int          # packed field bytes D*b/8
     table: torch.Tensor   # float32 [2 * 2^b]: T_0 then T_1
     table_h: torch.Tensor  # the same rounded to fp16 (attention operands)
+    pairs: torch.Tensor   # int32 [2 * 4^b]: :func:`_pair_table`
     mids: torch.Tensor    # float32 [2 * (2^b - 1)]: midpoints of T_0 then of T_1
     factors: torch.Tensor  # float32 [n_scales]
     pm1: torch.Tensor     # float32 [D, D]: P = diag(s) blockdiag(H_b), entries ±1
@@ -161,10 +163,18 @@ class TritonE8Format:
     v: _CodecConsts
     k_bytes: int
     slot_bytes: int
-    q_rot: torch.Tensor   # float32 [D, D]: R_kᵀ[:, perm] (q̃ in the phase layout = q @ q_rot)
-    o_unrot: torch.Tensor  # float32 [D, D]: R_v[perm, :] (o = õ (phase layout) @ o_unrot)
-    q_rot_nat: torch.Tensor   # float32 [D, D]: R_kᵀ (q̃ in natural order, decode kernel)
-    o_unrot_nat: torch.Tensor  # float32 [D, D]: R_v
+    q_rot: torch.Tensor   # float32 [D, D]: R_kᵀ (q̃ = q @ q_rot)
+    o_unrot: torch.Tensor  # float32 [D, D]: R_v (o = õ @ o_unrot)
+
+    @property
+    def v_fields_off(self) -> int:
+        """Byte offset of the V fields in a slot."""
+        return self.k.n_bytes
+
+    @property
+    def scales_off(self) -> int:
+        """Byte offset of the K scale (the V scale follows) in a slot."""
+        return self.k.n_bytes + self.v.n_bytes
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -187,22 +197,14 @@ class TritonE8Format:
             fs = torch.tensor(_scale_factors(codec.n_scales, *_E8_SCALE_RANGE), dtype=torch.float32)
             return _CodecConsts(codec.bits, codec.head_dim * codec.bits // 8, main.reshape(-1).contiguous().to(dev),
                                 main.reshape(-1).half().contiguous().to(dev),
+                                _pair_table(main, codec.bits).to(dev),
                                 mids.reshape(-1).contiguous().to(dev), fs.to(dev), pm1.contiguous().to(dev),
                                 float(torch.tensor(1.0 / b ** 0.5, dtype=torch.float32)))
 
         rk = fmt.k_rotation.matrix(torch.float64)
         rv = fmt.v_rotation.matrix(torch.float64)
-        perm = phase_permutation(fmt.head_size)
         return TritonE8Format(fmt.head_size, consts(fmt.k_codec), consts(fmt.v_codec), fmt.k_bytes, fmt.slot_bytes,
-                              rk.t()[:, perm].contiguous().to(torch.float32).to(dev),
-                              rv[perm, :].contiguous().to(torch.float32).to(dev),
                               rk.t().contiguous().to(torch.float32).to(dev), rv.contiguous().to(torch.float32).to(dev))
-
-
-def phase_permutation(d: int) -> torch.Tensor:
-    """perm [D]: position i·G + g of the phase layout holds coordinate 8g + i (G = D / 8)."""
-    g = d // 8
-    return (torch.arange(8)[:, None] + 8 * torch.arange(g)[None, :]).reshape(-1)
 
 
 def codec_rotation(codec):  # noqa: ANN001, ANN201
@@ -248,13 +250,13 @@ def _nearest_coset(u, tab_ptr, mid_ptr, C: tl.constexpr, K: tl.constexpr, i8):
 
 
 @triton.jit
-def _e8_write_kernel(x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_off,
+def _e8_write_kernel(x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_off, scale_off,
                      pm1_ptr, inv_sqrt_b, tab_ptr, mid_ptr, fac_ptr, n_rows, H, block_size,
                      D: tl.constexpr, BITS: tl.constexpr, NS: tl.constexpr, BLOCK_R: tl.constexpr):
-    """x [T, H, D] (last dim contiguous) -> codes of rows r = t*H + h into the cache slots."""
+    """x [T, H, D] (last dim contiguous) -> codes of rows r = t*H + h into the cache slots: fields at
+    byte ``code_off`` of the slot, the fp16 scale at ``scale_off``."""
     G: tl.constexpr = D // 8
     K: tl.constexpr = 1 << BITS
-    NB: tl.constexpr = D * BITS // 8
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
@@ -293,14 +295,15 @@ def _e8_write_kernel(x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
     word = tl.sum(fields << (i8.to(tl.int64) * BITS), axis=2)  # [R, G], disjoint bits
     blk = slot // block_size
     off = slot % block_size
-    base = cache_ptr + blk * cs0 + h.to(tl.int64) * cs1 + off * cs2 + code_off  # [R]
+    slot_base = cache_ptr + blk * cs0 + h.to(tl.int64) * cs1 + off * cs2  # [R]
+    base = slot_base + code_off
     g = tl.arange(0, G)
     for k in tl.static_range(BITS):
         tl.store(base[:, None] + g[None, :] * BITS + k, ((word >> (8 * k)) & 255).to(tl.uint8),
                  mask=valid[:, None])
     s16 = best_s.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-    tl.store(base + NB, (s16 & 255).to(tl.uint8), mask=valid)
-    tl.store(base + NB + 1, ((s16 >> 8) & 255).to(tl.uint8), mask=valid)
+    tl.store(slot_base + scale_off, (s16 & 255).to(tl.uint8), mask=valid)
+    tl.store(slot_base + scale_off + 1, ((s16 >> 8) & 255).to(tl.uint8), mask=valid)
 
 
 def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -321,11 +324,11 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
     bs = kv_cache.shape[2]
     n_rows = t * h
     grid = (triton.cdiv(n_rows, block_rows),)
-    for x, cc, off in ((key, c.k, 0), (value, c.v, c.k_bytes)):
+    for x, cc, off, soff in ((key, c.k, 0, c.scales_off), (value, c.v, c.v_fields_off, c.scales_off + 2)):
         if x.stride(2) != 1:
             x = x.contiguous()
         _e8_write_kernel[grid](x, x.stride(0), x.stride(1), slot_mapping, kv_cache, kv_cache.stride(0),
-                               kv_cache.stride(1), kv_cache.stride(2), off, cc.pm1, cc.inv_sqrt_b, cc.table,
+                               kv_cache.stride(1), kv_cache.stride(2), off, soff, cc.pm1, cc.inv_sqrt_b, cc.table,
                                cc.mids, cc.factors, n_rows, h, bs, D=d, BITS=cc.bits, NS=cc.factors.shape[0],
                                BLOCK_R=block_rows, num_warps=8)
 
@@ -334,114 +337,124 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
 # attention
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _load_words(base, nmask, BITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr):
-    """The 8·BITS-bit word of every 8-block of TILE_N codes (int16 pointers ``base`` [N]) -> int32 [N, G_PAD]."""
-    g = tl.arange(0, G_PAD)
-    gi = (g * BITS) // 2  # int16 holding bit g*8*BITS
-    sh = ((g * BITS) % 2) * 8
-    m2 = nmask[:, None] & (g < G)[None, :]
-    w = tl.load(base[:, None] + gi[None, :], mask=m2, other=0).to(tl.int32) & 0xFFFF
-    if BITS > 2:
-        w1 = tl.load(base[:, None] + gi[None, :] + 1, mask=m2, other=0).to(tl.int32) & 0xFFFF
-        w = w | (w1 << 16)
-    return w >> sh[None, :]
-
-
-@triton.jit
-def _coset_parity(w, BITS: tl.constexpr):
-    """-> (c·2^BITS, parity of Σ_{i<7} field_i), int32 [N, G] each (once per 8-block)."""
-    LOW: tl.constexpr = 1 | (1 << BITS) | (1 << (2 * BITS)) | (1 << (3 * BITS)) | (1 << (4 * BITS)) | \
-        (1 << (5 * BITS)) | (1 << (6 * BITS))
-    x = w & LOW
-    x = x ^ (x >> 16)
-    x = x ^ (x >> 8)
-    x = x ^ (x >> 4)
-    x = x ^ (x >> 2)
-    x = x ^ (x >> 1)
-    return ((w >> (7 * BITS)) & 1) << BITS, x & 1
-
-
-@triton.jit
-def _field_values(w, cK, par, tab_ptr, I: tl.constexpr, BITS: tl.constexpr):
-    """Table values (fp16 [N, G]) of field I of every 8-block: T_c[v_I]."""
-    f = (w >> (I * BITS)) & ((1 << BITS) - 1)
-    if I == 7:
-        f = (f & ~1) | par
-    return tl.load(tab_ptr + cK + f)
-
-
-@triton.jit
-def _load_q_phase(q_ptr, qrow, rvalid, g, gm, I: tl.constexpr, G: tl.constexpr):
-    """Phase I of the query rows: fp16 [BLOCK_M, G_PAD]."""
-    return tl.load(q_ptr + qrow[:, None] + I * G + g[None, :], mask=rvalid[:, None] & gm[None, :],
-                   other=0.0).to(tl.float16)
-
-
-@triton.jit
-def _qk_phase(qi, wk, ckK, pk, k_tab, s, I: tl.constexpr, KB: tl.constexpr):
-    return tl.dot(qi, tl.trans(_field_values(wk, ckK, pk, k_tab, I, KB)), s)
-
-
-@triton.jit
-def _pv_phase(p16, wv, cvK, pv, v_tab, acc, I: tl.constexpr, VB: tl.constexpr):
-    return tl.dot(p16, _field_values(wv, cvK, pv, v_tab, I, VB), acc)
-
-
-@triton.jit
-def _load_words3(base, nmask, BITS: tl.constexpr, G: tl.constexpr):
-    """The 8·BITS-bit word of every 8-block of TILE_N codes (int16 pointers ``base`` [N]): int32 [N, G, 1]."""
-    g3 = tl.arange(0, G)[None, :, None]
-    m3 = nmask[:, None, None]
-    ptr = base[:, None, None] + (g3 * BITS) // 2
-    w = tl.load(ptr, mask=m3, other=0).to(tl.int32) & 0xFFFF
-    if BITS > 2:
-        w = w | ((tl.load(ptr + 1, mask=m3, other=0).to(tl.int32) & 0xFFFF) << 16)
-    return w >> (((g3 * BITS) % 2) * 8)
-
-
-@triton.jit
-def _decode_words3(w, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, LUT: tl.constexpr):
-    """Words int32 [N, G, 1] (:func:`_load_words3`) -> table values fp16 [N, 8·G], natural order.
-
-    Coset, parity and the field shifts stay in the [N, G, 1] / [N, G, 8] shapes (no layout changes).
-    LUT 0: table values by a gather load; 1: by ``tl.gather`` from a register copy of the table;
-    """
-    LOW: tl.constexpr = 1 | (1 << BITS) | (1 << (2 * BITS)) | (1 << (3 * BITS)) | (1 << (4 * BITS)) | \
-        (1 << (5 * BITS)) | (1 << (6 * BITS))
-    i8 = tl.arange(0, 8)[None, None, :]
-    x = w & LOW
-    x = x ^ (x >> 16)
-    x = x ^ (x >> 8)
-    x = x ^ (x >> 4)
-    x = x ^ (x >> 2)
-    x = x ^ (x >> 1)
-    cK = ((w >> (7 * BITS)) & 1) << BITS
-    f = (w >> (i8 * BITS)) & ((1 << BITS) - 1)
-    f = tl.where(i8 == 7, (f & ~1) | (x & 1), f)
-    idx = cK + f
-    if LUT == 0:
-        vals = tl.load(tab_ptr + idx)
+def _parity7(w, BITS: tl.constexpr):
+    """Parity (0/1, int32) of Σ_{i<7} f_i of block words w (8·BITS bits at the bottom)."""
+    if BITS == 2:
+        x = w & 0x1555
+        x = x ^ (x >> 8)
+        x = x ^ (x >> 4)
+        x = x ^ (x >> 2)
+        return x & 1
     else:
-        tab = tl.load(tab_ptr + tl.arange(0, 2 << BITS))
-        vals = tl.reshape(tl.gather(tab, tl.reshape(idx, [TILE_N * G * 8]), 0), [TILE_N, G, 8])
-    return tl.reshape(vals, [TILE_N, 8 * G])
+        # the low bits of fields 0..6, times Σ_k 2^(k·BITS): their sum (<= 7 < 2^BITS) lands at bit
+        # 6·BITS; lower partial sums have <= 6 terms, so nothing carries into it
+        LOW: tl.constexpr = 1 | (1 << BITS) | (1 << (2 * BITS)) | (1 << (3 * BITS)) | (1 << (4 * BITS)) | \
+            (1 << (5 * BITS)) | (1 << (6 * BITS))
+        return (((w & LOW) * LOW) >> (6 * BITS)) & 1
 
 
 @triton.jit
-def _decode_tile3(base, nmask, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr,
-                  LUT: tl.constexpr):
-    """Table values fp16 [TILE_N, 8·G] of TILE_N codes: :func:`_load_words3` + :func:`_decode_words3`."""
-    return _decode_words3(_load_words3(base, nmask, BITS, G), tab_ptr, BITS, G, TILE_N, LUT)
+def _block_words(cache_ptr, slot, nmask, OFF: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+    """Block words int32 [N, G] (block g's 8·BITS bits at the bottom) of the fields starting at int32
+    word OFF of each slot (int32 offsets ``slot`` [N] into ``cache_ptr``, loaded where ``nmask``)."""
+    g = tl.arange(0, G)[None, :]
+    m = nmask[:, None]
+    ptr = cache_ptr + slot[:, None] + OFF
+    if BITS == 4:
+        w = tl.load(ptr + g, mask=m, other=0)
+    elif BITS == 2:
+        w = (tl.load(ptr + g // 2, mask=m, other=0) >> ((g % 2) * 16)) & 0xFFFF
+    else:
+        bit = g * 24  # a 24-bit block straddles two words when it starts at bit 16 or 24 of one
+        lo = tl.load(ptr + bit // 32, mask=m, other=0).to(tl.uint32, bitcast=True)
+        hi = tl.load(ptr + bit // 32 + 1, mask=m, other=0).to(tl.uint32, bitcast=True)
+        sh = bit % 32
+        w = ((lo >> sh) | tl.where(sh > 8, hi << ((32 - sh) % 32), 0)).to(tl.int32, bitcast=True) & 0xFFFFFF
+    return w
 
 
 @triton.jit
-def _tile_slots(j, n_end, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N: tl.constexpr):
-    """Cache positions n [N] of KV tile j, their mask (n < n_end) and int16 pointers [N] to their
-    (token, kv head) slots through the sequence's block-table row."""
+def _pair_index(w, ck2, fix3, J: tl.constexpr, BITS: tl.constexpr):
+    """Pair-table index of fields (2J, 2J+1) of block words w: c·4^b + (f_{2J+1} << b | f_{2J}), with
+    v_7 = (f_7 & ~1) | parity for J = 3 (``fix3`` = c·4^b | parity << b)."""
+    M2: tl.constexpr = (1 << (2 * BITS)) - 1
+    if J == 3:
+        return ((w >> (6 * BITS)) & (M2 - (1 << BITS))) | fix3
+    elif J == 0:
+        return (w & M2) | ck2
+    else:
+        return ((w >> (2 * J * BITS)) & M2) | ck2
+
+
+@triton.jit
+def _value_index(w, ck, fix7, I: tl.constexpr, BITS: tl.constexpr):
+    """Table index c·2^b + v_I of field I of block words w (``fix7`` = c·2^b | parity)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if I == 7:
+        return ((w >> (7 * BITS)) & (MASK - 1)) | fix7
+    elif I == 0:
+        return (w & MASK) | ck
+    else:
+        return ((w >> (I * BITS)) & MASK) | ck
+
+
+@triton.jit
+def _decode_tile(w, tab_ptr, pair_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr,
+                 LUT: tl.constexpr):
+    """Block words int32 [N, G] -> table values fp16 [N, 8·G], natural coordinate order.
+
+    Coset, parity and indices stay in the [N, G] shape (each block's word once per thread); the
+    per-pair (or per-value) indices are joined into trailing dims of size 2 (held in registers),
+    so the result needs no layout change before the dots. LUT 0: pair table by ``tl.gather``;
+    1: pair table by a gather load; 2: fp16 value table by ``tl.gather``; 3: the value table by a
+    gather load; 4: no lookup (wrong values: a timing diagnostic)."""
+    par = _parity7(w, BITS)
+    c = (w >> (7 * BITS)) & 1
+    if LUT == 2 or LUT == 3:
+        ck = c << BITS
+        fix7 = ck | par
+        i0 = _value_index(w, ck, fix7, 0, BITS)
+        i1 = _value_index(w, ck, fix7, 1, BITS)
+        i2 = _value_index(w, ck, fix7, 2, BITS)
+        i3 = _value_index(w, ck, fix7, 3, BITS)
+        i4 = _value_index(w, ck, fix7, 4, BITS)
+        i5 = _value_index(w, ck, fix7, 5, BITS)
+        i6 = _value_index(w, ck, fix7, 6, BITS)
+        i7 = _value_index(w, ck, fix7, 7, BITS)
+        # flattened [.., 2, 2, 2] index = 4a + 2b + c: innermost join pairs i and i+4
+        idx = tl.join(tl.join(tl.join(i0, i4), tl.join(i2, i6)), tl.join(tl.join(i1, i5), tl.join(i3, i7)))
+        if LUT == 2:
+            vals = tl.gather(tl.load(tab_ptr + tl.arange(0, 2 << BITS)), tl.reshape(idx, [TILE_N * 8 * G]), 0)
+        else:
+            vals = tl.load(tab_ptr + tl.reshape(idx, [TILE_N * 8 * G]))
+        return tl.reshape(vals, [TILE_N, 8 * G])
+    else:
+        ck2 = c << (2 * BITS)
+        fix3 = ck2 | (par << BITS)
+        p0 = _pair_index(w, ck2, fix3, 0, BITS)
+        p1 = _pair_index(w, ck2, fix3, 1, BITS)
+        p2 = _pair_index(w, ck2, fix3, 2, BITS)
+        p3 = _pair_index(w, ck2, fix3, 3, BITS)
+        idx = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), [TILE_N * 4 * G])  # pair j at 2j, 2j+1
+        if LUT == 0:
+            x = tl.gather(tl.load(pair_ptr + tl.arange(0, 2 << (2 * BITS))), idx, 0)
+        elif LUT == 1:
+            x = tl.load(pair_ptr + idx)
+        else:
+            x = idx * 0x3C003C00  # diagnostic: no lookup
+        lo = x.to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (x >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), [TILE_N, 8 * G])
+
+
+@triton.jit
+def _tile_slots(j, n_end, bt_row, kvh_off, cs0, cs2, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr):
+    """Cache positions n [N] of KV tile j, their mask (n < n_end) and the int32-word offsets [N] of
+    their (token, kv head) slots through the sequence's block-table row."""
     n = j * TILE_N + tl.arange(0, TILE_N)
     nmask = n < n_end
-    blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
-    return n, nmask, cache_ptr + blk * cs0 + kvh64 * cs1 + (n % block_size).to(tl.int64) * cs2
+    blk = tl.load(bt_row + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+    return n, nmask, blk * cs0 + kvh_off + (n % BLOCK_SIZE) * cs2
 
 
 @triton.jit
@@ -479,18 +492,20 @@ def _query_operands(q_ptr, qb_ptr, sink_ptr, tok, head, rvalid, sq0, sq1, ss0, D
 
 
 @triton.jit
-def _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, qb, trig_ptr, sb, KB: tl.constexpr,
-               VB: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, V_OFF16: tl.constexpr, LUT: tl.constexpr,
+def _tile_step(q, cache_ptr, slot, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i, acc, qb, trig_ptr,
+               sb, KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, LUT: tl.constexpr,
                CAUSAL: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr):
-    """One online-softmax step of the tile kernels over the cached codes of positions ``n`` [N]
-    (int16 pointers ``base`` [N], loaded where ``nmask``); with CAUSAL, row r attends only to
+    """One online-softmax step of the attention kernels over the cached codes of positions ``n`` [N]
+    (int32-word slot offsets ``slot`` [N], loaded where ``nmask``); with CAUSAL, row r attends only to
     positions <= qpos[r]; with BIAS, the logits gain qb [M, D] · trig[n] (position-dependent key
     centers; trig float32 or fp16 [P, D]); with SINK, the logit of position 0 gains sb [M].
     -> (m_i, l_i, acc)."""
-    NBK: tl.constexpr = G * 8 * KB // 16  # int16 offset of the K scale
-    NBV: tl.constexpr = G * 8 * VB // 16
-    k = _decode_tile3(base, nmask, k_tab, KB, G, TILE_N, LUT)
-    sk = tl.load(base + NBK, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+    V_OFF: tl.constexpr = G * KB // 4  # int32 word of the V fields
+    S_OFF: tl.constexpr = G * (KB + VB) // 4  # the word holding both scales
+    sc = tl.load(cache_ptr + slot + S_OFF, mask=nmask, other=0)
+    sk = sc.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    sv = (sc >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    k = _decode_tile(_block_words(cache_ptr, slot, nmask, 0, KB, G), k_tab, k_pairs, KB, G, TILE_N, LUT)
     s = tl.dot(q, tl.trans(k)) * sk[None, :]
     if BIAS:
         dd = tl.arange(0, 8 * G)
@@ -506,25 +521,24 @@ def _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, qb, trig_pt
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    vbase = base + V_OFF16
-    v = _decode_tile3(vbase, nmask, v_tab, VB, G, TILE_N, LUT)
-    sv = tl.load(vbase + NBV, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+    v = _decode_tile(_block_words(cache_ptr, slot, nmask, V_OFF, VB, G), v_tab, v_pairs, VB, G, TILE_N, LUT)
     acc = tl.dot((p * sv[None, :]).to(tl.float16), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
 @triton.jit
 def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
-                      cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0, qsl_ptr, sl_ptr,
-                      block_size, num_heads, qb_ptr, trig_ptr, sink_ptr, ss0,
+                      cache_ptr, cs0, cs1, cs2, k_tab, v_tab, k_pairs, v_pairs, bt_ptr, sbt0, qsl_ptr, sl_ptr,
+                      num_heads, qb_ptr, trig_ptr, sink_ptr, ss0,
                       NQ: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
-                      KB: tl.constexpr, VB: tl.constexpr, V_OFF16: tl.constexpr, NUM_SEGS: tl.constexpr,
+                      KB: tl.constexpr, VB: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SEGS: tl.constexpr,
                       LUT: tl.constexpr, BIAS: tl.constexpr = False, SINK: tl.constexpr = False):
-    """Flash-decoding over the packed cache, natural coordinate order (one query token per sequence).
+    """Flash-decoding over the packed cache (one query token per sequence).
 
     Program (sequence, kv head, segment): the NQ query heads of the kv head as rows of one tile; each
-    tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers (:func:`_decode_tile3`,
-    table lookup LUT) and used by one dot for q·k and one for p·v. q: float32 [T, H_q, D] rotated (natural order) and scaled by scale·log2(e).
+    tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers (:func:`_decode_tile`)
+    and used by one dot for q·k and one for p·v. cache_ptr: the cache as int32 words (strides
+    cs0, cs1, cs2 in words). q: float32 [T, H_q, D] rotated and scaled by scale·log2(e).
     With BIAS: qb float32 [T, H_q, D] (q's strides) and trig [P, D] add qb · trig[n] to the
     logit of position n; with SINK, sink float32 [T, H_q] (row stride ss0) adds to position 0's
     (:func:`_tile_step`).
@@ -552,11 +566,11 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     bt_row = bt_ptr + seq.to(tl.int64) * sbt0
-    kvh64 = kvh.to(tl.int64)
+    kvh_off = kvh.to(tl.int64) * cs1
     for j in range(j0, j1):
-        n, nmask, base = _tile_slots(j, seq_len, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N)
-        m_i, l_i, acc = _tile_step(q, base, n, nmask, n, k_tab, v_tab, m_i, l_i, acc, qb, trig_ptr, sb, KB, VB, G,
-                                   TILE_N, V_OFF16, LUT, False, BIAS, SINK)
+        n, nmask, slot = _tile_slots(j, seq_len, bt_row, kvh_off, cs0, cs2, BLOCK_SIZE, TILE_N)
+        m_i, l_i, acc = _tile_step(q, cache_ptr, slot, n, nmask, n, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i, acc,
+                                   qb, trig_ptr, sb, KB, VB, G, TILE_N, LUT, False, BIAS, SINK)
     wi = (tok * num_heads + head) * NUM_SEGS + seg
     tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
     tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
@@ -579,143 +593,16 @@ def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _e8_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
-                    cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0, qsl_ptr, sl_ptr,
-                    num_seqs, block_size, num_heads,
-                    NQ: tl.constexpr, NQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-                    TILE_N: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
-                    V_OFF16: tl.constexpr, NUM_SEGS: tl.constexpr, DECODE: tl.constexpr, G_PAD: tl.constexpr):
-    """Rotated-domain causal GQA attention over the packed cache, in the *phase layout*.
-
-    Coordinate j = 8g + i of a head vector is handled as phase i, group g: the query and output
-    come permuted (q̃[i·G + g] = q̃_rot[8g + i], same for o), so every phase is a [rows, G] slice,
-    the codes are decoded per 8-block word ([TILE_N, G]: coset and parity once per block, one
-    shift/mask/lookup per value), and q·k = Σ_i q_i·k_i, o_i = Σ_n p_n v_{n,i} are 8 small dots
-    each; no reshapes or shuffles of decoded values.
-
-    q: float32 [T, H_q, D] rotated, permuted and multiplied by scale·log2(e).
-    NUM_SEGS == 1: o (float32 [T, H_q, D], rotated + permuted domain) = softmax-weighted values.
-    NUM_SEGS > 1 (decode grid only): unnormalized partials to ws_o [T, H_q, S, D], ws_m / ws_l [T, H_q, S].
-    """
-    G: tl.constexpr = D // 8
-    NBK: tl.constexpr = D * KB // 16  # int16 offset of the K scale
-    NBV: tl.constexpr = D * VB // 16
-    kvh = tl.program_id(1)
-    if DECODE:
-        seq = tl.program_id(0)
-        q_tile = 0
-    else:
-        target = tl.program_id(0)
-        seq = _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q)
-        q_tile = target - (tl.load(qsl_ptr + seq) // BLOCK_Q + seq)
-    q_len, seq_len, ctx, qi, rvalid, head, tok = _query_rows(qsl_ptr, sl_ptr, seq, q_tile, kvh, BLOCK_Q, BLOCK_M,
-                                                            NQ, NQ_PAD)
-    if q_tile * BLOCK_Q >= q_len:
-        return
-    qrow = tok * sq0 + head * sq1
-    g = tl.arange(0, G_PAD)
-    gm = g < G
-    qpos = ctx + qi  # absolute position of each row's query token
-    n_end = tl.minimum(seq_len, ctx + (q_tile + 1) * BLOCK_Q)
-    n_tiles = tl.cdiv(n_end, TILE_N)
-    if NUM_SEGS > 1:
-        seg = tl.program_id(2)
-        per = tl.cdiv(n_tiles, NUM_SEGS)
-        j0 = seg * per
-        j1 = tl.minimum(j0 + per, n_tiles)
-    else:
-        j0 = 0
-        j1 = n_tiles
-    q0 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 0, G)
-    q1 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 1, G)
-    q2 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 2, G)
-    q3 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 3, G)
-    q4 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 4, G)
-    q5 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 5, G)
-    q6 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 6, G)
-    q7 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 7, G)
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    a0 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
-    a1 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
-    a3 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
-    a4 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
-    a5 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
-    a6 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
-    a7 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
-    bt_row = bt_ptr + seq.to(tl.int64) * sbt0
-    kvh64 = kvh.to(tl.int64)
-    for j in range(j0, j1):
-        n, nmask, base = _tile_slots(j, n_end, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N)
-        wk = _load_words(base, nmask, KB, G, G_PAD)
-        ckK, pk = _coset_parity(wk, KB)
-        sk = tl.load(base + NBK, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-        s = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
-        s = _qk_phase(q0, wk, ckK, pk, k_tab, s, 0, KB)
-        s = _qk_phase(q1, wk, ckK, pk, k_tab, s, 1, KB)
-        s = _qk_phase(q2, wk, ckK, pk, k_tab, s, 2, KB)
-        s = _qk_phase(q3, wk, ckK, pk, k_tab, s, 3, KB)
-        s = _qk_phase(q4, wk, ckK, pk, k_tab, s, 4, KB)
-        s = _qk_phase(q5, wk, ckK, pk, k_tab, s, 5, KB)
-        s = _qk_phase(q6, wk, ckK, pk, k_tab, s, 6, KB)
-        s = _qk_phase(q7, wk, ckK, pk, k_tab, s, 7, KB)
-        s = s * sk[None, :]
-        ok = nmask[None, :] & (n[None, :] <= qpos[:, None])
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vbase = base + V_OFF16
-        wv = _load_words(vbase, nmask, VB, G, G_PAD)
-        cvK, pv = _coset_parity(wv, VB)
-        sv = tl.load(vbase + NBV, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-        p16 = (p * sv[None, :]).to(tl.float16)
-        al = alpha[:, None]
-        a0 = _pv_phase(p16, wv, cvK, pv, v_tab, a0 * al, 0, VB)
-        a1 = _pv_phase(p16, wv, cvK, pv, v_tab, a1 * al, 1, VB)
-        a2 = _pv_phase(p16, wv, cvK, pv, v_tab, a2 * al, 2, VB)
-        a3 = _pv_phase(p16, wv, cvK, pv, v_tab, a3 * al, 3, VB)
-        a4 = _pv_phase(p16, wv, cvK, pv, v_tab, a4 * al, 4, VB)
-        a5 = _pv_phase(p16, wv, cvK, pv, v_tab, a5 * al, 5, VB)
-        a6 = _pv_phase(p16, wv, cvK, pv, v_tab, a6 * al, 6, VB)
-        a7 = _pv_phase(p16, wv, cvK, pv, v_tab, a7 * al, 7, VB)
-        m_i = m_new
-    if NUM_SEGS > 1:
-        seg = tl.program_id(2)
-        wi = (tok * num_heads + head) * NUM_SEGS + seg
-        tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
-        tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
-        optr = ws_o_ptr + (wi * D)[:, None] + g[None, :]
-        inv = tl.full([BLOCK_M], 1.0, tl.float32)
-    else:
-        optr = o_ptr + (tok * so0 + head * so1)[:, None] + g[None, :]
-        inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
-    om = rvalid[:, None] & gm[None, :]
-    iv = inv[:, None]
-    tl.store(optr + 0 * G, a0 * iv, mask=om)
-    tl.store(optr + 1 * G, a1 * iv, mask=om)
-    tl.store(optr + 2 * G, a2 * iv, mask=om)
-    tl.store(optr + 3 * G, a3 * iv, mask=om)
-    tl.store(optr + 4 * G, a4 * iv, mask=om)
-    tl.store(optr + 5 * G, a5 * iv, mask=om)
-    tl.store(optr + 6 * G, a6 * iv, mask=om)
-    tl.store(optr + 7 * G, a7 * iv, mask=om)
-
-
-@triton.jit
-def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0,
-                         qsl_ptr, sl_ptr, num_seqs, block_size, qb_ptr, trig_ptr, sink_ptr, ss0,
+def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, cs2, k_tab, v_tab, k_pairs, v_pairs,
+                         bt_ptr, sbt0, qsl_ptr, sl_ptr, num_seqs, qb_ptr, trig_ptr, sink_ptr, ss0,
                          NQ: tl.constexpr, NQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                          TILE_N: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
-                         V_OFF16: tl.constexpr, LUT: tl.constexpr, BIAS: tl.constexpr = False,
+                         BLOCK_SIZE: tl.constexpr, LUT: tl.constexpr, BIAS: tl.constexpr = False,
                          SINK: tl.constexpr = False):
-    """The general grid (prefill, chunked prefill, mixed batches) in natural coordinate order.
+    """The general grid (prefill, chunked prefill, mixed batches): causal attention of BLOCK_Q query
+    tokens × the NQ query heads of one kv head over the sequence's cached codes.
 
-    Like :func:`_e8_attn_kernel` with NUM_SEGS == 1, but each K/V tile is decoded once to fp16
-    [TILE_N, D] (:func:`_decode_tile3`) and used by one dot for q·k and one for p·v.
-    q: float32 [T, H_q, D] rotated (natural order), scaled by scale·log2(e); o: float32 [T, H_q, D].
+    q: float32 [T, H_q, D] rotated, scaled by scale·log2(e); o: float32 [T, H_q, D].
     BIAS, qb, trig, SINK, sink, ss0: as in :func:`_e8_decode_kernel`.
     """
     G: tl.constexpr = D // 8
@@ -735,11 +622,11 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     bt_row = bt_ptr + seq.to(tl.int64) * sbt0
-    kvh64 = kvh.to(tl.int64)
+    kvh_off = kvh.to(tl.int64) * cs1
     for j in range(0, tl.cdiv(n_end, TILE_N)):
-        n, nmask, base = _tile_slots(j, n_end, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N)
-        m_i, l_i, acc = _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, qb, trig_ptr, sb, KB, VB, G,
-                                   TILE_N, V_OFF16, LUT, True, BIAS, SINK)
+        n, nmask, slot = _tile_slots(j, n_end, bt_row, kvh_off, cs0, cs2, BLOCK_SIZE, TILE_N)
+        m_i, l_i, acc = _tile_step(q, cache_ptr, slot, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i,
+                                   acc, qb, trig_ptr, sb, KB, VB, G, TILE_N, LUT, True, BIAS, SINK)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + (tok * so0 + head * so1)[:, None] + d[None, :], acc, mask=rvalid[:, None])
 
@@ -767,16 +654,24 @@ def _e8_reduce_kernel(o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_ptr, qsl_ptr, nu
     tl.store(o_ptr + tok * so0 + head * so1 + d, o)
 
 
-_Q_MATRICES: dict[tuple[int, float, bool], torch.Tensor] = {}
+_Q_MATRICES: dict[tuple[int, float], torch.Tensor] = {}
 
 
-def _q_matrix(c: TritonE8Format, scale: float, natural: bool = False) -> torch.Tensor:
-    """R_kᵀ · scale · log2(e), float32 [D, D], columns in phase (or natural) order; cached."""
-    key = (id(c), scale, natural)
+def _q_matrix(c: TritonE8Format, scale: float) -> torch.Tensor:
+    """R_kᵀ · scale · log2(e), float32 [D, D]; cached."""
+    key = (id(c), scale)
     m = _Q_MATRICES.get(key)
     if m is None:
-        m = _Q_MATRICES[key] = (c.q_rot_nat if natural else c.q_rot) * (scale * LOG2E)
+        m = _Q_MATRICES[key] = c.q_rot * (scale * LOG2E)
     return m
+
+
+def _cache_words(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The uint8 cache [num_blocks, H_kv, block_size, slot_bytes] as int32 words (a view)."""
+    if kv_cache.shape[3] % 4 or any(st % 4 for st in kv_cache.stride()[:3]) or kv_cache.stride(3) != 1:
+        raise ValueError(f"e8vllm: the Triton kernels read the cache as int32 words; slot bytes and strides must be "
+                         f"multiples of 4 (shape {tuple(kv_cache.shape)}, strides {kv_cache.stride()})")
+    return kv_cache.view(torch.int32)
 
 
 def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
@@ -793,13 +688,13 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         query_start_loc: int32 [B + 1]; seq_lens: int32 [>= B]; block_table: int32 [>= B, max_blocks].
         max_query_len: host int (from vLLM's metadata): 1 selects the decode (split-KV) grid.
         num_segs: KV segments of the decode grid (default ``DECODE_CONFIG["segs"]``; 1 = none).
-        decode: decode-kernel settings (benchmarks): ``kernel`` ('tile3', 'tile3g' or 'phase'), ``tile_n``,
+        decode: decode-kernel settings (benchmarks): ``kernel`` (a :data:`KERNELS` name), ``tile_n``,
             ``num_warps``, ``num_stages``, ``segs`` (default :data:`DECODE_CONFIG`).
-        prefill: general-grid settings (batches with max_query_len > 1): ``kernel`` ('tile3', 'tile3g' or
-            'phase'), ``block_m``, ``tile_n``, ``num_warps``, ``num_stages`` (default :data:`PREFILL_CONFIG`).
+        prefill: general-grid settings (batches with max_query_len > 1): ``kernel``, ``block_m``,
+            ``tile_n``, ``num_warps``, ``num_stages`` (default :data:`PREFILL_CONFIG`).
         key_bias: optional ``reference.KeyBias`` (coef [T, H_q, D] with table [P, D], P > every
             position, float32 or fp16; first [T, H_q]): extra logit terms of position-dependent key
-            centers (:mod:`e8vllm.calibration`). Tile kernels only.
+            centers (:mod:`e8vllm.calibration`).
     Returns:
         ``out`` (or a new [T, H_q, D] tensor of query's dtype).
     """
@@ -813,18 +708,15 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
     b = query_start_loc.shape[0] - 1
     if t == 0 or b <= 0:
         return out
-    cache16 = kv_cache.view(torch.int16)
+    words = _cache_words(kv_cache)
     bs = kv_cache.shape[2]
     # settings validated once at import; an explicit (benchmark) setting is validated here
     dc = DECODE_CONFIG if decode is None else kernel_config(DECODE_CONFIG, decode, "decode settings")
     pc = PREFILL_CONFIG if prefill is None else kernel_config(PREFILL_CONFIG, prefill, "prefill settings")
-    natural = (dc if max_query_len <= 1 else pc)["kernel"] != "phase"
     segs = dc["segs"] if num_segs is None else num_segs
-    qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale, natural)).view(t, h_q, d)
+    qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale)).view(t, h_q, d)
     w, trig, first = key_bias if key_bias is not None else (None, None, None)
     bias, sink = w is not None, first is not None
-    if (bias or sink) and not natural:
-        raise ValueError("the 'phase' kernel has no key bias (position-dependent key centers); use 'tile3' / 'tile3g'")
     qb = sb = qr  # placeholders when unused
     if bias:
         if trig is None or trig.shape[1] != d or w.shape != query.shape:
@@ -840,73 +732,35 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         if first.shape != (t, h_q):
             raise ValueError(f"key_bias first {tuple(first.shape)} does not fit query {tuple(query.shape)}")
         sb = (first.to(torch.float32) * (scale * LOG2E)).contiguous()
-    if max_query_len <= 1 and natural:
+    tabs = (c.k.table_h, c.v.table_h, c.k.pairs, c.v.pairs)
+    strides = (words.stride(0), words.stride(1), words.stride(2))
+    if max_query_len <= 1:
         ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=query.device)
         ws_l = torch.empty_like(ws_m)
         ws_o = torch.empty((t, h_q, segs, d), dtype=torch.float32, device=query.device)
         _e8_decode_kernel[(b, h_kv, segs)](
-            qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, cache16, cache16.stride(0), cache16.stride(1),
-            cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0), query_start_loc,
-            seq_lens, bs, h_q, qb, trig, sb, h_q, NQ=nq, BLOCK_M=max(16, triton.next_power_of_2(nq)),
-            TILE_N=dc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2, NUM_SEGS=segs,
-            LUT=_LUT[dc["kernel"]], BIAS=bias, SINK=sink, num_warps=dc["num_warps"], num_stages=dc["num_stages"])
+            qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, words, *strides, *tabs, block_table,
+            block_table.stride(0), query_start_loc, seq_lens, h_q, qb, trig, sb, h_q, NQ=nq,
+            BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits,
+            BLOCK_SIZE=bs, NUM_SEGS=segs, LUT=KERNELS[dc["kernel"]], BIAS=bias, SINK=sink,
+            num_warps=dc["num_warps"], num_stages=dc["num_stages"])
         o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
         _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
                                     D=d, NUM_SEGS=segs, num_warps=4)
-    elif natural:
+    else:
         o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)
         nq_pad = triton.next_power_of_2(nq)
         block_m = max(pc["block_m"], nq_pad)
         block_q = block_m // nq_pad
         _e8_tile_attn_kernel[(t // block_q + b, h_kv)](
-            qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), cache16, cache16.stride(0),
-            cache16.stride(1), cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0),
-            query_start_loc, seq_lens, b, bs, qb, trig, sb, h_q, NQ=nq, NQ_PAD=nq_pad, BLOCK_Q=block_q,
-            BLOCK_M=block_m, TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2,
-            LUT=_LUT[pc["kernel"]], BIAS=bias, SINK=sink, num_warps=pc["num_warps"], num_stages=pc["num_stages"])
-    else:
-        o = _phase_attention(qr, cache16, query_start_loc, seq_lens, block_table, c, b, bs, h_kv, nq,
-                             max_query_len, segs)
-    res = torch.matmul(o.view(t * h_q, d), c.o_unrot_nat if natural else c.o_unrot).view(t, h_q, d)
+            qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), words, *strides, *tabs, block_table,
+            block_table.stride(0), query_start_loc, seq_lens, b, qb, trig, sb, h_q, NQ=nq, NQ_PAD=nq_pad,
+            BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, BLOCK_SIZE=bs,
+            LUT=KERNELS[pc["kernel"]], BIAS=bias, SINK=sink, num_warps=pc["num_warps"], num_stages=pc["num_stages"])
+    res = torch.matmul(o.view(t * h_q, d), c.o_unrot).view(t, h_q, d)
     out[:t].copy_(res)
     return out
 
-
-def _phase_attention(qr: torch.Tensor, cache16: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                     block_table: torch.Tensor, c: TritonE8Format, b: int, bs: int, h_kv: int, nq: int,
-                     max_query_len: int, segs: int) -> torch.Tensor:
-    """The phase-layout kernel on both grids: qr float32 [T, H_q, D] (phase layout) -> o (phase layout)."""
-    t, h_q, d = qr.shape
-    o = torch.zeros((t, h_q, d), dtype=torch.float32, device=qr.device)  # rows past qsl[-1] stay 0
-    nq_pad = triton.next_power_of_2(nq)
-    common = dict(D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2, NQ=nq, NQ_PAD=nq_pad,
-                  G_PAD=max(16, d // 8))
-    if max_query_len <= 1:
-        block_m = max(16, nq_pad)
-        if segs > 1:
-            ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=qr.device)
-            ws_l = torch.empty_like(ws_m)
-            ws_o = torch.empty((t, h_q, segs, d), dtype=torch.float32, device=qr.device)
-        else:
-            ws_m = ws_l = ws_o = o
-        _e8_attn_kernel[(b, h_kv, segs)](
-            qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, cache16,
-            cache16.stride(0), cache16.stride(1), cache16.stride(2), c.k.table_h, c.v.table_h, block_table,
-            block_table.stride(0), query_start_loc, seq_lens, b, bs, h_q, BLOCK_Q=1, BLOCK_M=block_m,
-            TILE_N=32, NUM_SEGS=segs, DECODE=True, num_warps=4, num_stages=2, **common)
-        if segs > 1:
-            _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
-                                        D=d, NUM_SEGS=segs, num_warps=4)
-    else:
-        block_m = max(16, 64 if nq_pad <= 64 else nq_pad)
-        block_q = block_m // nq_pad
-        grid = (t // block_q + b, h_kv, 1)
-        _e8_attn_kernel[grid](
-            qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), o, o, o, cache16,
-            cache16.stride(0), cache16.stride(1), cache16.stride(2), c.k.table_h, c.v.table_h, block_table,
-            block_table.stride(0), query_start_loc, seq_lens, b, bs, h_q, BLOCK_Q=block_q, BLOCK_M=block_m,
-            TILE_N=32, NUM_SEGS=1, DECODE=False, num_warps=4, num_stages=2, **common)
-    return o
 
 
 # ---------------------------------------------------------------------------------------------
@@ -960,8 +814,9 @@ def fp16_operand_reference(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         pos = torch.arange(L)
         blk = block_table[i].cpu().long()[pos // bs]
         codes = cache[blk, :, pos % bs, :]  # [L, H_kv, C]
-        tk, sk = parts(codes[..., :fmt.k_bytes], fmt.k_codec)
-        tv, sv = parts(codes[..., fmt.k_bytes:], fmt.v_codec)
+        ck, cv = fmt.split_slots(codes)
+        tk, sk = parts(ck, fmt.k_codec)
+        tv, sv = parts(cv, fmt.v_codec)
         for t in range(n):
             last = L - n + t
             for hq in range(h_q):

@@ -1,0 +1,980 @@
+"""The session-4 Triton kernels (int16 loads, one L1 table lookup per value), kept only so that
+scripts/gpu/diag_decode.py can time them beside the current kernels on the same machine. Not used by e8vllm.
+
+
+
+Math (the same as :mod:`e8vllm.kernels.reference`, which is the reference these kernels are tested
+against, and :mod:`e8vllm.codecs.e8`, which defines the code):
+
+* rotation: R = blockdiag(H_b/√b) · diag(s) (``e8vllm.hadamard``). With P = diag(s) · blockdiag(H_b)
+  (entries ±1, exact in float32) a row vector rotates as y = x P / √b and rotates back as
+  x = y Pᵀ / √b. The write kernel computes x P with an IEEE-float32 ``tl.dot`` and multiplies by
+  float32(1/√b) (the reference does the same sum with a butterfly, so y can differ in the last ulp).
+* encode (per vector y ∈ R^D, D = 8G): for each scale factor f of the codec (9 factors in
+  [0.75, 1.25], or f = 1 for the ``-rms`` codecs) s = fp16(RMS(y)·f), u = y / s, and per 8-block of u
+  the nearest point of the companded E8 code: per coset c ∈ {0, 1} every coordinate's nearest level
+  v_i of the sorted table T_c (count of midpoints below u_i), and if Σ v_i is odd the one
+  coordinate whose move to a neighbouring level costs least moves; keep the better coset. The
+  factor with the smallest s²·Σ‖u − û‖² (first one on ties) wins. Stored: 8 fields of b bits per block
+  (fields 0..6 = v_0..v_6, field 7 = (v_7 with its low bit replaced by c)), little-endian bit stream,
+  then the fp16 scale: D·b/8 + 2 bytes per vector. ``[K code | V code]`` per (token, kv head) slot of
+  the cache ``uint8 [num_blocks, H_kv, block_size, slot_bytes]``, scattered by ``slot_mapping``
+  (-1 = skip).
+* decode (in registers, never to memory): fields → c = f_7 & 1, parity p = Σ_{i<7} f_i mod 2,
+  v_7 = (f_7 & ~1) | p, value_i = T_c[v_i]; the vector is s · value (rotated domain).
+* attention in the rotated domain: q·k = (qR)·(kR), so the query is rotated once (one matmul,
+  folded with the softmax scale and log2(e)), scores are s_k · (q̃ · T[k]) (the scale applied per key
+  column after the dot), probabilities p use exp2 with an online softmax (flash attention), the
+  output accumulates (p·s_v) · T[v] and is rotated back once: o = õ Rᵀ... (one matmul). Dot operands
+  are fp16 (q̃, the table values T ∈ [-4, 4], p·s_v ≤ 65504), accumulation float32.
+
+Kernels:
+
+* :func:`_e8_write_kernel`: one program per ``BLOCK_R`` (token, head) rows of K or V: load, rotate
+  (``tl.dot``), scale search, E8 nearest point, pack, scatter. Launched once for K, once for V.
+* attention, natural coordinate order (the defaults): each tile of TILE_N codes is decoded once to
+  fp16 [TILE_N, D] in registers (:func:`_decode_tile3`: words, coset and parity as [N, G, 1], fields
+  and table values as [N, G, 8], so no layout changes between them) and feeds one dot for q·k and
+  one for p·v. :func:`_e8_decode_kernel`: flash-decoding (one query token per sequence, the context
+  split in ``segs`` segments, partials merged by :func:`_e8_reduce_kernel`);
+  :func:`_e8_tile_attn_kernel`: the general grid (prefill, chunked prefill, mixed batches; query
+  tiles found by a binary search over ``query_start_loc`` like vLLM's ``triton_unified_attention``).
+  The query tile holds ``BLOCK_Q`` query tokens × the query heads of one kv head, so every code is
+  decoded once per tile for all heads that use it. Table lookup: a gather load (``tile3``) or
+  ``tl.gather`` from registers (``tile3g``). Settings: :data:`DECODE_CONFIG`, :data:`PREFILL_CONFIG`.
+* :func:`_e8_attn_kernel` (``phase``): the first version, in the *phase layout* (coordinate 8g + i
+  handled as phase i of group g: 8 small dots per tile for q·k and for p·v); both grids. Kept as
+  the baseline the tile kernels are checked against (``bench.gpu tune``); about 2.3x slower.
+
+Nothing here synchronizes with the host: sequence lengths, block tables and slot mappings are
+read on the device; the host only uses tensor shapes and the metadata's Python ints
+(``max_query_len``) to pick the grid.
+
+Supported: E8 codecs of kind 'e8' (parity in both cosets, identical tables for coordinate 7),
+2..4 bits, head sizes 64 and 128 (powers of two: ``tl.arange``). :func:`supported` says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["TritonE8Format", "supported", "triton_write_kv_cache", "triton_paged_attention", "fp16_operand_reference",
+           "LOG2E", "DECODE_SEGMENTS"]
+
+LOG2E = 1.4426950408889634
+#: KV segments per sequence of the decode (flash-decoding) grid; a constant so that the grid only
+#: depends on the batch shape (CUDA-graph capture).
+DECODE_SEGMENTS = 16
+#: decode kernel settings (see ``triton_paged_attention(decode=...)``), chosen on the H200 with
+#: ``python -m e8vllm.bench.gpu tune``; ``E8VLLM_DECODE_CONFIG`` (JSON) overrides keys.
+DECODE_CONFIG = {"kernel": "tile3", "tile_n": 32, "num_warps": 4, "num_stages": 2, "segs": DECODE_SEGMENTS}
+
+
+#: tile-kernel name -> how table values are looked up (LUT constexpr of :func:`_decode_words3`):
+#: 'tile3' a gather load from the table in global memory (L1), 'tile3g' ``tl.gather`` from registers.
+#: 'phase' selects the older phase-layout kernel :func:`_e8_attn_kernel` instead.
+_LUT = {"tile3": 0, "tile3g": 1}
+
+
+#: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys.
+PREFILL_CONFIG = {"kernel": "tile3g", "block_m": 256, "tile_n": 64, "num_warps": 8, "num_stages": 2}
+
+
+def kernel_config(base: dict, extra: dict | str | None, what: str) -> dict:
+    """``base`` updated with ``extra`` (a dict, or JSON text from an environment variable), validated.
+
+    'phase' (the older kernel) takes only ``segs`` (decode); its tile sizes and warps are fixed, so
+    other keys are refused with it instead of being silently ignored.
+    """
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra) if extra.strip() else {}
+        except ValueError as e:
+            raise ValueError(f"{what} is not JSON: {extra!r}") from e
+    extra = extra or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{what} must be a JSON object, not {extra!r}")
+    bad = set(extra) - set(base)
+    if bad:
+        raise ValueError(f"{what}: unknown keys {sorted(bad)}; known: {sorted(base)}")
+    cfg = {**base, **extra}
+    if cfg["kernel"] not in ("tile3", "tile3g", "phase"):
+        raise ValueError(f"{what}: kernel must be 'tile3', 'tile3g' or 'phase', not {cfg['kernel']!r}")
+    if cfg["kernel"] == "phase" and set(extra) - {"kernel", "segs"}:
+        raise ValueError(f"{what}: the 'phase' kernel has fixed tiles and warps; only 'segs' can be set "
+                         f"(got {sorted(set(extra) - {'kernel'})})")
+    for k in ("block_m", "tile_n", "num_warps", "segs"):
+        if k in cfg:
+            v, lo = cfg[k], 16 if k in ("block_m", "tile_n") else 1
+            if type(v) is not int or v < lo or v & (v - 1):
+                raise ValueError(f"{what}: {k} must be a power of two >= {lo}, not {v!r}")
+    if type(cfg["num_stages"]) is not int or not 1 <= cfg["num_stages"] <= 4:
+        raise ValueError(f"{what}: num_stages must be an integer in 1..4, not {cfg['num_stages']!r}")
+    return cfg
+
+
+DECODE_CONFIG = kernel_config(DECODE_CONFIG, os.environ.get("E8VLLM_DECODE_CONFIG"), "E8VLLM_DECODE_CONFIG")
+PREFILL_CONFIG = kernel_config(PREFILL_CONFIG, os.environ.get("E8VLLM_PREFILL_CONFIG"), "E8VLLM_PREFILL_CONFIG")
+_FP16_MAX = tl.constexpr(65504.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# host-side constants
+# ---------------------------------------------------------------------------------------------
+def supported(fmt) -> bool:  # noqa: ANN001 - E8KVFormat
+    """True when both codecs of ``fmt`` (an ``E8KVFormat``) can run on these kernels."""
+    from e8vllm.codecs.e8 import E8Codec
+
+    if fmt.head_size not in (64, 128):
+        return False
+    for c in (fmt.k_codec, fmt.v_codec):
+        if type(c) is not E8Codec or c.kind != "e8" or c.bits not in (2, 3, 4) or c.code.parity != (True, True):
+            return False
+        if not torch.equal(c.code.main, c.code.last):
+            return False
+    return fmt.k_rotation is not None and fmt.v_rotation is not None
+
+
+@dataclass(frozen=True)
+class _CodecConsts:
+    bits: int
+    n_bytes: int          # packed field bytes D*b/8
+    table: torch.Tensor   # float32 [2 * 2^b]: T_0 then T_1
+    table_h: torch.Tensor  # the same rounded to fp16 (attention operands)
+    mids: torch.Tensor    # float32 [2 * (2^b - 1)]: midpoints of T_0 then of T_1
+    factors: torch.Tensor  # float32 [n_scales]
+    pm1: torch.Tensor     # float32 [D, D]: P = diag(s) blockdiag(H_b), entries ±1
+    inv_sqrt_b: float     # float32(1/√b) as a Python float
+
+
+@dataclass(frozen=True)
+class TritonE8Format:
+    """Device constants of one ``E8KVFormat`` for the kernels (build with :meth:`get`)."""
+
+    head_size: int
+    k: _CodecConsts
+    v: _CodecConsts
+    k_bytes: int
+    slot_bytes: int
+    q_rot: torch.Tensor   # float32 [D, D]: R_kᵀ[:, perm] (q̃ in the phase layout = q @ q_rot)
+    o_unrot: torch.Tensor  # float32 [D, D]: R_v[perm, :] (o = õ (phase layout) @ o_unrot)
+    q_rot_nat: torch.Tensor   # float32 [D, D]: R_kᵀ (q̃ in natural order, decode kernel)
+    o_unrot_nat: torch.Tensor  # float32 [D, D]: R_v
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def get(fmt, device: str) -> "TritonE8Format":  # noqa: ANN001
+        """Constants of ``fmt`` on ``device`` (cached per format and device)."""
+        from e8vllm.codecs.e8 import _scale_factors
+        from e8vllm.kernels.reference import _E8_SCALE_RANGE
+
+        if not supported(fmt):
+            raise ValueError(f"e8vllm: the Triton kernels do not support this format: {fmt}")
+        dev = torch.device(device)
+
+        def consts(codec) -> _CodecConsts:  # noqa: ANN001
+            main = codec.code.main.to(torch.float32)
+            mids = (main[:, 1:] + main[:, :-1]) * 0.5  # the reference's bucketize boundaries
+            rot = codec_rotation(codec)
+            b = rot.block
+            blocks = torch.block_diag(*([_hadamard(b)] * rot.num_blocks))
+            pm1 = rot.signs("cpu")[:, None] * blocks
+            fs = torch.tensor(_scale_factors(codec.n_scales, *_E8_SCALE_RANGE), dtype=torch.float32)
+            return _CodecConsts(codec.bits, codec.head_dim * codec.bits // 8, main.reshape(-1).contiguous().to(dev),
+                                main.reshape(-1).half().contiguous().to(dev),
+                                mids.reshape(-1).contiguous().to(dev), fs.to(dev), pm1.contiguous().to(dev),
+                                float(torch.tensor(1.0 / b ** 0.5, dtype=torch.float32)))
+
+        rk = fmt.k_rotation.matrix(torch.float64)
+        rv = fmt.v_rotation.matrix(torch.float64)
+        perm = phase_permutation(fmt.head_size)
+        return TritonE8Format(fmt.head_size, consts(fmt.k_codec), consts(fmt.v_codec), fmt.k_bytes, fmt.slot_bytes,
+                              rk.t()[:, perm].contiguous().to(torch.float32).to(dev),
+                              rv[perm, :].contiguous().to(torch.float32).to(dev),
+                              rk.t().contiguous().to(torch.float32).to(dev), rv.contiguous().to(torch.float32).to(dev))
+
+
+def phase_permutation(d: int) -> torch.Tensor:
+    """perm [D]: position i·G + g of the phase layout holds coordinate 8g + i (G = D / 8)."""
+    g = d // 8
+    return (torch.arange(8)[:, None] + 8 * torch.arange(g)[None, :]).reshape(-1)
+
+
+def codec_rotation(codec):  # noqa: ANN001, ANN201
+    from e8vllm.hadamard import rotation
+
+    return rotation(codec.head_dim, codec.seed)
+
+
+def _hadamard(b: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# write path
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _nearest_coset(u, tab_ptr, mid_ptr, C: tl.constexpr, K: tl.constexpr, i8):
+    """u float32 [R, G, 8] -> (levels int32 [R, G, 8], squared error float32 [R, G]) in coset C."""
+    v = tl.zeros(u.shape, dtype=tl.int32)
+    for k in tl.static_range(K - 1):
+        m = tl.load(mid_ptr + C * (K - 1) + k)
+        v += (u > m).to(tl.int32)
+    tv = tl.load(tab_ptr + C * K + v)
+    base = (u - tv) * (u - tv)
+    tu = tl.load(tab_ptr + C * K + tl.minimum(v + 1, K - 1))
+    up = tl.where(v + 1 < K, (u - tu) * (u - tu) - base, float("inf"))
+    td = tl.load(tab_ptr + C * K + tl.maximum(v - 1, 0))
+    dn = tl.where(v >= 1, (u - td) * (u - td) - base, float("inf"))
+    err = tl.sum(tl.where(i8 < 7, base, 0.0), axis=2) + tl.sum(tl.where(i8 == 7, base, 0.0), axis=2)
+    odd = (tl.sum(v, axis=2) & 1) == 1
+    move = tl.minimum(up, dn)
+    imin = tl.argmin(move, axis=2)
+    sel = i8 == imin[:, :, None]
+    up_i = tl.sum(tl.where(sel, up, 0.0), axis=2)
+    dn_i = tl.sum(tl.where(sel, dn, 0.0), axis=2)
+    step = tl.where(up_i <= dn_i, 1, -1) * odd.to(tl.int32)
+    v = v + tl.where(sel, step[:, :, None], 0)
+    err = err + tl.where(odd, tl.minimum(up_i, dn_i), 0.0)
+    return v, err
+
+
+@triton.jit
+def _e8_write_kernel(x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_off,
+                     pm1_ptr, inv_sqrt_b, tab_ptr, mid_ptr, fac_ptr, n_rows, H, block_size,
+                     D: tl.constexpr, BITS: tl.constexpr, NS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """x [T, H, D] (last dim contiguous) -> codes of rows r = t*H + h into the cache slots."""
+    G: tl.constexpr = D // 8
+    K: tl.constexpr = 1 << BITS
+    NB: tl.constexpr = D * BITS // 8
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_rows
+    t = rows // H
+    h = rows % H
+    slot = tl.load(slot_ptr + t, mask=rmask, other=-1).to(tl.int64)
+    valid = rmask & (slot >= 0)
+    d = tl.arange(0, D)
+    x = tl.load(x_ptr + t[:, None].to(tl.int64) * sx0 + h[:, None].to(tl.int64) * sx1 + d[None, :],
+                mask=valid[:, None], other=0.0).to(tl.float32)
+    pm1 = tl.load(pm1_ptr + d[:, None] * D + d[None, :])
+    y = tl.dot(x, pm1, input_precision="ieee") * inv_sqrt_b  # [R, D] rotated
+    rms = tl.sqrt(tl.sum(y * y, axis=1) / D)
+    y3 = tl.reshape(y, [BLOCK_R, G, 8])
+    i8 = tl.arange(0, 8)[None, None, :]
+    best_err = tl.full([BLOCK_R], float("inf"), tl.float32)
+    best_v = tl.zeros([BLOCK_R, G, 8], dtype=tl.int32)
+    best_c = tl.zeros([BLOCK_R, G], dtype=tl.int32)
+    best_s = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for si in tl.static_range(NS):
+        f = tl.load(fac_ptr + si)
+        s = tl.minimum(tl.maximum(rms * f, -_FP16_MAX), _FP16_MAX).to(tl.float16).to(tl.float32)
+        s = tl.where(s > 0, s, 1.0)
+        u = tl.math.div_rn(y3, s[:, None, None])
+        va, ea = _nearest_coset(u, tab_ptr, mid_ptr, 0, K, i8)
+        vb, eb = _nearest_coset(u, tab_ptr, mid_ptr, 1, K, i8)
+        cb = eb < ea
+        v = tl.where(cb[:, :, None], vb, va)
+        err = tl.sum(tl.minimum(ea, eb), axis=1) * (s * s)
+        better = err < best_err
+        best_err = tl.where(better, err, best_err)
+        best_v = tl.where(better[:, None, None], v, best_v)
+        best_c = tl.where(better[:, None], cb.to(tl.int32), best_c)
+        best_s = tl.where(better, s, best_s)
+    fields = tl.where(i8 == 7, ((best_v >> 1) << 1) | best_c[:, :, None], best_v).to(tl.int64)
+    word = tl.sum(fields << (i8.to(tl.int64) * BITS), axis=2)  # [R, G], disjoint bits
+    blk = slot // block_size
+    off = slot % block_size
+    base = cache_ptr + blk * cs0 + h.to(tl.int64) * cs1 + off * cs2 + code_off  # [R]
+    g = tl.arange(0, G)
+    for k in tl.static_range(BITS):
+        tl.store(base[:, None] + g[None, :] * BITS + k, ((word >> (8 * k)) & 255).to(tl.uint8),
+                 mask=valid[:, None])
+    s16 = best_s.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    tl.store(base + NB, (s16 & 255).to(tl.uint8), mask=valid)
+    tl.store(base + NB + 1, ((s16 >> 8) & 255).to(tl.uint8), mask=valid)
+
+
+def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor, fmt, *, block_rows: int = 16) -> None:  # noqa: ANN001
+    """Fused rotate + E8 encode + pack + scatter (same contract as ``reference.write_kv_cache``).
+
+    Args:
+        key, value: float [T', H_kv, D] (any strides with a contiguous last dim; rows >= T ignored).
+        kv_cache: uint8 [num_blocks, H_kv, block_size, slot_bytes] (strided view allowed).
+        slot_mapping: int [T]; block * block_size + offset, -1 = skip.
+        fmt: ``E8KVFormat`` (see :func:`supported`).
+    """
+    t = slot_mapping.shape[0]
+    if t == 0:
+        return
+    c = TritonE8Format.get(fmt, str(kv_cache.device))
+    h, d = key.shape[1], key.shape[2]
+    bs = kv_cache.shape[2]
+    n_rows = t * h
+    grid = (triton.cdiv(n_rows, block_rows),)
+    for x, cc, off in ((key, c.k, 0), (value, c.v, c.k_bytes)):
+        if x.stride(2) != 1:
+            x = x.contiguous()
+        _e8_write_kernel[grid](x, x.stride(0), x.stride(1), slot_mapping, kv_cache, kv_cache.stride(0),
+                               kv_cache.stride(1), kv_cache.stride(2), off, cc.pm1, cc.inv_sqrt_b, cc.table,
+                               cc.mids, cc.factors, n_rows, h, bs, D=d, BITS=cc.bits, NS=cc.factors.shape[0],
+                               BLOCK_R=block_rows, num_warps=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _load_words(base, nmask, BITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr):
+    """The 8·BITS-bit word of every 8-block of TILE_N codes (int16 pointers ``base`` [N]) -> int32 [N, G_PAD]."""
+    g = tl.arange(0, G_PAD)
+    gi = (g * BITS) // 2  # int16 holding bit g*8*BITS
+    sh = ((g * BITS) % 2) * 8
+    m2 = nmask[:, None] & (g < G)[None, :]
+    w = tl.load(base[:, None] + gi[None, :], mask=m2, other=0).to(tl.int32) & 0xFFFF
+    if BITS > 2:
+        w1 = tl.load(base[:, None] + gi[None, :] + 1, mask=m2, other=0).to(tl.int32) & 0xFFFF
+        w = w | (w1 << 16)
+    return w >> sh[None, :]
+
+
+@triton.jit
+def _coset_parity(w, BITS: tl.constexpr):
+    """-> (c·2^BITS, parity of Σ_{i<7} field_i), int32 [N, G] each (once per 8-block)."""
+    LOW: tl.constexpr = 1 | (1 << BITS) | (1 << (2 * BITS)) | (1 << (3 * BITS)) | (1 << (4 * BITS)) | \
+        (1 << (5 * BITS)) | (1 << (6 * BITS))
+    x = w & LOW
+    x = x ^ (x >> 16)
+    x = x ^ (x >> 8)
+    x = x ^ (x >> 4)
+    x = x ^ (x >> 2)
+    x = x ^ (x >> 1)
+    return ((w >> (7 * BITS)) & 1) << BITS, x & 1
+
+
+@triton.jit
+def _field_values(w, cK, par, tab_ptr, I: tl.constexpr, BITS: tl.constexpr):
+    """Table values (fp16 [N, G]) of field I of every 8-block: T_c[v_I]."""
+    f = (w >> (I * BITS)) & ((1 << BITS) - 1)
+    if I == 7:
+        f = (f & ~1) | par
+    return tl.load(tab_ptr + cK + f)
+
+
+@triton.jit
+def _load_q_phase(q_ptr, qrow, rvalid, g, gm, I: tl.constexpr, G: tl.constexpr):
+    """Phase I of the query rows: fp16 [BLOCK_M, G_PAD]."""
+    return tl.load(q_ptr + qrow[:, None] + I * G + g[None, :], mask=rvalid[:, None] & gm[None, :],
+                   other=0.0).to(tl.float16)
+
+
+@triton.jit
+def _qk_phase(qi, wk, ckK, pk, k_tab, s, I: tl.constexpr, KB: tl.constexpr):
+    return tl.dot(qi, tl.trans(_field_values(wk, ckK, pk, k_tab, I, KB)), s)
+
+
+@triton.jit
+def _pv_phase(p16, wv, cvK, pv, v_tab, acc, I: tl.constexpr, VB: tl.constexpr):
+    return tl.dot(p16, _field_values(wv, cvK, pv, v_tab, I, VB), acc)
+
+
+@triton.jit
+def _load_words3(base, nmask, BITS: tl.constexpr, G: tl.constexpr):
+    """The 8·BITS-bit word of every 8-block of TILE_N codes (int16 pointers ``base`` [N]): int32 [N, G, 1]."""
+    g3 = tl.arange(0, G)[None, :, None]
+    m3 = nmask[:, None, None]
+    ptr = base[:, None, None] + (g3 * BITS) // 2
+    w = tl.load(ptr, mask=m3, other=0).to(tl.int32) & 0xFFFF
+    if BITS > 2:
+        w = w | ((tl.load(ptr + 1, mask=m3, other=0).to(tl.int32) & 0xFFFF) << 16)
+    return w >> (((g3 * BITS) % 2) * 8)
+
+
+@triton.jit
+def _decode_words3(w, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, LUT: tl.constexpr):
+    """Words int32 [N, G, 1] (:func:`_load_words3`) -> table values fp16 [N, 8·G], natural order.
+
+    Coset, parity and the field shifts stay in the [N, G, 1] / [N, G, 8] shapes (no layout changes).
+    LUT 0: table values by a gather load; 1: by ``tl.gather`` from a register copy of the table;
+    """
+    LOW: tl.constexpr = 1 | (1 << BITS) | (1 << (2 * BITS)) | (1 << (3 * BITS)) | (1 << (4 * BITS)) | \
+        (1 << (5 * BITS)) | (1 << (6 * BITS))
+    i8 = tl.arange(0, 8)[None, None, :]
+    x = w & LOW
+    x = x ^ (x >> 16)
+    x = x ^ (x >> 8)
+    x = x ^ (x >> 4)
+    x = x ^ (x >> 2)
+    x = x ^ (x >> 1)
+    cK = ((w >> (7 * BITS)) & 1) << BITS
+    f = (w >> (i8 * BITS)) & ((1 << BITS) - 1)
+    f = tl.where(i8 == 7, (f & ~1) | (x & 1), f)
+    idx = cK + f
+    if LUT == 0:
+        vals = tl.load(tab_ptr + idx)
+    else:
+        tab = tl.load(tab_ptr + tl.arange(0, 2 << BITS))
+        vals = tl.reshape(tl.gather(tab, tl.reshape(idx, [TILE_N * G * 8]), 0), [TILE_N, G, 8])
+    return tl.reshape(vals, [TILE_N, 8 * G])
+
+
+@triton.jit
+def _decode_tile3(base, nmask, tab_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr,
+                  LUT: tl.constexpr):
+    """Table values fp16 [TILE_N, 8·G] of TILE_N codes: :func:`_load_words3` + :func:`_decode_words3`."""
+    return _decode_words3(_load_words3(base, nmask, BITS, G), tab_ptr, BITS, G, TILE_N, LUT)
+
+
+@triton.jit
+def _tile_slots(j, n_end, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N: tl.constexpr):
+    """Cache positions n [N] of KV tile j, their mask (n < n_end) and int16 pointers [N] to their
+    (token, kv head) slots through the sequence's block-table row."""
+    n = j * TILE_N + tl.arange(0, TILE_N)
+    nmask = n < n_end
+    blk = tl.load(bt_row + n // block_size, mask=nmask, other=0).to(tl.int64)
+    return n, nmask, cache_ptr + blk * cs0 + kvh64 * cs1 + (n % block_size).to(tl.int64) * cs2
+
+
+@triton.jit
+def _query_rows(qsl_ptr, sl_ptr, seq, q_tile, kvh, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                NQ: tl.constexpr, NQ_PAD: tl.constexpr):
+    """Rows of query tile ``q_tile`` of sequence ``seq`` for kv head ``kvh`` (row r = query token
+    r // NQ_PAD of the tile, query head r % NQ_PAD of the kv head's group) ->
+    (q_len, seq_len, ctx = seq_len - q_len, qi [M] token index in the sequence's queries, rvalid [M],
+    head [M], tok int64 [M] row of q/o)."""
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    seq_len = tl.load(sl_ptr + seq)
+    r = tl.arange(0, BLOCK_M)
+    qi = q_tile * BLOCK_Q + r // NQ_PAD
+    hj = r % NQ_PAD
+    rvalid = (hj < NQ) & (qi < q_len) & (r // NQ_PAD < BLOCK_Q)
+    return q_len, seq_len, seq_len - q_len, qi, rvalid, kvh * NQ + hj, (q_start + qi).to(tl.int64)
+
+
+@triton.jit
+def _query_operands(q_ptr, qb_ptr, sink_ptr, tok, head, rvalid, sq0, sq1, ss0, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr):
+    """The query tile's operands for rows (tok, head): q fp16 [M, D], the key-bias coefficients qb
+    fp16 [M, D] (q itself when not BIAS) and the position-0 term sb float32 [M] (zeros when not SINK)."""
+    d = tl.arange(0, D)
+    rows = (tok * sq0 + head * sq1)[:, None] + d[None, :]
+    q = tl.load(q_ptr + rows, mask=rvalid[:, None], other=0.0).to(tl.float16)
+    qb = q
+    if BIAS:
+        qb = tl.load(qb_ptr + rows, mask=rvalid[:, None], other=0.0).to(tl.float16)
+    sb = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SINK:
+        sb = tl.load(sink_ptr + tok * ss0 + head, mask=rvalid, other=0.0)
+    return q, qb, sb
+
+
+@triton.jit
+def _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, qb, trig_ptr, sb, KB: tl.constexpr,
+               VB: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, V_OFF16: tl.constexpr, LUT: tl.constexpr,
+               CAUSAL: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr):
+    """One online-softmax step of the tile kernels over the cached codes of positions ``n`` [N]
+    (int16 pointers ``base`` [N], loaded where ``nmask``); with CAUSAL, row r attends only to
+    positions <= qpos[r]; with BIAS, the logits gain qb [M, D] · trig[n] (position-dependent key
+    centers; trig float32 or fp16 [P, D]); with SINK, the logit of position 0 gains sb [M].
+    -> (m_i, l_i, acc)."""
+    NBK: tl.constexpr = G * 8 * KB // 16  # int16 offset of the K scale
+    NBV: tl.constexpr = G * 8 * VB // 16
+    k = _decode_tile3(base, nmask, k_tab, KB, G, TILE_N, LUT)
+    sk = tl.load(base + NBK, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+    s = tl.dot(q, tl.trans(k)) * sk[None, :]
+    if BIAS:
+        dd = tl.arange(0, 8 * G)
+        tg = tl.load(trig_ptr + n.to(tl.int64)[:, None] * (8 * G) + dd[None, :], mask=nmask[:, None], other=0.0)
+        s = tl.dot(qb, tl.trans(tg.to(tl.float16)), s)
+    if SINK:
+        s = s + tl.where(n[None, :] == 0, sb[:, None], 0.0)
+    if CAUSAL:
+        s = tl.where(nmask[None, :] & (n[None, :] <= qpos[:, None]), s, float("-inf"))
+    else:
+        s = tl.where(nmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    vbase = base + V_OFF16
+    v = _decode_tile3(vbase, nmask, v_tab, VB, G, TILE_N, LUT)
+    sv = tl.load(vbase + NBV, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+    acc = tl.dot((p * sv[None, :]).to(tl.float16), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
+                      cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0, qsl_ptr, sl_ptr,
+                      block_size, num_heads, qb_ptr, trig_ptr, sink_ptr, ss0,
+                      NQ: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
+                      KB: tl.constexpr, VB: tl.constexpr, V_OFF16: tl.constexpr, NUM_SEGS: tl.constexpr,
+                      LUT: tl.constexpr, BIAS: tl.constexpr = False, SINK: tl.constexpr = False):
+    """Flash-decoding over the packed cache, natural coordinate order (one query token per sequence).
+
+    Program (sequence, kv head, segment): the NQ query heads of the kv head as rows of one tile; each
+    tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers (:func:`_decode_tile3`,
+    table lookup LUT) and used by one dot for q·k and one for p·v. q: float32 [T, H_q, D] rotated (natural order) and scaled by scale·log2(e).
+    With BIAS: qb float32 [T, H_q, D] (q's strides) and trig [P, D] add qb · trig[n] to the
+    logit of position n; with SINK, sink float32 [T, H_q] (row stride ss0) adds to position 0's
+    (:func:`_tile_step`).
+    Writes unnormalized partials to ws_o [T, H_q, S, D] and ws_m / ws_l [T, H_q, S].
+    """
+    G: tl.constexpr = D // 8
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seg = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + seq)
+    if tl.load(qsl_ptr + seq + 1) - q_start < 1:
+        return
+    seq_len = tl.load(sl_ptr + seq)
+    r = tl.arange(0, BLOCK_M)
+    rvalid = r < NQ
+    head = kvh * NQ + r
+    tok = q_start.to(tl.int64)
+    d = tl.arange(0, D)
+    q, qb, sb = _query_operands(q_ptr, qb_ptr, sink_ptr, tok, head, rvalid, sq0, sq1, ss0, D, BLOCK_M, BIAS, SINK)
+    n_tiles = tl.cdiv(seq_len, TILE_N)
+    per = tl.cdiv(n_tiles, NUM_SEGS)
+    j0 = seg * per
+    j1 = tl.minimum(j0 + per, n_tiles)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * sbt0
+    kvh64 = kvh.to(tl.int64)
+    for j in range(j0, j1):
+        n, nmask, base = _tile_slots(j, seq_len, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N)
+        m_i, l_i, acc = _tile_step(q, base, n, nmask, n, k_tab, v_tab, m_i, l_i, acc, qb, trig_ptr, sb, KB, VB, G,
+                                   TILE_N, V_OFF16, LUT, False, BIAS, SINK)
+    wi = (tok * num_heads + head) * NUM_SEGS + seg
+    tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
+    tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
+    tl.store(ws_o_ptr + (wi * D)[:, None] + d[None, :], acc, mask=rvalid[:, None])
+
+
+@triton.jit
+def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
+    """Largest i with query_start_loc[i] // BLOCK_Q + i <= target (the sequence owning q tile target)."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        val = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if val <= target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _e8_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
+                    cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0, qsl_ptr, sl_ptr,
+                    num_seqs, block_size, num_heads,
+                    NQ: tl.constexpr, NQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                    TILE_N: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+                    V_OFF16: tl.constexpr, NUM_SEGS: tl.constexpr, DECODE: tl.constexpr, G_PAD: tl.constexpr):
+    """Rotated-domain causal GQA attention over the packed cache, in the *phase layout*.
+
+    Coordinate j = 8g + i of a head vector is handled as phase i, group g: the query and output
+    come permuted (q̃[i·G + g] = q̃_rot[8g + i], same for o), so every phase is a [rows, G] slice,
+    the codes are decoded per 8-block word ([TILE_N, G]: coset and parity once per block, one
+    shift/mask/lookup per value), and q·k = Σ_i q_i·k_i, o_i = Σ_n p_n v_{n,i} are 8 small dots
+    each; no reshapes or shuffles of decoded values.
+
+    q: float32 [T, H_q, D] rotated, permuted and multiplied by scale·log2(e).
+    NUM_SEGS == 1: o (float32 [T, H_q, D], rotated + permuted domain) = softmax-weighted values.
+    NUM_SEGS > 1 (decode grid only): unnormalized partials to ws_o [T, H_q, S, D], ws_m / ws_l [T, H_q, S].
+    """
+    G: tl.constexpr = D // 8
+    NBK: tl.constexpr = D * KB // 16  # int16 offset of the K scale
+    NBV: tl.constexpr = D * VB // 16
+    kvh = tl.program_id(1)
+    if DECODE:
+        seq = tl.program_id(0)
+        q_tile = 0
+    else:
+        target = tl.program_id(0)
+        seq = _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q)
+        q_tile = target - (tl.load(qsl_ptr + seq) // BLOCK_Q + seq)
+    q_len, seq_len, ctx, qi, rvalid, head, tok = _query_rows(qsl_ptr, sl_ptr, seq, q_tile, kvh, BLOCK_Q, BLOCK_M,
+                                                            NQ, NQ_PAD)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    qrow = tok * sq0 + head * sq1
+    g = tl.arange(0, G_PAD)
+    gm = g < G
+    qpos = ctx + qi  # absolute position of each row's query token
+    n_end = tl.minimum(seq_len, ctx + (q_tile + 1) * BLOCK_Q)
+    n_tiles = tl.cdiv(n_end, TILE_N)
+    if NUM_SEGS > 1:
+        seg = tl.program_id(2)
+        per = tl.cdiv(n_tiles, NUM_SEGS)
+        j0 = seg * per
+        j1 = tl.minimum(j0 + per, n_tiles)
+    else:
+        j0 = 0
+        j1 = n_tiles
+    q0 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 0, G)
+    q1 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 1, G)
+    q2 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 2, G)
+    q3 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 3, G)
+    q4 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 4, G)
+    q5 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 5, G)
+    q6 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 6, G)
+    q7 = _load_q_phase(q_ptr, qrow, rvalid, g, gm, 7, G)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    a0 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    a3 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    a4 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    a5 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    a6 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    a7 = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * sbt0
+    kvh64 = kvh.to(tl.int64)
+    for j in range(j0, j1):
+        n, nmask, base = _tile_slots(j, n_end, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N)
+        wk = _load_words(base, nmask, KB, G, G_PAD)
+        ckK, pk = _coset_parity(wk, KB)
+        sk = tl.load(base + NBK, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        s = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
+        s = _qk_phase(q0, wk, ckK, pk, k_tab, s, 0, KB)
+        s = _qk_phase(q1, wk, ckK, pk, k_tab, s, 1, KB)
+        s = _qk_phase(q2, wk, ckK, pk, k_tab, s, 2, KB)
+        s = _qk_phase(q3, wk, ckK, pk, k_tab, s, 3, KB)
+        s = _qk_phase(q4, wk, ckK, pk, k_tab, s, 4, KB)
+        s = _qk_phase(q5, wk, ckK, pk, k_tab, s, 5, KB)
+        s = _qk_phase(q6, wk, ckK, pk, k_tab, s, 6, KB)
+        s = _qk_phase(q7, wk, ckK, pk, k_tab, s, 7, KB)
+        s = s * sk[None, :]
+        ok = nmask[None, :] & (n[None, :] <= qpos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vbase = base + V_OFF16
+        wv = _load_words(vbase, nmask, VB, G, G_PAD)
+        cvK, pv = _coset_parity(wv, VB)
+        sv = tl.load(vbase + NBV, mask=nmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        p16 = (p * sv[None, :]).to(tl.float16)
+        al = alpha[:, None]
+        a0 = _pv_phase(p16, wv, cvK, pv, v_tab, a0 * al, 0, VB)
+        a1 = _pv_phase(p16, wv, cvK, pv, v_tab, a1 * al, 1, VB)
+        a2 = _pv_phase(p16, wv, cvK, pv, v_tab, a2 * al, 2, VB)
+        a3 = _pv_phase(p16, wv, cvK, pv, v_tab, a3 * al, 3, VB)
+        a4 = _pv_phase(p16, wv, cvK, pv, v_tab, a4 * al, 4, VB)
+        a5 = _pv_phase(p16, wv, cvK, pv, v_tab, a5 * al, 5, VB)
+        a6 = _pv_phase(p16, wv, cvK, pv, v_tab, a6 * al, 6, VB)
+        a7 = _pv_phase(p16, wv, cvK, pv, v_tab, a7 * al, 7, VB)
+        m_i = m_new
+    if NUM_SEGS > 1:
+        seg = tl.program_id(2)
+        wi = (tok * num_heads + head) * NUM_SEGS + seg
+        tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
+        tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
+        optr = ws_o_ptr + (wi * D)[:, None] + g[None, :]
+        inv = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        optr = o_ptr + (tok * so0 + head * so1)[:, None] + g[None, :]
+        inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+    om = rvalid[:, None] & gm[None, :]
+    iv = inv[:, None]
+    tl.store(optr + 0 * G, a0 * iv, mask=om)
+    tl.store(optr + 1 * G, a1 * iv, mask=om)
+    tl.store(optr + 2 * G, a2 * iv, mask=om)
+    tl.store(optr + 3 * G, a3 * iv, mask=om)
+    tl.store(optr + 4 * G, a4 * iv, mask=om)
+    tl.store(optr + 5 * G, a5 * iv, mask=om)
+    tl.store(optr + 6 * G, a6 * iv, mask=om)
+    tl.store(optr + 7 * G, a7 * iv, mask=om)
+
+
+@triton.jit
+def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, cs2, k_tab, v_tab, bt_ptr, sbt0,
+                         qsl_ptr, sl_ptr, num_seqs, block_size, qb_ptr, trig_ptr, sink_ptr, ss0,
+                         NQ: tl.constexpr, NQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                         TILE_N: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+                         V_OFF16: tl.constexpr, LUT: tl.constexpr, BIAS: tl.constexpr = False,
+                         SINK: tl.constexpr = False):
+    """The general grid (prefill, chunked prefill, mixed batches) in natural coordinate order.
+
+    Like :func:`_e8_attn_kernel` with NUM_SEGS == 1, but each K/V tile is decoded once to fp16
+    [TILE_N, D] (:func:`_decode_tile3`) and used by one dot for q·k and one for p·v.
+    q: float32 [T, H_q, D] rotated (natural order), scaled by scale·log2(e); o: float32 [T, H_q, D].
+    BIAS, qb, trig, SINK, sink, ss0: as in :func:`_e8_decode_kernel`.
+    """
+    G: tl.constexpr = D // 8
+    kvh = tl.program_id(1)
+    target = tl.program_id(0)
+    seq = _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q)
+    q_tile = target - (tl.load(qsl_ptr + seq) // BLOCK_Q + seq)
+    q_len, seq_len, ctx, qi, rvalid, head, tok = _query_rows(qsl_ptr, sl_ptr, seq, q_tile, kvh, BLOCK_Q, BLOCK_M,
+                                                            NQ, NQ_PAD)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    d = tl.arange(0, D)
+    q, qb, sb = _query_operands(q_ptr, qb_ptr, sink_ptr, tok, head, rvalid, sq0, sq1, ss0, D, BLOCK_M, BIAS, SINK)
+    qpos = ctx + qi
+    n_end = tl.minimum(seq_len, ctx + (q_tile + 1) * BLOCK_Q)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * sbt0
+    kvh64 = kvh.to(tl.int64)
+    for j in range(0, tl.cdiv(n_end, TILE_N)):
+        n, nmask, base = _tile_slots(j, n_end, bt_row, cache_ptr, kvh64, cs0, cs1, cs2, block_size, TILE_N)
+        m_i, l_i, acc = _tile_step(q, base, n, nmask, qpos, k_tab, v_tab, m_i, l_i, acc, qb, trig_ptr, sb, KB, VB, G,
+                                   TILE_N, V_OFF16, LUT, True, BIAS, SINK)
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + (tok * so0 + head * so1)[:, None] + d[None, :], acc, mask=rvalid[:, None])
+
+
+@triton.jit
+def _e8_reduce_kernel(o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_ptr, qsl_ptr, num_heads,
+                      D: tl.constexpr, NUM_SEGS: tl.constexpr):
+    """Merge the NUM_SEGS partial softmax results of one (decode sequence, query head)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(qsl_ptr + seq)
+    if tl.load(qsl_ptr + seq + 1) - q_start < 1:
+        return
+    tok = q_start.to(tl.int64)
+    sg = tl.arange(0, NUM_SEGS)
+    d = tl.arange(0, D)
+    wi = (tok * num_heads + head) * NUM_SEGS + sg
+    m = tl.load(ws_m_ptr + wi)
+    l_ = tl.load(ws_l_ptr + wi)
+    mx = tl.max(m, axis=0)
+    w = tl.exp2(m - mx)
+    tot = tl.sum(l_ * w, axis=0)
+    acc = tl.sum(tl.load(ws_o_ptr + wi[:, None] * D + d[None, :]) * w[:, None], axis=0)
+    o = acc / tl.where(tot > 0, tot, 1.0)
+    tl.store(o_ptr + tok * so0 + head * so1 + d, o)
+
+
+_Q_MATRICES: dict[tuple[int, float, bool], torch.Tensor] = {}
+
+
+def _q_matrix(c: TritonE8Format, scale: float, natural: bool = False) -> torch.Tensor:
+    """R_kᵀ · scale · log2(e), float32 [D, D], columns in phase (or natural) order; cached."""
+    key = (id(c), scale, natural)
+    m = _Q_MATRICES.get(key)
+    if m is None:
+        m = _Q_MATRICES[key] = (c.q_rot_nat if natural else c.q_rot) * (scale * LOG2E)
+    return m
+
+
+def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                           seq_lens: torch.Tensor, block_table: torch.Tensor, fmt, *,  # noqa: ANN001
+                           max_query_len: int, num_kv_heads: int | None = None, scale: float | None = None,
+                           out: torch.Tensor | None = None, num_segs: int | None = None,
+                           decode: dict | None = None, prefill: dict | None = None,
+                           key_bias=None) -> torch.Tensor:  # noqa: ANN001 - reference.KeyBias
+    """Causal GQA attention over the packed cache (same contract as ``reference.paged_attention``).
+
+    Args:
+        query: float [T, H_q, D] (rows past ``query_start_loc[-1]`` come out as zeros).
+        kv_cache: uint8 [num_blocks, H_kv, block_size, slot_bytes].
+        query_start_loc: int32 [B + 1]; seq_lens: int32 [>= B]; block_table: int32 [>= B, max_blocks].
+        max_query_len: host int (from vLLM's metadata): 1 selects the decode (split-KV) grid.
+        num_segs: KV segments of the decode grid (default ``DECODE_CONFIG["segs"]``; 1 = none).
+        decode: decode-kernel settings (benchmarks): ``kernel`` ('tile3', 'tile3g' or 'phase'), ``tile_n``,
+            ``num_warps``, ``num_stages``, ``segs`` (default :data:`DECODE_CONFIG`).
+        prefill: general-grid settings (batches with max_query_len > 1): ``kernel`` ('tile3', 'tile3g' or
+            'phase'), ``block_m``, ``tile_n``, ``num_warps``, ``num_stages`` (default :data:`PREFILL_CONFIG`).
+        key_bias: optional ``reference.KeyBias`` (coef [T, H_q, D] with table [P, D], P > every
+            position, float32 or fp16; first [T, H_q]): extra logit terms of position-dependent key
+            centers (:mod:`e8vllm.calibration`). Tile kernels only.
+    Returns:
+        ``out`` (or a new [T, H_q, D] tensor of query's dtype).
+    """
+    c = TritonE8Format.get(fmt, str(kv_cache.device))
+    t, h_q, d = query.shape
+    h_kv = num_kv_heads if num_kv_heads is not None else kv_cache.shape[1]
+    nq = h_q // h_kv
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if out is None:
+        out = torch.zeros(query.shape, dtype=query.dtype, device=query.device)
+    b = query_start_loc.shape[0] - 1
+    if t == 0 or b <= 0:
+        return out
+    cache16 = kv_cache.view(torch.int16)
+    bs = kv_cache.shape[2]
+    # settings validated once at import; an explicit (benchmark) setting is validated here
+    dc = DECODE_CONFIG if decode is None else kernel_config(DECODE_CONFIG, decode, "decode settings")
+    pc = PREFILL_CONFIG if prefill is None else kernel_config(PREFILL_CONFIG, prefill, "prefill settings")
+    natural = (dc if max_query_len <= 1 else pc)["kernel"] != "phase"
+    segs = dc["segs"] if num_segs is None else num_segs
+    qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale, natural)).view(t, h_q, d)
+    w, trig, first = key_bias if key_bias is not None else (None, None, None)
+    bias, sink = w is not None, first is not None
+    if (bias or sink) and not natural:
+        raise ValueError("the 'phase' kernel has no key bias (position-dependent key centers); use 'tile3' / 'tile3g'")
+    qb = sb = qr  # placeholders when unused
+    if bias:
+        if trig is None or trig.shape[1] != d or w.shape != query.shape:
+            raise ValueError(f"key_bias coef {tuple(w.shape)} / table {None if trig is None else tuple(trig.shape)} "
+                             f"do not fit query {tuple(query.shape)}")
+        qb = (w.to(torch.float32) * (scale * LOG2E)).contiguous()  # same strides as qr
+        trig = trig.contiguous()  # float32 or fp16 (rounded to fp16 in the kernel)
+        if trig.dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"key_bias table must be float16 or float32, got {trig.dtype}")
+    else:
+        trig = qr
+    if sink:
+        if first.shape != (t, h_q):
+            raise ValueError(f"key_bias first {tuple(first.shape)} does not fit query {tuple(query.shape)}")
+        sb = (first.to(torch.float32) * (scale * LOG2E)).contiguous()
+    if max_query_len <= 1 and natural:
+        ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=query.device)
+        ws_l = torch.empty_like(ws_m)
+        ws_o = torch.empty((t, h_q, segs, d), dtype=torch.float32, device=query.device)
+        _e8_decode_kernel[(b, h_kv, segs)](
+            qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, cache16, cache16.stride(0), cache16.stride(1),
+            cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0), query_start_loc,
+            seq_lens, bs, h_q, qb, trig, sb, h_q, NQ=nq, BLOCK_M=max(16, triton.next_power_of_2(nq)),
+            TILE_N=dc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2, NUM_SEGS=segs,
+            LUT=_LUT[dc["kernel"]], BIAS=bias, SINK=sink, num_warps=dc["num_warps"], num_stages=dc["num_stages"])
+        o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
+        _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
+                                    D=d, NUM_SEGS=segs, num_warps=4)
+    elif natural:
+        o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)
+        nq_pad = triton.next_power_of_2(nq)
+        block_m = max(pc["block_m"], nq_pad)
+        block_q = block_m // nq_pad
+        _e8_tile_attn_kernel[(t // block_q + b, h_kv)](
+            qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), cache16, cache16.stride(0),
+            cache16.stride(1), cache16.stride(2), c.k.table_h, c.v.table_h, block_table, block_table.stride(0),
+            query_start_loc, seq_lens, b, bs, qb, trig, sb, h_q, NQ=nq, NQ_PAD=nq_pad, BLOCK_Q=block_q,
+            BLOCK_M=block_m, TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2,
+            LUT=_LUT[pc["kernel"]], BIAS=bias, SINK=sink, num_warps=pc["num_warps"], num_stages=pc["num_stages"])
+    else:
+        o = _phase_attention(qr, cache16, query_start_loc, seq_lens, block_table, c, b, bs, h_kv, nq,
+                             max_query_len, segs)
+    res = torch.matmul(o.view(t * h_q, d), c.o_unrot_nat if natural else c.o_unrot).view(t, h_q, d)
+    out[:t].copy_(res)
+    return out
+
+
+def _phase_attention(qr: torch.Tensor, cache16: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                     block_table: torch.Tensor, c: TritonE8Format, b: int, bs: int, h_kv: int, nq: int,
+                     max_query_len: int, segs: int) -> torch.Tensor:
+    """The phase-layout kernel on both grids: qr float32 [T, H_q, D] (phase layout) -> o (phase layout)."""
+    t, h_q, d = qr.shape
+    o = torch.zeros((t, h_q, d), dtype=torch.float32, device=qr.device)  # rows past qsl[-1] stay 0
+    nq_pad = triton.next_power_of_2(nq)
+    common = dict(D=d, KB=c.k.bits, VB=c.v.bits, V_OFF16=c.k_bytes // 2, NQ=nq, NQ_PAD=nq_pad,
+                  G_PAD=max(16, d // 8))
+    if max_query_len <= 1:
+        block_m = max(16, nq_pad)
+        if segs > 1:
+            ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=qr.device)
+            ws_l = torch.empty_like(ws_m)
+            ws_o = torch.empty((t, h_q, segs, d), dtype=torch.float32, device=qr.device)
+        else:
+            ws_m = ws_l = ws_o = o
+        _e8_attn_kernel[(b, h_kv, segs)](
+            qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, cache16,
+            cache16.stride(0), cache16.stride(1), cache16.stride(2), c.k.table_h, c.v.table_h, block_table,
+            block_table.stride(0), query_start_loc, seq_lens, b, bs, h_q, BLOCK_Q=1, BLOCK_M=block_m,
+            TILE_N=32, NUM_SEGS=segs, DECODE=True, num_warps=4, num_stages=2, **common)
+        if segs > 1:
+            _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
+                                        D=d, NUM_SEGS=segs, num_warps=4)
+    else:
+        block_m = max(16, 64 if nq_pad <= 64 else nq_pad)
+        block_q = block_m // nq_pad
+        grid = (t // block_q + b, h_kv, 1)
+        _e8_attn_kernel[grid](
+            qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), o, o, o, cache16,
+            cache16.stride(0), cache16.stride(1), cache16.stride(2), c.k.table_h, c.v.table_h, block_table,
+            block_table.stride(0), query_start_loc, seq_lens, b, bs, h_q, BLOCK_Q=block_q, BLOCK_M=block_m,
+            TILE_N=32, NUM_SEGS=1, DECODE=False, num_warps=4, num_stages=2, **common)
+    return o
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference computed with the kernels' operand precision (for tolerances)
+# ---------------------------------------------------------------------------------------------
+def fp16_operand_reference(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                           seq_lens: torch.Tensor, block_table: torch.Tensor, fmt, *,  # noqa: ANN001
+                           scale: float | None = None,
+                           key_bias=None) -> torch.Tensor:  # noqa: ANN001 - reference.KeyBias
+    """The attention of ``reference.reference_attention`` with the attention kernel's roundings.
+
+    Everything in float64 except what the kernel rounds to fp16 before its dots: the rotated,
+    scaled query q̃, the table values T[k] and T[v], and p·s_v (and, with ``key_bias``, the scaled
+    coefficients and the position table). Its distance to the float64
+    reference is the float error inherent to those fp16 operands; the tests bound the kernel's
+    error by a multiple of it. Loops over sequences (small inputs only).
+
+    Returns float64 [T, H_q, D] (T = query_start_loc[-1]).
+    """
+    from e8vllm.kernels.reference import unpack_fields
+
+    d = fmt.head_size
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    qsl = [int(x) for x in query_start_loc.tolist()]
+    h_q, h_kv = query.shape[1], kv_cache.shape[1]
+    grp = h_q // h_kv
+    bs = kv_cache.shape[2]
+    rk = fmt.k_rotation.matrix(torch.float64)
+    rv = fmt.v_rotation.matrix(torch.float64)
+    cache = kv_cache.cpu()
+
+    def parts(codes: torch.Tensor, codec) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        nb = codec.head_dim * codec.bits // 8
+        f = unpack_fields(codes[..., :nb], codec.bits)
+        tv = codec.code.decode(f.reshape(-1, 8)).reshape(*codes.shape[:-1], d)
+        s = codes[..., nb:nb + 2].contiguous().view(torch.float16).squeeze(-1).double()
+        return tv.half().double(), s
+
+    out = torch.zeros(qsl[-1], h_q, d, dtype=torch.float64)
+    qr = (query[:qsl[-1]].cpu().double() @ rk.t() * (scale * LOG2E)).float().half().double()
+    wb = fb = None
+    if key_bias is not None and key_bias.coef is not None:
+        wb = (key_bias.coef[:qsl[-1]].cpu().double() * (scale * LOG2E)).float().half().double()
+        tb = key_bias.table.cpu().float().half().double()
+    if key_bias is not None and key_bias.first is not None:
+        fb = (key_bias.first[:qsl[-1]].cpu().double() * (scale * LOG2E)).float().double()
+    for i in range(len(qsl) - 1):
+        n, L = qsl[i + 1] - qsl[i], int(seq_lens[i])
+        if n == 0:
+            continue
+        pos = torch.arange(L)
+        blk = block_table[i].cpu().long()[pos // bs]
+        codes = cache[blk, :, pos % bs, :]  # [L, H_kv, C]
+        tk, sk = parts(codes[..., :fmt.k_bytes], fmt.k_codec)
+        tv, sv = parts(codes[..., fmt.k_bytes:], fmt.v_codec)
+        for t in range(n):
+            last = L - n + t
+            for hq in range(h_q):
+                hk = hq // grp
+                sc = (tk[: last + 1, hk] @ qr[qsl[i] + t, hq]) * sk[: last + 1, hk]
+                if wb is not None:
+                    sc = sc + tb[: last + 1] @ wb[qsl[i] + t, hq]
+                if fb is not None:
+                    sc[0] = sc[0] + fb[qsl[i] + t, hq]
+                p = torch.exp2(sc - sc.max())
+                pv = (p * sv[: last + 1, hk]).half().double()
+                out[qsl[i] + t, hq] = (pv @ tv[: last + 1, hk]) / p.sum()
+    return out @ rv
