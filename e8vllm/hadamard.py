@@ -133,7 +133,7 @@ class HadamardRotation:
             cpu = self._signs_by_device.get("cpu")
             if cpu is None:
                 gen = torch.Generator().manual_seed(int(self.seed))
-                bits = torch.randint(0, 2, (self.head_dim,), generator=gen)
+                bits = torch.randint(0, 2, (self.head_dim,), generator=gen, device="cpu")
                 cpu = bits.to(torch.float32) * 2.0 - 1.0
                 self._signs_by_device["cpu"] = cpu
             s = cpu.to(device)

@@ -383,14 +383,20 @@ def _plugin_path() -> str:
     return f"{d}{os.pathsep}{ROOT}"
 
 
+def _graphs() -> bool:
+    """Engine benchmarks with vLLM's CUDA graphs (``$E8_BENCH_GRAPHS=1``) instead of enforce_eager."""
+    return os.environ.get("E8_BENCH_GRAPHS", "0") == "1"
+
+
 def _dummy_llm(model_dir: str, dtype: str, backend: str, max_model_len: int, max_num_seqs: int, **kw: Any) -> Any:
     """vLLM engine on the dummy-weight model of the engine benchmarks (gpu_memory_utilization 0.85,
-    enforce_eager, 8,192 batched tokens); ``dtype`` may carry the ``+centers`` run suffix."""
+    enforce_eager unless ``$E8_BENCH_GRAPHS`` is 1, 8,192 batched tokens); ``dtype`` may carry the
+    ``+centers`` run suffix."""
     from vllm import LLM
 
     return LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=max_model_len,
                max_num_batched_tokens=8192, max_num_seqs=max_num_seqs, gpu_memory_utilization=0.85,
-               enforce_eager=True, kv_cache_dtype=dtype.removesuffix("+centers"),
+               enforce_eager=not _graphs(), kv_cache_dtype=dtype.removesuffix("+centers"),
                attention_config={"backend": backend}, **kw)
 
 
@@ -402,7 +408,7 @@ def engine_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: i
     llm = _dummy_llm(model_dir, dtype, backend, prompt + gen + 16, max(seqs, 8), enable_prefix_caching=True)
     cc = llm.llm_engine.vllm_config.cache_config
     rec: dict[str, Any] = {"dtype": dtype, "backend": backend, "seqs": seqs, "prompt": prompt, "gen": gen,
-                           "start_s": round(time.time() - t0, 1), "num_gpu_blocks": cc.num_gpu_blocks,
+                           "cuda_graphs": _graphs(), "start_s": round(time.time() - t0, 1), "num_gpu_blocks": cc.num_gpu_blocks,
                            "block_size": cc.block_size, "capacity_tokens": cc.num_gpu_blocks * cc.block_size}
     from e8vllm.calibration import find_calibration
 
@@ -579,7 +585,8 @@ def report(src: Path = RESULTS) -> str:
         r0 = recs[0]
         base = next((r for r in recs if r["dtype"] == "auto"), None)
         lines += [f"Engine level ({ej.name}): dummy-weight Llama-3-8B shape, {r0['seqs']} x {r0['prompt']} prompt "
-                  f"+ {r0['gen']} generated, gpu_memory_utilization 0.85, enforce_eager.", "",
+                  f"+ {r0['gen']} generated, gpu_memory_utilization 0.85, "
+                  f"{'CUDA graphs' if r0.get('cuda_graphs') else 'enforce_eager'}.", "",
                   "| kv_cache_dtype | backend | KV capacity (tokens) | x auto | prefill (s) | prefill x auto | "
                   "decode (tok/s) | decode x auto |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in recs:

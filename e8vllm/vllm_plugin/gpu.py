@@ -37,7 +37,7 @@ import torch
 from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, TritonAttentionImpl,
                                                     TritonAttentionMetadataBuilder)
 
-from e8vllm.kernels.triton import triton_paged_attention, triton_write_kv_cache
+from e8vllm.kernels.triton import prepare_device_constants, triton_paged_attention, triton_write_kv_cache
 
 from . import spec as e8spec
 from .impl import E8ImplMixin
@@ -166,6 +166,10 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
             self.supports_quant_query_input = False
             self._e8_setup(kv_cache_dtype, head_size)
             self._triton = use_triton_kernels(kv_cache_dtype, head_size)
+            if self._triton and torch.cuda.is_available():
+                # the kernels' device constants now, not at the first forward: that can be inside a
+                # CUDA-graph capture, where copying host tensors to the device is not allowed
+                prepare_device_constants(self.fmt, f"cuda:{torch.cuda.current_device()}", self.scale)
 
     def _use_kernels(self, kv_cache: torch.Tensor) -> bool:
         """Fused kernels for this call: CUDA tensors (or Triton's CPU interpreter, for tests)."""

@@ -209,3 +209,36 @@ def test_cache_must_be_word_aligned():
     assert _cache_words(ok).shape == (2, 2, 16, 17)
     with pytest.raises(ValueError, match="int32 words"):
         _cache_words(torch.zeros(2, 2, 16, 66, dtype=torch.uint8))
+
+
+def test_prepare_device_constants_caches_what_attention_uses():
+    """The GPU impl builds the kernels' constants at construction (the first attention call may be inside
+    a CUDA-graph capture): afterwards attention finds the same objects instead of building new ones."""
+    from e8vllm.kernels.triton import e8_kv
+
+    fmt = E8KVFormat.from_bits(64, 3, 2)
+    e8_kv.prepare_device_constants(fmt, DEV, 0.125)
+    c = e8_kv.TritonE8Format.get(fmt, DEV)
+    m = e8_kv._Q_MATRICES[(id(c), 0.125)]
+    assert m.device.type == torch.device(DEV).type
+    torch.testing.assert_close(m, c.q_rot * (0.125 * e8_kv.LOG2E))
+    case = random_case(fmt, [20], [1], h_q=4, h_kv=2)
+    triton_paged_attention(case.query.to(DEV), case.kv_cache.to(DEV), case.query_start_loc.to(DEV),
+                           case.seq_lens.to(DEV), case.block_table.to(DEV), fmt, max_query_len=1, scale=0.125)
+    assert e8_kv.TritonE8Format.get(fmt, DEV) is c and e8_kv._Q_MATRICES[(id(c), 0.125)] is m
+
+
+def test_constants_ignore_the_default_device():
+    """vLLM builds the attention impls under ``with torch.device("cuda")``; the constants must still be
+    built on the host and land on the device asked for (here: a meta default device, CPU asked)."""
+    from e8vllm.kernels.triton import e8_kv
+
+    e8_kv.TritonE8Format.get.cache_clear()
+    fmt = E8KVFormat.from_bits(64, 2, 3)
+    with torch.device("meta"):
+        e8_kv.prepare_device_constants(fmt, "cpu", 0.125)
+    c = e8_kv.TritonE8Format.get(fmt, "cpu")
+    for t in (c.q_rot, c.o_unrot, c.k.pairs, c.v.table_h, c.k.pm1):
+        assert t.device.type == "cpu"
+    torch.testing.assert_close(c.q_rot.double() @ c.q_rot.double().t(), torch.eye(64, dtype=torch.float64),
+                               rtol=0, atol=1e-6)

@@ -4,7 +4,8 @@ See :mod:`e8vllm.kernels.triton.e8_kv` for the math and the kernels; the PyTorch
 tested against is :mod:`e8vllm.kernels.reference`.
 """
 
-from .e8_kv import (TritonE8Format, fp16_operand_reference, supported, triton_paged_attention,
-                    triton_write_kv_cache)
+from .e8_kv import (TritonE8Format, fp16_operand_reference, prepare_device_constants, supported,
+                    triton_paged_attention, triton_write_kv_cache)
 
-__all__ = ["TritonE8Format", "fp16_operand_reference", "supported", "triton_paged_attention", "triton_write_kv_cache"]
+__all__ = ["TritonE8Format", "fp16_operand_reference", "prepare_device_constants", "supported", "triton_paged_attention",
+           "triton_write_kv_cache"]

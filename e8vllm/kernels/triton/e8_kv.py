@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["TritonE8Format", "supported", "triton_write_kv_cache", "triton_paged_attention", "fp16_operand_reference",
-           "LOG2E", "DECODE_SEGMENTS", "KERNELS"]
+           "prepare_device_constants", "LOG2E", "DECODE_SEGMENTS", "KERNELS"]
 
 LOG2E = 1.4426950408889634
 #: KV segments per sequence of the decode (flash-decoding) grid; a constant so that the grid only
@@ -180,12 +180,15 @@ class TritonE8Format:
     @functools.lru_cache(maxsize=None)
     def get(fmt, device: str) -> "TritonE8Format":  # noqa: ANN001
         """Constants of ``fmt`` on ``device`` (cached per format and device)."""
-        from e8vllm.codecs.e8 import _scale_factors
-        from e8vllm.kernels.reference import _E8_SCALE_RANGE
-
         if not supported(fmt):
             raise ValueError(f"e8vllm: the Triton kernels do not support this format: {fmt}")
-        dev = torch.device(device)
+        with torch.device("cpu"):  # host-side construction whatever the caller's default device
+            return TritonE8Format._build(fmt, torch.device(device))
+
+    @staticmethod
+    def _build(fmt, dev: torch.device) -> "TritonE8Format":  # noqa: ANN001
+        from e8vllm.codecs.e8 import _scale_factors
+        from e8vllm.kernels.reference import _E8_SCALE_RANGE
 
         def consts(codec) -> _CodecConsts:  # noqa: ANN001
             main = codec.code.main.to(torch.float32)
@@ -664,6 +667,15 @@ def _q_matrix(c: TritonE8Format, scale: float) -> torch.Tensor:
     if m is None:
         m = _Q_MATRICES[key] = c.q_rot * (scale * LOG2E)
     return m
+
+
+def prepare_device_constants(fmt, device: str, scale: float) -> None:  # noqa: ANN001
+    """Build (and cache) the kernels' constants of ``fmt`` on ``device`` and the query matrix for
+    ``scale`` ahead of time: the first attention call may run inside a CUDA-graph capture, where
+    host-to-device copies are not allowed. ``device`` as ``str(kv_cache.device)`` will name it.
+    Safe under a default-device context (vLLM builds models under ``torch.device("cuda")``): the
+    constants are built on the host and copied to ``device`` explicitly."""
+    _q_matrix(TritonE8Format.get(fmt, device), float(scale))
 
 
 def _cache_words(kv_cache: torch.Tensor) -> torch.Tensor:
