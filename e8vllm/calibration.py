@@ -153,6 +153,8 @@ VALUE_MAPS = ("none", "wo", "pca")
 """Value maps: none (the default), the metric map with W_oᵀW_o ("wo"), PCA whitening ("pca")."""
 DEFAULT_KEY_MAP = "moment"
 DEFAULT_KEY_MAP_STRENGTH = 0.5
+#: tokens of the KV-side texts a calibration runs the model over (their first ones)
+DEFAULT_NUM_TOKENS = 4096
 """The metric key map is applied at this strength (M = P^(s/2), :func:`metric_maps`)."""
 SCALE_CLIP = 8.0
 """Scales are clipped to [1/SCALE_CLIP, SCALE_CLIP] (after normalizing to mean square 1)."""
@@ -515,7 +517,7 @@ def _settings(num_tokens: int, scales: bool, key_map: str, value_map: str, key_m
 
 
 @torch.inference_mode()
-def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 1024,
+def compute_centers(model_dir: Path | str, num_tokens: int = DEFAULT_NUM_TOKENS, chunk: int = 1024,
                     text_path: Path | None = None, scales: bool = False, sink_samples: int = 64,
                     key_map: str = DEFAULT_KEY_MAP, value_map: str = "none",
                     key_map_strength: float = DEFAULT_KEY_MAP_STRENGTH) -> KVCenters:
@@ -703,7 +705,7 @@ def compute_centers(model_dir: Path | str, num_tokens: int = 4096, chunk: int = 
                      channel_scales(w_o, v_energy), meta, **rope_kw)
 
 
-def calibrate(model_dir: Path | str, out: Path | str | None = None, num_tokens: int = 4096,
+def calibrate(model_dir: Path | str, out: Path | str | None = None, num_tokens: int = DEFAULT_NUM_TOKENS,
               force: bool = False, text_path: Path | None = None, scales: bool = False,
               key_map: str = DEFAULT_KEY_MAP, value_map: str = "none",
               key_map_strength: float = DEFAULT_KEY_MAP_STRENGTH) -> Path:
@@ -804,7 +806,7 @@ def _main() -> None:  # pragma: no cover - thin CLI
 
     ap = argparse.ArgumentParser(description="Write the KV centers of a model directory.")
     ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=DEFAULT_NUM_TOKENS)
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args()
     print(json.dumps(describe(calibrate(a.model_dir, num_tokens=a.tokens, force=a.force))))

@@ -139,6 +139,8 @@ def bench_quality_cmd(
     window: int = typer.Option(1024, help="Tokens per prompt window."),
     quick: bool = typer.Option(False, help="Tiny run (2 windows of 256 tokens, auto + e8_k4v4)."),
     reuse: bool = typer.Option(False, help="Keep per-dtype results in OUT_DIR made from the same tokens."),
+    text: str = typer.Option("perplexity", help="perplexity (held-out licence texts), kv-holdout (KV-side texts "
+                                                "after the calibration's tokens) or a text file / directory."),
 ) -> None:
     """Perplexity of SmolLM2 through vLLM's prompt logprobs for each kv-cache dtype.
 
@@ -147,7 +149,7 @@ def bench_quality_cmd(
     from e8vllm.bench.quality import run
 
     run(out_dir=out_dir, dtypes=dtypes.split(",") if dtypes else None, max_tokens=max_tokens,
-        window=window, quick=quick, reuse=reuse)
+        window=window, quick=quick, reuse=reuse, text=text)
 
 
 @bench_app.command("capacity")

@@ -524,17 +524,42 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-def _tokens(max_tokens: int, window: int) -> tuple[Path, list[Path], list[list[int]], list[list[int]], int]:
+#: ``text`` values of :func:`run` besides a path
+TEXTS = ("perplexity", "kv-holdout")
+
+
+def _text_ids(tok: Any, text: str) -> tuple[list[Path], list[int]]:
+    """(files, token ids) of a text source: ``perplexity`` (the held-out perplexity texts),
+    ``kv-holdout`` (the KV-side texts after the tokens a default KV calibration reads: text the
+    calibration's choices were not made on), or a file / directory of the user's."""
+    from e8vllm.calibration import DEFAULT_NUM_TOKENS
+    from e8vllm.kvdump import resolve_text_files, split_texts, text_token_ids
+
+    if text == "perplexity":
+        files = split_texts().perplexity
+        return files, text_token_ids(tok, files).tolist()
+    if text == "kv-holdout":
+        files = split_texts().kv
+        return files, text_token_ids(tok, files).tolist()[DEFAULT_NUM_TOKENS:]
+    path = Path(text)
+    if not path.exists():
+        raise ValueError(f"text must be one of {TEXTS} or an existing file or directory, not {text!r}")
+    files = resolve_text_files(path)
+    if not files:
+        raise ValueError(f"no text files in {path}")
+    return files, text_token_ids(tok, files).tolist()
+
+
+def _tokens(max_tokens: int, window: int,
+            text: str = "perplexity") -> tuple[Path, list[Path], list[list[int]], list[list[int]], int]:
     """(model dir, text files, the windows to run, every whole window of the text, tokens available)."""
     from transformers import AutoTokenizer
 
-    from e8vllm.kvdump import split_texts, text_token_ids
     from e8vllm.models import prepare_model
 
     model_dir = prepare_model()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    files = split_texts().perplexity
-    ids = text_token_ids(tok, files).tolist()
+    files, ids = _text_ids(tok, text)
     all_windows = [ids[j * window:(j + 1) * window] for j in range(len(ids) // window)]
     n_win = min(len(ids), max_tokens) // window
     if n_win < 1:
@@ -608,7 +633,7 @@ def _reusable(res_path: Path, windows: list[list[int]], all_windows: list[list[i
 
 def run(out_dir: Path, dtypes: list[str] | None = None, max_tokens: int = 20480, window: int = 1024,
         quick: bool = False, *, reuse: bool = False, kv_space_gib: int = KV_SPACE_GIB,
-        timeout_s: float = WORKER_TIMEOUT_S) -> dict[str, Any]:
+        timeout_s: float = WORKER_TIMEOUT_S, text: str = "perplexity") -> dict[str, Any]:
     """Run the benchmark; writes the outputs into ``out_dir`` and returns the report.
 
     Args:
@@ -619,6 +644,7 @@ def run(out_dir: Path, dtypes: list[str] | None = None, max_tokens: int = 20480,
         reuse: keep a dtype's existing ``quality_<dtype>.json`` when it was made from the same tokens.
         kv_space_gib: VLLM_CPU_KVCACHE_SPACE (whole GiB).
         timeout_s: per-dtype subprocess limit (the process group is killed after it).
+        text: ``perplexity`` (default), ``kv-holdout`` (:func:`_text_ids`) or a text file / directory.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -632,7 +658,7 @@ def run(out_dir: Path, dtypes: list[str] | None = None, max_tokens: int = 20480,
     dtypes.insert(0, "auto")
     specs = {d: resolve_dtype(d) for d in dtypes}
 
-    model_dir, files, windows, all_windows, available = _tokens(max_tokens, window)
+    model_dir, files, windows, all_windows, available = _tokens(max_tokens, window, text)
     flat = [t for w in windows for t in w]
     sha = tokens_sha(windows)
     tokens_path = out_dir / "quality_tokens.json"
@@ -641,7 +667,7 @@ def run(out_dir: Path, dtypes: list[str] | None = None, max_tokens: int = 20480,
     conditions = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
         "vllm": vllm_version(), "python": platform.python_version(), "model": Path(model_dir).name,
-        "model_dir": str(model_dir), "text_files": [f.name for f in files], "tokens_available": available,
+        "model_dir": str(model_dir), "text": text, "text_files": [f.name for f in files], "tokens_available": available,
         "windows": len(windows), "window": window, "prompt_tokens": len(flat),
         "predicted_tokens": len(windows) * (window - 1), "tokens_sha": sha, "kv_space_gib": int(kv_space_gib),
         "weights_dtype": "bfloat16", "quick": quick, "dtypes": dtypes,
@@ -734,6 +760,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--max-tokens", type=int, default=20480, help="tokens of text (whole windows)")
     p.add_argument("--window", type=int, default=1024, help="tokens per prompt")
     p.add_argument("--quick", action="store_true", help="2 windows of 256 tokens, auto + e8_k4v4")
+    p.add_argument("--text", default="perplexity",
+                   help="perplexity (held-out licence texts), kv-holdout (KV-side texts after the calibration's "
+                        "tokens) or a text file / directory")
     p.add_argument("--reuse", action="store_true", help="keep per-dtype results made from the same tokens")
     p.add_argument("--kv-space-gib", type=int, default=KV_SPACE_GIB, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--timeout-s", type=float, default=WORKER_TIMEOUT_S, help="per-dtype subprocess limit")
@@ -752,7 +781,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     elif a.dtypes:
         dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
     return run(a.out_dir, dtypes=dtypes, max_tokens=a.max_tokens, window=a.window, quick=a.quick, reuse=a.reuse,
-               kv_space_gib=a.kv_space_gib, timeout_s=a.timeout_s)
+               kv_space_gib=a.kv_space_gib, timeout_s=a.timeout_s, text=a.text)
 
 
 if __name__ == "__main__":

@@ -239,3 +239,24 @@ def test_calibration_is_prepared_and_helps_on_held_out_text(model_dir: Path, hf_
     gain_db = {n: 10 * math.log10(err["raw"] / err[n]) for n in ("static", "rotary")}
     assert gain_db["static"] > 2.0, (gain_db, err, energy)
     assert gain_db["rotary"] > gain_db["static"] + 1.0, (gain_db, err, energy)
+
+
+def test_quality_bench_text_sources(tokenizer: Any, tmp_path: Path) -> None:
+    """The quality benchmark's text sources: the perplexity texts, the KV-side texts after the
+    calibration's tokens (disjoint from both), and a user's file; an unknown name is refused."""
+    from e8vllm.bench.quality import _text_ids
+    from e8vllm.calibration import DEFAULT_NUM_TOKENS
+    from e8vllm.kvdump import split_texts, text_token_ids
+
+    split = split_texts()
+    files, ppl = _text_ids(tokenizer, "perplexity")
+    assert files == split.perplexity and len(ppl) >= 20480
+    files, hold = _text_ids(tokenizer, "kv-holdout")
+    kv = text_token_ids(tokenizer, split.kv).tolist()
+    assert files == split.kv and hold == kv[DEFAULT_NUM_TOKENS:] and len(hold) >= 20480
+    own = tmp_path / "mine.txt"
+    own.write_text("The quick brown fox jumps over the lazy dog. " * 50)
+    files, ids = _text_ids(tokenizer, str(own))
+    assert files == [own] and ids == tokenizer(own.read_text().strip(), add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="kv-holdout"):
+        _text_ids(tokenizer, "no-such-text")
