@@ -2,7 +2,8 @@ r"""GPU benchmark of the E8 KV cache on vLLM 0.26 (H200): kernel level and engin
 
     python -m e8vllm.bench.gpu kernel  [--batches 1,8,64,256] [--contexts 1024,8192,32768]
     python -m e8vllm.bench.gpu engine  [--runs auto:TRITON_ATTN fp8:TRITON_ATTN ...] [--seqs 64 --prompt 8192]
-    python -m e8vllm.bench.gpu tune    [--batch 64 --context 8192]  # kernel settings -> tune_*.json
+    python -m e8vllm.bench.gpu tune    [--batch 64 --context 8192] [--what decode|prefill]  # -> tune_*.json
+    python -m e8vllm.bench.gpu profile [--runs e8_k4v4:CUSTOM auto:TRITON_ATTN] [--seqs 8 --prompt 32768]
     python -m e8vllm.bench.gpu report  # results/gpu/*.json -> results/gpu/gpu.md + gpu.png
 
 Kernel level (one process, one GPU, every comparison in the same run): decode attention (one query
@@ -20,10 +21,13 @@ scales) = B·L·H_kv·slot_bytes; achieved bandwidth = bytes / time, compared wi
 bandwidth (``dst.copy_(src)`` of 4 GiB, counting read + write bytes).
 
 Engine level (one subprocess per dtype, vLLM 0.26, dummy-weight Llama-3-8B shape, 32 layers,
-gpu_memory_utilization 0.85, ``enforce_eager``, prefix caching on): vLLM's KV capacity in tokens
+gpu_memory_utilization 0.85, ``enforce_eager`` unless ``E8_BENCH_GRAPHS=1``, prefix caching on):
+vLLM's KV capacity in tokens
 (num_gpu_blocks x block_size), prefill time of ``seqs`` prompts of ``prompt`` tokens (1 output
 token, cold cache), then decode: the same prompts again with ``gen + 1`` output tokens (prompts in
-the prefix cache), decode throughput = seqs * gen / time.
+the prefix cache), decode throughput = seqs * gen / time. ``profile``: the same engine, torch.profiler
+around a few decode steps (top ops by CUDA and by host time per dtype), to find per-layer costs
+outside the attention kernel.
 """
 
 from __future__ import annotations
@@ -436,6 +440,57 @@ def engine_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: i
     print("RESULT", json.dumps(rec), flush=True)
 
 
+def profile_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: int, steps: int, out: str) -> None:
+    """One engine: prefill ``seqs`` prompts, then profile a generate of ``steps`` tokens over the
+    cached prompts (torch.profiler in the engine's process: CUDA kernels and host ops). Writes
+    ``profile_<dtype>.txt`` (the top ops by self CUDA and by self CPU time) next to ``out`` and
+    appends a JSON line (wall time per step, profiled and not) to ``out``."""
+    import torch
+    from vllm import SamplingParams
+
+    llm = _dummy_llm(model_dir, dtype, backend, prompt + steps + 16, max(seqs, 8), enable_prefix_caching=True)
+    prompts = [{"prompt_token_ids": [(7919 * i + 104729 * j) % 120000 + 100 for j in range(prompt)]}
+               for i in range(seqs)]
+    sp = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True, detokenize=False)
+    llm.generate(prompts, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+    t = time.time()
+    llm.generate(prompts, sp, use_tqdm=False)
+    plain = (time.time() - t) / steps
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        t = time.time()
+        llm.generate(prompts, sp, use_tqdm=False)
+        torch.cuda.synchronize()
+        profiled = (time.time() - t) / steps
+    ka = prof.key_averages()
+    text = (f"{dtype} ({backend}) {seqs} x {prompt}, {steps} steps: {plain * 1e3:.2f} ms/step "
+            f"({profiled * 1e3:.2f} profiled)\n\n"
+            + ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70) + "\n\n"
+            + ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    Path(out).with_name(f"profile_{safe_label(dtype)}.txt").write_text(text)
+    rec = {"dtype": dtype, "backend": backend, "seqs": seqs, "prompt": prompt, "steps": steps,
+           "cuda_graphs": _graphs(), "ms_per_step": plain * 1e3, "ms_per_step_profiled": profiled * 1e3}
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print("PROFILE", json.dumps(rec), flush=True)
+    print(text[:6000], flush=True)
+
+
+def safe_label(dtype: str) -> str:
+    """A file-name-safe form of a run label (``e8_k4v4+centers`` -> ``e8_k4v4_centers``)."""
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in dtype)
+
+
+def run_profile(runs: list[tuple[str, str]], seqs: int, prompt: int, steps: int) -> None:
+    """:func:`profile_worker` per (dtype, backend), each in a fresh process; ``profile_<S>x<P>.jsonl``."""
+    out = str(_out_dir() / f"profile_{seqs}x{prompt}.jsonl")
+    model_dir = _model_dir()
+    for dtype, backend in runs:
+        print(f"=== profile {dtype} ({backend}) {seqs}x{prompt}, {steps} steps", flush=True)
+        rc = _in_fresh_process("profile_worker", str(model_dir), dtype, backend, seqs, prompt, steps, out)
+        print(f"=== {dtype}: exit {rc}", flush=True)
+
+
 def sweep_worker(model_dir: str, dtype: str, backend: str, concurrency: list[int], prompt: int, gen: int,
                  out: str) -> None:
     """Concurrency sweep on one engine: for each c, c requests of ``prompt`` distinct tokens + ``gen``
@@ -666,6 +721,11 @@ def main(argv: list[str] | None = None) -> None:
     ps.add_argument("--concurrency", default="32,128,512")
     ps.add_argument("--prompt", type=int, default=2048)
     ps.add_argument("--gen", type=int, default=128)
+    pp = sub.add_parser("profile")
+    pp.add_argument("--runs", nargs="+", default=["e8_k4v4:CUSTOM", "auto:TRITON_ATTN"])
+    pp.add_argument("--seqs", type=int, default=8)
+    pp.add_argument("--prompt", type=int, default=32768)
+    pp.add_argument("--steps", type=int, default=8)
     pt = sub.add_parser("tune")
     pt.add_argument("--batch", type=int, default=64)
     pt.add_argument("--context", type=int, default=8192)
@@ -685,6 +745,8 @@ def main(argv: list[str] | None = None) -> None:
                    a.dtypes.split(","))
     if a.cmd == "engine":
         run_engine([tuple(r.split(":")) for r in a.runs], a.seqs, a.prompt, a.gen)  # type: ignore[misc]
+    if a.cmd == "profile":
+        run_profile([tuple(r.split(":")) for r in a.runs], a.seqs, a.prompt, a.steps)  # type: ignore[misc]
     if a.cmd == "sweep":
         run_sweep([tuple(r.split(":")) for r in a.runs], [int(x) for x in a.concurrency.split(",")],  # type: ignore[misc]
                   a.prompt, a.gen)
