@@ -198,15 +198,13 @@ def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None
 def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
     """Time decode-kernel settings on one cache; saves ``tune_decode.json`` and the fastest correct one as
     ``decode_config.json`` (use it with ``E8VLLM_DECODE_CONFIG``)."""
-    import itertools
-
     import torch
 
     torch.manual_seed(0)
-    decodes: list[dict[str, Any]] = [{**REF_DECODE, "num_stages": 2, "segs": 16}]
-    decodes += [{"kernel": k, "tile_n": n, "num_warps": w, "num_stages": 2, "segs": 16}
-                for k, (n, w) in itertools.chain(itertools.product(("pairs",), ((32, 4), (64, 4), (128, 4), (128, 8))),
-                                                 (("pairs_l1", (64, 4)),))]
+    decodes: list[dict[str, Any]] = [{**REF_DECODE, "segs": 16}]
+    decodes += [{"kernel": k, "tile_n": n, "num_warps": w, "num_stages": 1, "segs": 16, "prefetch": pf}
+                for k, n, w, pf in (("values", 64, 4, 0), ("values", 64, 4, 1), ("values", 32, 4, 1),
+                                    ("values", 128, 4, 0), ("values", 64, 8, 1), ("pairs", 64, 4, 1))]
     res = _e8_case(dtype, batch, ctx, decodes)
 
     def best_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -231,8 +229,6 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
 def tune_prefill(seq: int = 8192, dtype: str = "e8_k4v4") -> dict[str, Any]:
     """Time general-grid (prefill) settings on one ``seq``-token prompt (vLLM's 8192-token chunk);
     saves ``tune_prefill.json`` and ``prefill_config.json`` (``E8VLLM_PREFILL_CONFIG``)."""
-    import itertools
-
     import torch
 
     from e8vllm.kernels.reference import E8KVFormat
@@ -283,7 +279,7 @@ PREFILL_KEYS = ("kernel", "block_m", "tile_n", "num_warps", "num_stages")
 #: different table and lookup path than the pair kernels)
 REF_DECODE = {"kernel": "pairs", "tile_n": 64, "num_warps": 4, "num_stages": 1}
 REF_PREFILL = {"kernel": "pairs", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 2}
-DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs")
+DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs", "prefetch")
 
 
 def _vllm_case(dtype: str, batch: int, ctx: int) -> dict[str, Any]:

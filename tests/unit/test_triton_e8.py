@@ -112,7 +112,7 @@ def test_attention_key_bias_both_grids(kernel, one_thread):
         _check_attention(mixed, key_bias=_key_bias(mixed, parts=parts), prefill={"kernel": kernel, "block_m": 32})
     dec = random_case(fmt, [150, 9, 64], [1, 1, 1], h_q=8, h_kv=2, seed=12)
     _check_attention(dec, key_bias=_key_bias(dec, 1, table_dtype=tdt), num_segs=4, decode={"kernel": kernel})
-    _check_attention(dec, key_bias=_key_bias(dec, 2, parts=("first",)), num_segs=4, decode={"kernel": kernel})
+    _check_attention(dec, key_bias=_key_bias(dec, 2, parts=("first",)), num_segs=4, decode={"kernel": kernel, "prefetch": 1})
     # the bias matters: without it the same kernel is far from the reference that has it
     ref = reference_attention(mixed.query, mixed.kv_cache, mixed.query_start_loc, mixed.seq_lens,
                               mixed.block_table, fmt, key_bias=_key_bias(mixed))
@@ -124,8 +124,9 @@ def test_attention_key_bias_both_grids(kernel, one_thread):
 
 @pytest.mark.parametrize("segs", [1, 4])
 @pytest.mark.parametrize("decode", [{"kernel": "pairs"}, {"kernel": "pairs", "tile_n": 16}, {"kernel": "pairs_l1"},
-                                    {"kernel": "values", "tile_n": 32}],
-                         ids=["pairs", "pairs-16", "pairs_l1", "values"])
+                                    {"kernel": "values", "tile_n": 32}, {"kernel": "values", "tile_n": 16, "prefetch": 1},
+                                    {"kernel": "pairs", "tile_n": 32, "prefetch": 1}],
+                         ids=["pairs", "pairs-16", "pairs_l1", "values", "values-prefetch", "pairs-prefetch"])
 def test_attention_decode_grid(segs, decode, one_thread):
     fmt = E8KVFormat.from_bits(64, 3, 3)
     case = random_case(fmt, [150, 9, 64], [1, 1, 1], h_q=8, h_kv=2, seed=3)
@@ -174,7 +175,7 @@ def test_tile_prefill_head128_3bit_default_settings(one_thread):
 
 
 @pytest.mark.parametrize("bad", [{"kernel": "tile3"}, {"tile_n": 8}, {"num_stages": 0}, {"num_stages": True},
-                                 {"segs": 3}, {"tiles": 32}, {"kernel": "phase"}])
+                                 {"segs": 3}, {"tiles": 32}, {"kernel": "phase"}, {"prefetch": 2}])
 def test_kernel_settings_are_validated(bad):
     from e8vllm.kernels.triton.e8_kv import DECODE_CONFIG, kernel_config
 

@@ -76,7 +76,8 @@ LOG2E = 1.4426950408889634
 DECODE_SEGMENTS = 16
 #: decode kernel settings (see ``triton_paged_attention(decode=...)``), chosen on the H200 with
 #: ``python -m e8vllm.bench.gpu tune``; ``E8VLLM_DECODE_CONFIG`` (JSON) overrides keys.
-DECODE_CONFIG = {"kernel": "values", "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS}
+DECODE_CONFIG = {"kernel": "values", "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
+                 "prefetch": 0}
 
 #: kernel name -> how table values are looked up (LUT constexpr of :func:`_decode_tile`).
 KERNELS = {"pairs": 0, "pairs_l1": 1, "values": 2, "values_l1": 3, "nolut": 4}
@@ -108,6 +109,8 @@ def kernel_config(base: dict, extra: dict | str | None, what: str) -> dict:
                 raise ValueError(f"{what}: {k} must be a power of two >= {lo}, not {v!r}")
     if type(cfg["num_stages"]) is not int or not 1 <= cfg["num_stages"] <= 4:
         raise ValueError(f"{what}: num_stages must be an integer in 1..4, not {cfg['num_stages']!r}")
+    if "prefetch" in cfg and cfg["prefetch"] not in (0, 1):
+        raise ValueError(f"{what}: prefetch must be 0 or 1, not {cfg['prefetch']!r}")
     return cfg
 
 
@@ -495,20 +498,28 @@ def _query_operands(q_ptr, qb_ptr, sink_ptr, tok, head, rvalid, sq0, sq1, ss0, D
 
 
 @triton.jit
-def _tile_step(q, cache_ptr, slot, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i, acc, qb, trig_ptr,
-               sb, KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, LUT: tl.constexpr,
-               CAUSAL: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr):
-    """One online-softmax step of the attention kernels over the cached codes of positions ``n`` [N]
-    (int32-word slot offsets ``slot`` [N], loaded where ``nmask``); with CAUSAL, row r attends only to
-    positions <= qpos[r]; with BIAS, the logits gain qb [M, D] · trig[n] (position-dependent key
-    centers; trig float32 or fp16 [P, D]); with SINK, the logit of position 0 gains sb [M].
-    -> (m_i, l_i, acc)."""
+def _tile_load(cache_ptr, slot, nmask, KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr):
+    """The codes of one KV tile (int32-word slot offsets ``slot`` [N], loaded where ``nmask``):
+    (K block words [N, G], V block words [N, G], scale words [N]: K scale low half, V scale high)."""
     V_OFF: tl.constexpr = G * KB // 4  # int32 word of the V fields
     S_OFF: tl.constexpr = G * (KB + VB) // 4  # the word holding both scales
+    wk = _block_words(cache_ptr, slot, nmask, 0, KB, G)
+    wv = _block_words(cache_ptr, slot, nmask, V_OFF, VB, G)
     sc = tl.load(cache_ptr + slot + S_OFF, mask=nmask, other=0)
+    return wk, wv, sc
+
+
+@triton.jit
+def _tile_compute(q, wk, wv, sc, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i, acc, qb, trig_ptr, sb,
+                  KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, LUT: tl.constexpr,
+                  CAUSAL: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr):
+    """One online-softmax step over a loaded tile (:func:`_tile_load`) of positions ``n`` [N]; with
+    CAUSAL, row r attends only to positions <= qpos[r]; with BIAS, the logits gain qb [M, D] · trig[n]
+    (position-dependent key centers; trig float32 or fp16 [P, D]); with SINK, the logit of position 0
+    gains sb [M]. -> (m_i, l_i, acc)."""
     sk = sc.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     sv = (sc >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    k = _decode_tile(_block_words(cache_ptr, slot, nmask, 0, KB, G), k_tab, k_pairs, KB, G, TILE_N, LUT)
+    k = _decode_tile(wk, k_tab, k_pairs, KB, G, TILE_N, LUT)
     s = tl.dot(q, tl.trans(k)) * sk[None, :]
     if BIAS:
         dd = tl.arange(0, 8 * G)
@@ -524,9 +535,19 @@ def _tile_step(q, cache_ptr, slot, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pair
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _decode_tile(_block_words(cache_ptr, slot, nmask, V_OFF, VB, G), v_tab, v_pairs, VB, G, TILE_N, LUT)
+    v = _decode_tile(wv, v_tab, v_pairs, VB, G, TILE_N, LUT)
     acc = tl.dot((p * sv[None, :]).to(tl.float16), v, acc * alpha[:, None])
     return m_new, l_i, acc
+
+
+@triton.jit
+def _tile_step(q, cache_ptr, slot, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i, acc, qb, trig_ptr,
+               sb, KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, LUT: tl.constexpr,
+               CAUSAL: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr):
+    """:func:`_tile_load` + :func:`_tile_compute` of one tile. -> (m_i, l_i, acc)."""
+    wk, wv, sc = _tile_load(cache_ptr, slot, nmask, KB, VB, G)
+    return _tile_compute(q, wk, wv, sc, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i, acc, qb, trig_ptr,
+                         sb, KB, VB, G, TILE_N, LUT, CAUSAL, BIAS, SINK)
 
 
 @triton.jit
@@ -535,7 +556,8 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
                       num_heads, qb_ptr, trig_ptr, sink_ptr, ss0,
                       NQ: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
                       KB: tl.constexpr, VB: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SEGS: tl.constexpr,
-                      LUT: tl.constexpr, BIAS: tl.constexpr = False, SINK: tl.constexpr = False):
+                      LUT: tl.constexpr, BIAS: tl.constexpr = False, SINK: tl.constexpr = False,
+                      PREFETCH: tl.constexpr = False):
     """Flash-decoding over the packed cache (one query token per sequence).
 
     Program (sequence, kv head, segment): the NQ query heads of the kv head as rows of one tile; each
@@ -544,7 +566,8 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
     cs0, cs1, cs2 in words). q: float32 [T, H_q, D] rotated and scaled by scale·log2(e).
     With BIAS: qb float32 [T, H_q, D] (q's strides) and trig [P, D] add qb · trig[n] to the
     logit of position n; with SINK, sink float32 [T, H_q] (row stride ss0) adds to position 0's
-    (:func:`_tile_step`).
+    (:func:`_tile_step`). With PREFETCH, the next tile's codes are loaded into registers before the
+    current tile is decoded (its loads are in flight while this tile computes).
     Writes unnormalized partials to ws_o [T, H_q, S, D] and ws_m / ws_l [T, H_q, S].
     """
     G: tl.constexpr = D // 8
@@ -570,10 +593,21 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     bt_row = bt_ptr + seq.to(tl.int64) * sbt0
     kvh_off = kvh.to(tl.int64) * cs1
-    for j in range(j0, j1):
-        n, nmask, slot = _tile_slots(j, seq_len, bt_row, kvh_off, cs0, cs2, BLOCK_SIZE, TILE_N)
-        m_i, l_i, acc = _tile_step(q, cache_ptr, slot, n, nmask, n, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i, acc,
-                                   qb, trig_ptr, sb, KB, VB, G, TILE_N, LUT, False, BIAS, SINK)
+    if PREFETCH:
+        seg_end = tl.minimum(seq_len, j1 * TILE_N)  # the next tile past the segment loads nothing
+        n, nmask, slot = _tile_slots(j0, seg_end, bt_row, kvh_off, cs0, cs2, BLOCK_SIZE, TILE_N)
+        wk, wv, sc = _tile_load(cache_ptr, slot, nmask, KB, VB, G)
+        for j in range(j0, j1):
+            n2, nmask2, slot2 = _tile_slots(j + 1, seg_end, bt_row, kvh_off, cs0, cs2, BLOCK_SIZE, TILE_N)
+            wk2, wv2, sc2 = _tile_load(cache_ptr, slot2, nmask2, KB, VB, G)
+            m_i, l_i, acc = _tile_compute(q, wk, wv, sc, n, nmask, n, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i, acc,
+                                          qb, trig_ptr, sb, KB, VB, G, TILE_N, LUT, False, BIAS, SINK)
+            n, nmask, wk, wv, sc = n2, nmask2, wk2, wv2, sc2
+    else:
+        for j in range(j0, j1):
+            n, nmask, slot = _tile_slots(j, seq_len, bt_row, kvh_off, cs0, cs2, BLOCK_SIZE, TILE_N)
+            m_i, l_i, acc = _tile_step(q, cache_ptr, slot, n, nmask, n, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i,
+                                       acc, qb, trig_ptr, sb, KB, VB, G, TILE_N, LUT, False, BIAS, SINK)
     wi = (tok * num_heads + head) * NUM_SEGS + seg
     tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
     tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
@@ -701,7 +735,8 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         max_query_len: host int (from vLLM's metadata): 1 selects the decode (split-KV) grid.
         num_segs: KV segments of the decode grid (default ``DECODE_CONFIG["segs"]``; 1 = none).
         decode: decode-kernel settings (benchmarks): ``kernel`` (a :data:`KERNELS` name), ``tile_n``,
-            ``num_warps``, ``num_stages``, ``segs`` (default :data:`DECODE_CONFIG`).
+            ``num_warps``, ``num_stages``, ``segs``, ``prefetch`` (0/1: load the next tile's codes
+            before decoding this one) (default :data:`DECODE_CONFIG`).
         prefill: general-grid settings (batches with max_query_len > 1): ``kernel``, ``block_m``,
             ``tile_n``, ``num_warps``, ``num_stages`` (default :data:`PREFILL_CONFIG`).
         key_bias: optional ``reference.KeyBias`` (coef [T, H_q, D] with table [P, D], P > every
@@ -755,7 +790,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             block_table.stride(0), query_start_loc, seq_lens, h_q, qb, trig, sb, h_q, NQ=nq,
             BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits,
             BLOCK_SIZE=bs, NUM_SEGS=segs, LUT=KERNELS[dc["kernel"]], BIAS=bias, SINK=sink,
-            num_warps=dc["num_warps"], num_stages=dc["num_stages"])
+            PREFETCH=bool(dc["prefetch"]), num_warps=dc["num_warps"], num_stages=dc["num_stages"])
         o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
         _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
                                     D=d, NUM_SEGS=segs, num_warps=4)
