@@ -479,11 +479,17 @@ def safe_label(dtype: str) -> str:
 
 def run_profile(runs: list[tuple[str, str]], seqs: int, prompt: int, steps: int) -> None:
     """:func:`profile_worker` per (dtype, backend), each in a fresh process; ``profile_<S>x<P>.jsonl``."""
-    out = str(_out_dir() / f"profile_{seqs}x{prompt}.jsonl")
+    _each_run("profile_worker", runs, f"{seqs}x{prompt}, {steps} steps",
+              str(_out_dir() / f"profile_{seqs}x{prompt}.jsonl"), seqs, prompt, steps)
+
+
+def _each_run(worker: str, runs: list[tuple[str, str]], what: str, out: str, *args: Any) -> None:
+    """``worker(model_dir, dtype, backend, *args, out)`` per (dtype, backend), each in a fresh process,
+    on one dummy-weight model directory."""
     model_dir = _model_dir()
     for dtype, backend in runs:
-        print(f"=== profile {dtype} ({backend}) {seqs}x{prompt}, {steps} steps", flush=True)
-        rc = _in_fresh_process("profile_worker", str(model_dir), dtype, backend, seqs, prompt, steps, out)
+        print(f"=== {worker.removesuffix('_worker')} {dtype} ({backend}) {what}", flush=True)
+        rc = _in_fresh_process(worker, str(model_dir), dtype, backend, *args, out)
         print(f"=== {dtype}: exit {rc}", flush=True)
 
 
@@ -544,12 +550,8 @@ def _in_fresh_process(worker: str, *args: Any) -> int:
 
 def run_sweep(runs: list[tuple[str, str]], concurrency: list[int], prompt: int, gen: int) -> None:
     """:func:`sweep_worker` per (dtype, backend) in a fresh process; JSON lines in ``sweep_PROMPT.jsonl``."""
-    out = str(_out_dir() / f"sweep_{prompt}.jsonl")
-    model_dir = _model_dir()
-    for dtype, backend in runs:
-        print(f"=== sweep {dtype} ({backend}) c={concurrency} {prompt}+{gen}", flush=True)
-        rc = _in_fresh_process("sweep_worker", str(model_dir), dtype, backend, concurrency, prompt, gen, out)
-        print(f"=== {dtype}: exit {rc}", flush=True)
+    _each_run("sweep_worker", runs, f"c={concurrency} {prompt}+{gen}", str(_out_dir() / f"sweep_{prompt}.jsonl"),
+              concurrency, prompt, gen)
 
 
 def _synthetic_calibration(model_dir: Path, cfg: dict[str, Any]) -> None:
