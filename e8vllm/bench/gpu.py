@@ -408,8 +408,9 @@ def engine_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: i
     llm = _dummy_llm(model_dir, dtype, backend, prompt + gen + 16, max(seqs, 8), enable_prefix_caching=True)
     cc = llm.llm_engine.vllm_config.cache_config
     rec: dict[str, Any] = {"dtype": dtype, "backend": backend, "seqs": seqs, "prompt": prompt, "gen": gen,
-                           "cuda_graphs": _graphs(), "start_s": round(time.time() - t0, 1), "num_gpu_blocks": cc.num_gpu_blocks,
-                           "block_size": cc.block_size, "capacity_tokens": cc.num_gpu_blocks * cc.block_size}
+                           "cuda_graphs": _graphs(), "start_s": round(time.time() - t0, 1),
+                           "num_gpu_blocks": cc.num_gpu_blocks, "block_size": cc.block_size,
+                           "capacity_tokens": cc.num_gpu_blocks * cc.block_size}
     from e8vllm.calibration import find_calibration
 
     calib = find_calibration(model_dir)
