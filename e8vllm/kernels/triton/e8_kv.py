@@ -32,8 +32,8 @@ against, and :mod:`e8vllm.codecs.e8`, which defines the code):
 
 Kernels:
 
-* :func:`_e8_write_kernel`: one program per ``BLOCK_R`` (token, head) rows of K or V: load, rotate
-  (``tl.dot``), scale search, E8 nearest point, pack, scatter. Launched once for K, once for V.
+* :func:`_e8_write_kernel`: one program per ``BLOCK_R`` (token, head) rows of K or V (program axis 1):
+  load, rotate (``tl.dot``), scale search, E8 nearest point, pack, scatter; K and V in one launch.
 * attention: each tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers
   (:func:`_decode_tile`: block words [N, G], the four pair indices of every block as [N, G] tensors
   joined into [N, G, 2, 2] (natural order), one lookup per pair, the halves joined again) and
@@ -256,14 +256,13 @@ def _nearest_coset(u, tab_ptr, mid_ptr, C: tl.constexpr, K: tl.constexpr, i8):
 
 
 @triton.jit
-def _e8_write_kernel(x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_off, scale_off,
-                     pm1_ptr, inv_sqrt_b, tab_ptr, mid_ptr, fac_ptr, n_rows, H, block_size,
-                     D: tl.constexpr, BITS: tl.constexpr, NS: tl.constexpr, BLOCK_R: tl.constexpr):
-    """x [T, H, D] (last dim contiguous) -> codes of rows r = t*H + h into the cache slots: fields at
-    byte ``code_off`` of the slot, the fp16 scale at ``scale_off``."""
+def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_off, scale_off,
+                pm1_ptr, inv_sqrt_b, tab_ptr, mid_ptr, fac_ptr, n_rows, H, block_size,
+                D: tl.constexpr, BITS: tl.constexpr, NS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows r = pid·BLOCK_R ... of x [T, H, D] (r = t*H + h; last dim contiguous) -> codes into the
+    cache slots: fields at byte ``code_off`` of the slot, the fp16 scale at ``scale_off``."""
     G: tl.constexpr = D // 8
     K: tl.constexpr = 1 << BITS
-    pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
     t = rows // H
@@ -312,6 +311,23 @@ def _e8_write_kernel(x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
     tl.store(slot_base + scale_off + 1, ((s16 >> 8) & 255).to(tl.uint8), mask=valid)
 
 
+@triton.jit
+def _e8_write_kernel(k_ptr, sk0, sk1, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0, cs1, cs2,
+                     k_off, k_soff, v_off, v_soff, k_pm1, k_isb, k_tab, k_mid, k_fac,
+                     v_pm1, v_isb, v_tab, v_mid, v_fac, n_rows, H, block_size,
+                     D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, KNS: tl.constexpr, VNS: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+    """K (program axis 1 = 0) and V (= 1) of one write in one launch: :func:`_write_rows` each, so a
+    decode step's few rows of K and V are encoded side by side on different SMs."""
+    pid = tl.program_id(0)
+    if tl.program_id(1) == 0:
+        _write_rows(pid, k_ptr, sk0, sk1, slot_ptr, cache_ptr, cs0, cs1, cs2, k_off, k_soff, k_pm1, k_isb, k_tab,
+                    k_mid, k_fac, n_rows, H, block_size, D, KB, KNS, BLOCK_R)
+    else:
+        _write_rows(pid, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0, cs1, cs2, v_off, v_soff, v_pm1, v_isb, v_tab,
+                    v_mid, v_fac, n_rows, H, block_size, D, VB, VNS, BLOCK_R)
+
+
 def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                           slot_mapping: torch.Tensor, fmt, *, block_rows: int = 16) -> None:  # noqa: ANN001
     """Fused rotate + E8 encode + pack + scatter (same contract as ``reference.write_kv_cache``).
@@ -329,14 +345,14 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
     h, d = key.shape[1], key.shape[2]
     bs = kv_cache.shape[2]
     n_rows = t * h
-    grid = (triton.cdiv(n_rows, block_rows),)
-    for x, cc, off, soff in ((key, c.k, 0, c.scales_off), (value, c.v, c.v_fields_off, c.scales_off + 2)):
-        if x.stride(2) != 1:
-            x = x.contiguous()
-        _e8_write_kernel[grid](x, x.stride(0), x.stride(1), slot_mapping, kv_cache, kv_cache.stride(0),
-                               kv_cache.stride(1), kv_cache.stride(2), off, soff, cc.pm1, cc.inv_sqrt_b, cc.table,
-                               cc.mids, cc.factors, n_rows, h, bs, D=d, BITS=cc.bits, NS=cc.factors.shape[0],
-                               BLOCK_R=block_rows, num_warps=8)
+    key = key if key.stride(2) == 1 else key.contiguous()
+    value = value if value.stride(2) == 1 else value.contiguous()
+    _e8_write_kernel[(triton.cdiv(n_rows, block_rows), 2)](
+        key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1), slot_mapping, kv_cache,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 0, c.scales_off, c.v_fields_off,
+        c.scales_off + 2, c.k.pm1, c.k.inv_sqrt_b, c.k.table, c.k.mids, c.k.factors, c.v.pm1, c.v.inv_sqrt_b,
+        c.v.table, c.v.mids, c.v.factors, n_rows, h, bs, D=d, KB=c.k.bits, VB=c.v.bits,
+        KNS=c.k.factors.shape[0], VNS=c.v.factors.shape[0], BLOCK_R=block_rows, num_warps=8)
 
 
 # ---------------------------------------------------------------------------------------------
