@@ -258,3 +258,38 @@ def test_check_cache_layout(fmt44: E8KVFormat) -> None:
 def test_slot_bytes(fmt44: E8KVFormat, fmt32: E8KVFormat) -> None:
     assert fmt44.slot_bytes == 68  # 34 + 34: 3.76x less than bf16's 256 at head size 64
     assert fmt32.slot_bytes == 26 + 18
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("head", [64, 128])
+def test_pair_decode_matches_codec_decode(bits: int, head: int) -> None:
+    """The pair-table decode gives the codec's own rotated decode bit for bit (every field byte
+    pattern, both cosets, either parity), and the formats use it."""
+    from e8vllm.kernels.reference import fast_e8_decode_rotated, pair_table
+
+    fmt = E8KVFormat.from_bits(head, bits, bits)
+    codec = fmt.k_codec
+    pairs = pair_table(codec)
+    assert pairs is not None and torch.equal(fmt._pairs[0], pairs)
+    g = torch.Generator().manual_seed(bits * 1000 + head)
+    nb = head * bits // 8
+    fb = torch.randint(0, 256, (2000, nb), generator=g, dtype=torch.uint8)
+    scale = torch.rand(2000, generator=g) * 4.0
+    ref = codec.decode_rotated(unpack_fields(fb, bits), scale)
+    assert torch.equal(fast_e8_decode_rotated(pairs, bits, fb, scale), ref)
+    # and through the format: slots with these K and V fields decode to the same vectors
+    slots = fmt.join_codes(torch.cat([fb, scale.half().view(torch.uint8).reshape(-1, 2)], 1),
+                           torch.cat([fb.flip(0), scale.flip(0).half().view(torch.uint8).reshape(-1, 2)], 1))
+    k, v = fmt.decode_kv_rotated(slots)
+    assert torch.equal(k, codec.decode_rotated(unpack_fields(fb, bits), scale.half().float()))
+    assert torch.equal(v, codec.decode_rotated(unpack_fields(fb.flip(0), bits), scale.flip(0).half().float()))
+
+
+def test_pair_decode_only_for_plain_e8_codes() -> None:
+    """Relaxed-parity and non-E8 codecs have no pair table (the generic decode serves them)."""
+    import e8vllm.codecs as codecs
+    from e8vllm.kernels.reference import pair_table
+
+    assert pair_table(codecs.get("d8half-4bit", head_dim=64)) is None
+    assert pair_table(codecs.get("int4-sym-rot", head_dim=64)) is None
+    assert pair_table(codecs.get("e8-4bit", head_dim=64)) is not None
