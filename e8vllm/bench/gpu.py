@@ -275,8 +275,8 @@ def tune_prefill(seq: int = 8192, dtype: str = "e8_k4v4") -> dict[str, Any]:
 
 
 PREFILL_KEYS = ("kernel", "block_m", "tile_n", "num_warps", "num_stages")
-#: the settings other settings are checked against in ``tune`` (the one-value-per-lookup kernel: a
-#: different table and lookup path than the pair kernels)
+#: the settings other settings are checked against in ``tune`` (the pair-table kernel: a different
+#: table and lookup path than the default one-value-per-lookup kernel)
 REF_DECODE = {"kernel": "pairs", "tile_n": 64, "num_warps": 4, "num_stages": 1}
 REF_PREFILL = {"kernel": "pairs", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 2}
 DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs", "prefetch")

@@ -316,9 +316,8 @@ class E8KVFormat:
 
     def split_slots(self, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Slots uint8 [..., slot_bytes] -> (K codes [..., k_bytes], V codes [..., v_bytes]) (copies)."""
-        nk, nv = self.k_bytes - 2, self.v_bytes - 2
-        return (torch.cat([slots[..., :nk], slots[..., nk + nv:nk + nv + 2]], dim=-1),
-                torch.cat([slots[..., nk:nk + nv], slots[..., nk + nv + 2:]], dim=-1))
+        kf, vf, ks, vs = self._slot_parts(slots)
+        return torch.cat([kf, ks], dim=-1), torch.cat([vf, vs], dim=-1)
 
     def _slot_parts(self, slots: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Slots [..., slot_bytes] -> views (K fields, V fields, K scale, V scale)."""

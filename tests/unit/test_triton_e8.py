@@ -185,6 +185,15 @@ def test_kernel_settings_are_validated(bad):
         kernel_config(DECODE_CONFIG, __import__("json").dumps(bad), "E8VLLM_DECODE_CONFIG")
 
 
+def test_diagnostic_kernel_only_for_benchmarks():
+    """'nolut' computes wrong values on purpose: an environment setting may not select it."""
+    from e8vllm.kernels.triton.e8_kv import DECODE_CONFIG, kernel_config
+
+    with pytest.raises(ValueError, match="wrong values"):
+        kernel_config(DECODE_CONFIG, '{"kernel": "nolut"}', "E8VLLM_DECODE_CONFIG")
+    assert kernel_config(DECODE_CONFIG, {"kernel": "nolut"}, "decode settings", True)["kernel"] == "nolut"
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_pair_table_packs_both_values(bits):
     """Entry c·4^b + (hi << b | lo) of the pair table holds fp16 T_c[lo] in its low and T_c[hi] in its high half."""
@@ -192,7 +201,7 @@ def test_pair_table_packs_both_values(bits):
 
     fmt = E8KVFormat.from_bits(64, bits, bits)
     table = fmt.k_codec.code.main.float()  # [2, 2^b]
-    pairs = _pair_table(table, bits)
+    pairs = _pair_table(fmt.k_codec)
     k = 1 << bits
     assert pairs.dtype == torch.int32 and pairs.numel() == 2 * k * k
     halves = pairs.view(torch.int16).view(torch.float16).reshape(2, k, k, 2)  # [c, hi, lo, (lo half, hi half)]

@@ -81,13 +81,17 @@ DECODE_CONFIG = {"kernel": "values", "tile_n": 64, "num_warps": 4, "num_stages":
 
 #: kernel name -> how table values are looked up (LUT constexpr of :func:`_decode_tile`).
 KERNELS = {"pairs": 0, "pairs_l1": 1, "values": 2, "values_l1": 3, "nolut": 4}
+#: settings that skip work and compute wrong values (timing floors for ``bench.gpu``): refused in
+#: ``E8VLLM_DECODE_CONFIG`` / ``E8VLLM_PREFILL_CONFIG``
+DIAGNOSTIC_KERNELS = ("nolut",)
 
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys.
 PREFILL_CONFIG = {"kernel": "values", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 1}
 
 
-def kernel_config(base: dict, extra: dict | str | None, what: str) -> dict:
-    """``base`` updated with ``extra`` (a dict, or JSON text from an environment variable), validated."""
+def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: bool = False) -> dict:
+    """``base`` updated with ``extra`` (a dict, or JSON text from an environment variable), validated;
+    the :data:`DIAGNOSTIC_KERNELS` only with ``diagnostic`` (benchmark settings)."""
     if isinstance(extra, str):
         try:
             extra = json.loads(extra) if extra.strip() else {}
@@ -102,6 +106,9 @@ def kernel_config(base: dict, extra: dict | str | None, what: str) -> dict:
     cfg = {**base, **extra}
     if cfg["kernel"] not in KERNELS:
         raise ValueError(f"{what}: kernel must be one of {sorted(KERNELS)}, not {cfg['kernel']!r}")
+    if cfg["kernel"] in DIAGNOSTIC_KERNELS and not diagnostic:
+        raise ValueError(f"{what}: kernel {cfg['kernel']!r} computes wrong values (a timing diagnostic); "
+                         "only benchmarks may select it")
     for k in ("block_m", "tile_n", "num_warps", "segs"):
         if k in cfg:
             v, lo = cfg[k], 16 if k in ("block_m", "tile_n") else 1
@@ -136,12 +143,12 @@ def supported(fmt) -> bool:  # noqa: ANN001 - E8KVFormat
     return fmt.k_rotation is not None and fmt.v_rotation is not None
 
 
-def _pair_table(table: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp16 pair table int32 [2 · 4^b]: entry c·4^b + (hi << b | lo) = fp16 T_c[lo] | fp16 T_c[hi] << 16."""
-    k = 1 << bits
-    h = table.reshape(2, k).half().view(torch.int16).to(torch.int64) & 0xFFFF  # [2, K]
-    pair = h[:, None, :] | (h[:, :, None] << 16)  # [c, hi, lo]
-    return ((pair.reshape(-1) ^ 0x80000000) - 0x80000000).to(torch.int32)  # the same 32 bits, signed
+def _pair_table(codec) -> torch.Tensor:  # noqa: ANN001 - a supported E8Codec
+    """fp16 pair table int32 [2 · 4^b]: entry c·4^b + (hi << b | lo) = fp16 T_c[lo] | fp16 T_c[hi] << 16
+    (``reference.pair_table`` rounded to fp16, each row's two halves read as one little-endian word)."""
+    from e8vllm.kernels.reference import pair_table
+
+    return pair_table(codec).half().contiguous().view(torch.int32).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -203,7 +210,7 @@ class TritonE8Format:
             fs = torch.tensor(_scale_factors(codec.n_scales, *_E8_SCALE_RANGE), dtype=torch.float32)
             return _CodecConsts(codec.bits, codec.head_dim * codec.bits // 8, main.reshape(-1).contiguous().to(dev),
                                 main.reshape(-1).half().contiguous().to(dev),
-                                _pair_table(main, codec.bits).to(dev),
+                                _pair_table(codec).to(dev),
                                 mids.reshape(-1).contiguous().to(dev), fs.to(dev), pm1.contiguous().to(dev),
                                 float(torch.tensor(1.0 / b ** 0.5, dtype=torch.float32)))
 
@@ -774,8 +781,8 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
     words = _cache_words(kv_cache)
     bs = kv_cache.shape[2]
     # settings validated once at import; an explicit (benchmark) setting is validated here
-    dc = DECODE_CONFIG if decode is None else kernel_config(DECODE_CONFIG, decode, "decode settings")
-    pc = PREFILL_CONFIG if prefill is None else kernel_config(PREFILL_CONFIG, prefill, "prefill settings")
+    dc = DECODE_CONFIG if decode is None else kernel_config(DECODE_CONFIG, decode, "decode settings", True)
+    pc = PREFILL_CONFIG if prefill is None else kernel_config(PREFILL_CONFIG, prefill, "prefill settings", True)
     segs = dc["segs"] if num_segs is None else num_segs
     qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale)).view(t, h_q, d)
     w, trig, first = key_bias if key_bias is not None else (None, None, None)
