@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after kernels_tune_tests.sh on the same (warm) machine: the engine benchmark
+# On the device machine, after tune_run.sh on the same (warm) machine: the engine benchmark
 # with the tuned kernel settings from /tmp/e8cfg. Usage: engine_tuned.sh SEQS PROMPT NAME RUN...
 set -u
 cd "$(dirname "$0")/../.."
