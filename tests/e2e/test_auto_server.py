@@ -74,13 +74,15 @@ def test_auto_reports_no_compression(auto_server, e8_server) -> None:
     assert ratio > 3.7
 
 
-def _stream(url: str, max_tokens: int, out: dict) -> None:
-    body = {"model": MODEL, "prompt": "Write a long story about a dragon.", "max_tokens": max_tokens,
+def _stream(url: str, max_tokens: int, out: dict, prompt: str) -> None:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True}
     t0 = time.monotonic()
+    out["t0"] = t0
     try:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             out["status"] = r.status_code
+            out["headers_s"] = time.monotonic() - t0
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     out.setdefault("events", []).append(line[6:])
@@ -90,6 +92,26 @@ def _stream(url: str, max_tokens: int, out: dict) -> None:
     out["end_s"] = time.monotonic() - t0
 
 
+def _wait_events(out: dict, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not out.get("events"):
+        time.sleep(0.05)
+    return bool(out.get("events"))
+
+
+def _state(server: ServerProcess, **streams: dict) -> str:
+    """What the streams and the engine were doing (for a failure message)."""
+    lines = [f"{k}: " + repr({f: v for f, v in d.items() if f != "events"} | {"n_events": len(d.get("events", []))})
+             for k, d in streams.items()]
+    try:
+        m = scrape(server.url)
+        lines.append("vllm running/waiting: "
+                     f"{m.get('vllm:num_requests_running')} / {m.get('vllm:num_requests_waiting')}")
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        lines.append(f"/metrics: {e!r}")
+    return "\n".join(lines) + "\n" + server.log_tail(40)
+
+
 def _finish(events: list[str]) -> list[str]:
     return [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]
             if json.loads(e)["choices"][0]["finish_reason"]]
@@ -97,15 +119,17 @@ def _finish(events: list[str]) -> list[str]:
 
 def test_sigterm_drains_then_aborts(auto_server) -> None:
     short, long_ = {}, {}
-    ts = [threading.Thread(target=_stream, args=(auto_server.url, 24, short)),
-          threading.Thread(target=_stream, args=(auto_server.url, LONG_TOKENS, long_))]
+    # the long stream first, then the short one (its own prompt) once the long one streams: at the
+    # signal both are in flight, the short one a second from its end
+    long_t = threading.Thread(target=_stream, args=(auto_server.url, LONG_TOKENS, long_,
+                                                    "Write a long story about a dragon."))
+    short_t = threading.Thread(target=_stream, args=(auto_server.url, 24, short, "Tell me about the sea."))
+    ts = [short_t, long_t]
     t_start = time.monotonic()
-    for t in ts:
-        t.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (short.get("events") and long_.get("events")):
-        time.sleep(0.05)
-    assert short.get("events") and long_.get("events"), (short, long_)
+    long_t.start()
+    assert _wait_events(long_, 60), _state(auto_server, long=long_)
+    short_t.start()
+    assert _wait_events(short, 60), _state(auto_server, short=short, long=long_)
     t_sig = time.monotonic()
     n_at_sig = len(long_["events"])
     auto_server.proc.send_signal(signal.SIGTERM)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -108,3 +109,41 @@ def test_equal_bits_interpolation():
     assert quant.snr_at(pts, 3.25)[0] == pytest.approx(15.0)
     s, how = quant.snr_at(pts, 1.25)
     assert s == pytest.approx(10.0 - quant.DB_PER_BIT) and "extrapolated" in how
+
+
+def _spin(seconds: float) -> None:
+    t = time.process_time()
+    while time.process_time() - t < seconds:
+        pass
+
+
+class _SlowDel:
+    def __del__(self) -> None:  # where Python drops an exception raised by a signal handler
+        _spin(0.00098)
+
+
+def test_cpu_limit_interrupts_even_when_the_first_signal_is_dropped() -> None:
+    """98 % of the body's CPU time is spent in __del__, where Python drops (prints) an exception
+    raised by the signal handler; the limit must still end the body soon after. (A handler that
+    fires once failed this 4 times in 5 runs.)"""
+    from e8vllm.bench.quant import CodecTimeout, cpu_limit
+
+    c0 = time.process_time()
+    with pytest.raises(CodecTimeout):
+        with cpu_limit(0.1):
+            while time.process_time() - c0 < 10:
+                _spin(0.00002)
+                _SlowDel()
+    assert time.process_time() - c0 < 3
+
+
+def test_cpu_limit_leaves_no_timer_behind() -> None:
+    import signal
+
+    from e8vllm.bench.quant import cpu_limit
+
+    old = signal.getsignal(signal.SIGPROF)
+    with cpu_limit(5.0):
+        pass
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGPROF) is old
