@@ -28,7 +28,7 @@ try:  # optional: the ``cpu`` extra installs numba
 except ImportError:  # pragma: no cover - exercised where numba is missing
     numba = None
 
-__all__ = ["available", "encode_rotated"]
+__all__ = ["available", "encode_rotated", "encode_switched"]
 
 
 def available() -> bool:
@@ -140,6 +140,67 @@ if numba is not None:
                     for j in range(d):
                         fields[r, j] = cur[j]
 
+    @numba.njit(cache=True, nogil=True)
+    def _encode_sw(y, cand, stab, t0, t1, gb, fields, sw_out, e_out):  # pragma: no cover - compiled
+        """Two codes (t0, t1: _build_tables tuples' arrays), exponent candidates cand [N, F] into
+        the scale table stab; per group of gb blocks the code with the smaller error (code 0 on ties)."""
+        n, d = y.shape
+        nf = cand.shape[1]
+        g = d // 8
+        ng = (g + gb - 1) // gb
+        u = np.empty(d, np.float32)
+        cur = np.empty((2, d), np.int64)
+        va = np.empty(8, np.int64)
+        vb = np.empty(8, np.int64)
+        blk = np.empty((2, g), np.float32)
+        ups = np.empty(8, np.float32)
+        dns = np.empty(8, np.float32)
+        for r in range(n):
+            best = _F32_INF
+            for fi in range(nf):
+                e = cand[r, fi]
+                s = stab[e]
+                for j in range(d):
+                    u[j] = y[r, j] / s
+                for t in range(2):
+                    if t == 0:
+                        main, mmid, last, lmid, k, nlast, parity = t0
+                    else:
+                        main, mmid, last, lmid, k, nlast, parity = t1
+                    for q in range(g):
+                        o = 8 * q
+                        ea = _coset(u, o, 0, main, mmid, last, lmid, k, nlast, parity, va, ups, dns)
+                        eb = _coset(u, o, 1, main, mmid, last, lmid, k, nlast, parity, vb, ups, dns)
+                        c = 1 if eb < ea else 0
+                        vv = vb if c == 1 else va
+                        for i in range(7):
+                            cur[t, o + i] = vv[i]
+                        f7 = (vv[7] >> 1) if parity[c] else vv[7]
+                        cur[t, o + 7] = (f7 << 1) | c
+                        blk[t, q] = min(ea, eb)
+                tot = np.float32(0.0)
+                sw = 0
+                for h in range(ng):
+                    e0 = np.float32(0.0)
+                    e1 = np.float32(0.0)
+                    for q in range(h * gb, min(g, (h + 1) * gb)):
+                        e0 += blk[0, q]
+                        e1 += blk[1, q]
+                    if e1 < e0:
+                        sw |= 1 << h
+                        tot += e1
+                    else:
+                        tot += e0
+                tot = tot * (s * s)
+                if tot < best:
+                    best = tot
+                    sw_out[r] = sw
+                    e_out[r] = e
+                    for q in range(g):
+                        t = (sw >> (q // gb)) & 1
+                        for i in range(8):
+                            fields[r, 8 * q + i] = cur[t, 8 * q + i]
+
 
 def encode_rotated(code, y: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     """Rotated vectors y float32 [N, D] and candidate scales float32 [N, F] -> (fields int64 [N, D],
@@ -179,3 +240,21 @@ def _build_tables(code) -> tuple:  # noqa: ANN001 - BlockCode
         lmid[c, : nlast[c] - 1] = (t[1:] + t[:-1]) * np.float32(0.5)
     return (main.reshape(-1), mmid.reshape(-1), last.reshape(-1), lmid.reshape(-1), k, nlast,
             np.array(code.parity, dtype=np.bool_))
+
+
+def encode_switched(code, y: torch.Tensor, cand: torch.Tensor, gb: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """:func:`e8vllm.codecs.e8s.encode_switched`, compiled: y float32 [N, D], exponent candidates
+    int64 [N, F], gb blocks per switch bit -> (fields int64 [N, D], switch int64 [N], exponent int64 [N])."""
+    if numba is None:
+        raise RuntimeError("numba is not installed (pip install 'e8vllm[cpu]')")
+    from .e8s import scale_table
+
+    yn = np.ascontiguousarray(y.detach().float().cpu().numpy())
+    cn = np.ascontiguousarray(cand.detach().cpu().numpy().astype(np.int64))
+    stab = scale_table().numpy()
+    fields = np.zeros(yn.shape, dtype=np.int64)
+    sw = np.zeros(yn.shape[0], dtype=np.int64)
+    ex = np.zeros(yn.shape[0], dtype=np.int64)
+    _encode_sw(yn, cn, stab, _tables(code.codes[0]), _tables(code.codes[1]), int(gb), fields, sw, ex)
+    return torch.from_numpy(fields), torch.from_numpy(sw), torch.from_numpy(ex)
