@@ -61,24 +61,46 @@ FAST_ENCODE_MAX = 1024
 
 
 def codec_names(k_bits: int, v_bits: int, variant: str = "") -> tuple[str, str]:
-    """Registry names of the K and V codecs for a dtype's bits ('' = scale search, 'rms')."""
-    if variant not in ("", "rms"):
-        raise ValueError(f"codec variant must be '' or 'rms', got {variant!r}")
+    """Registry names of the K and V codecs for a dtype's bits: '' = ``e8s-{b}bit`` (the default),
+    'search' = ``e8-{b}bit``, 'rms' = ``e8-{b}bit-rms``."""
+    if variant == "":
+        return f"e8s-{k_bits}bit", f"e8s-{v_bits}bit"
+    if variant not in ("search", "rms"):
+        raise ValueError(f"codec variant must be '', 'search' or 'rms', got {variant!r}")
     suffix = "-rms" if variant == "rms" else ""
     return f"e8-{k_bits}bit{suffix}", f"e8-{v_bits}bit{suffix}"
 
 
 def _rotated_parts(codec: Codec) -> tuple[HadamardRotation, int, int] | None:
-    """(rotation, bits, packed field bytes) when ``codec`` stores 'bit-packed fields + fp16 scale'
-    of a rotated vector and can decode them without the inverse rotation; else None."""
+    """(rotation, bits, packed field bytes) when ``codec`` stores 'bit-packed fields + a 2-byte tail'
+    of a rotated vector (``e8-*``: the fp16 scale; ``e8s-*``: switch byte, exponent byte) and can
+    decode them without the inverse rotation; else None."""
     from e8vllm.codecs.e8 import E8Codec  # deferred: loads the trained tables
+    from e8vllm.codecs.e8s import E8SwitchedCodec
 
-    if not isinstance(codec, E8Codec):
+    if not isinstance(codec, (E8Codec, E8SwitchedCodec)):
         return None
     nb = codec.head_dim * codec.bits // 8
     if codec.code_bytes != nb + 2:  # pragma: no cover - guards a future format change
         return None
     return rotation(codec.head_dim, codec.seed), codec.bits, nb
+
+
+def is_switched(codec: Codec) -> bool:
+    """True for the ``e8s-*`` codecs (two table sets, switch byte + exponent byte)."""
+    from e8vllm.codecs.e8s import E8SwitchedCodec
+
+    return isinstance(codec, E8SwitchedCodec)
+
+
+def decode_tail(codec: Codec, tail: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The 2-byte tails uint8 [M, 2] of a rotated codec's codes -> (scale float32 [M], switch int64
+    [M] or None): ``e8-*`` an fp16 scale; ``e8s-*`` the switch byte, then the exponent byte."""
+    if is_switched(codec):
+        from e8vllm.codecs.e8s import scale_table
+
+        return scale_table().to(tail.device)[tail[:, 1].long()], tail[:, 0].long()
+    return tail.contiguous().view(torch.float16).reshape(-1).float(), None
 
 
 def unpack_fields(packed: Tensor, bits: int) -> Tensor:
@@ -104,30 +126,41 @@ def unpack_fields(packed: Tensor, bits: int) -> Tensor:
 
 
 def pair_table(codec: Codec) -> Tensor | None:
-    """Decode table of packed value pairs for :func:`fast_e8_decode_rotated`, float32 [2 · 4^b, 2]:
-    row c·4^b + (hi << b | lo) = (T_c[lo], T_c[hi]); None unless ``codec`` is a companded or
-    uniform E8 code with the parity rule in both cosets, one table for all coordinates, 2..4 bits."""
+    """Decode table of packed value pairs for :func:`fast_e8_decode_rotated`, float32 [S · 2 · 4^b, 2]:
+    row (t·2 + c)·4^b + (hi << b | lo) = (T_{t,c}[lo], T_{t,c}[hi]) for table set t (S = 1 for
+    ``e8-*``, 2 for ``e8s-*``); None unless ``codec`` is a companded or uniform E8 code with the
+    parity rule in both cosets, one table for all coordinates, 2..4 bits."""
     from e8vllm.codecs.e8 import E8Codec
 
-    if type(codec) is not E8Codec or codec.kind != "e8" or codec.bits not in (2, 3, 4):
+    if is_switched(codec):
+        codes = codec.code.codes  # type: ignore[attr-defined]
+    elif type(codec) is E8Codec and codec.kind == "e8":
+        codes = (codec.code,)
+    else:
         return None
-    code = codec.code
-    if code.parity != (True, True) or not torch.equal(code.main, code.last):
+    if codec.bits not in (2, 3, 4):  # type: ignore[attr-defined]
         return None
-    k = 1 << codec.bits
-    t = code.main.to(torch.float32).reshape(2, k)
-    lo = t[:, None, :].expand(2, k, k)  # [c, hi, lo]
-    hi = t[:, :, None].expand(2, k, k)
-    return torch.stack([lo, hi], -1).reshape(2 * k * k, 2).contiguous()
+    k = 1 << codec.bits  # type: ignore[attr-defined]
+    out = []
+    for code in codes:
+        if code.parity != (True, True) or not torch.equal(code.main, code.last):
+            return None
+        t = code.main.to(torch.float32).reshape(2, k)
+        lo = t[:, None, :].expand(2, k, k)  # [c, hi, lo]
+        hi = t[:, :, None].expand(2, k, k)
+        out.append(torch.stack([lo, hi], -1).reshape(2 * k * k, 2))
+    return torch.cat(out).contiguous()
 
 
-def fast_e8_decode_rotated(pairs: Tensor, bits: int, field_bytes: Tensor, scale: Tensor) -> Tensor:
+def fast_e8_decode_rotated(pairs: Tensor, bits: int, field_bytes: Tensor, scale: Tensor,
+                           switch: Tensor | None = None, group_blocks: int = 1) -> Tensor:
     """E8 fields + scale -> rotated vectors, one table lookup per pair of values.
 
     Per 8-block word w (8·b bits, little-endian): coset c = bit 7b, parity p of the low bits of
     fields 0..6, v_7 = (f_7 & ~1) | p; the four pair indices c·4^b + (f_{2j+1} << b | f_{2j}) pick
-    rows of ``pairs`` (:func:`pair_table`). Bit-identical to ``codec.decode_rotated(unpack_fields(
-    field_bytes, b), scale)`` (the same table values times the same float32 scale).
+    rows of ``pairs`` (:func:`pair_table`); with ``switch`` ([N], ``e8s-*``) block g reads table set
+    (switch >> (g // group_blocks)) & 1. Bit-identical to the codec's ``decode_rotated`` (the same
+    table values times the same float32 scale).
 
     Args:
         pairs: float32 [2 · 4^b, 2] (on the bytes' device).
@@ -153,6 +186,9 @@ def fast_e8_decode_rotated(pairs: Tensor, bits: int, field_bytes: Tensor, scale:
     shifts = torch.arange(4, device=w.device, dtype=torch.int32) * (2 * bits)
     idx = (w.unsqueeze(-1) >> shifts) & m2  # [N, G, 4] pair indices without the coset
     idx[..., 3] = (idx[..., 3] & (m2 - (1 << bits))) | (par << bits)
+    if switch is not None:  # table set of each block above the coset bit
+        gi = torch.arange(w.shape[1], device=w.device, dtype=torch.int32) // group_blocks
+        top = top | ((((switch.to(torch.int32)[:, None] >> gi) & 1)) << 1)
     idx = idx | (top << (2 * bits)).unsqueeze(-1)
     return pairs.index_select(0, idx.reshape(-1)).reshape(n, -1) * scale[:, None]  # index_select: ~2.5x advanced indexing
 
@@ -221,7 +257,7 @@ def fast_e8_encode(codec: Codec, x: Tensor) -> Tensor:
 
 def _fast_decoder_table(codec: Codec) -> Tensor | None:
     """:func:`pair_table` of ``codec`` when :func:`fast_e8_decode_rotated` reproduces the codec's own
-    rotated decode bit for bit on a probe batch (random field bytes and scales); else None."""
+    rotated decode bit for bit on a probe batch (random field bytes and tails); else None."""
     pairs = pair_table(codec)
     parts = _rotated_parts(codec)
     if pairs is None or parts is None:
@@ -229,9 +265,24 @@ def _fast_decoder_table(codec: Codec) -> Tensor | None:
     _rot, bits, nb = parts
     g = torch.Generator().manual_seed(4321)
     fb = torch.randint(0, 256, (64, nb), generator=g, dtype=torch.uint8)
-    scale = torch.rand(64, generator=g) * 3.0
-    ref = codec.decode_rotated(unpack_fields(fb, bits), scale)  # type: ignore[attr-defined]
-    return pairs if torch.equal(fast_e8_decode_rotated(pairs, bits, fb, scale), ref) else None
+    if is_switched(codec):
+        tail = torch.randint(0, 256, (64, 2), generator=g, dtype=torch.uint8)
+    else:
+        tail = (torch.rand(64, generator=g) * 3.0).half().view(torch.uint8).reshape(64, 2)
+    ref = _rotated_decode(codec, bits, fb, tail)
+    scale, switch = decode_tail(codec, tail)
+    from e8vllm.codecs.e8s import group_blocks
+
+    fast = fast_e8_decode_rotated(pairs, bits, fb, scale, switch, group_blocks(codec.head_dim))
+    return pairs if torch.equal(fast, ref) else None
+
+
+def _rotated_decode(codec: Codec, bits: int, field_bytes: Tensor, tail: Tensor) -> Tensor:
+    """The codec's own rotated decode of field bytes uint8 [M, nb] and tails uint8 [M, 2]."""
+    fields = unpack_fields(field_bytes, bits)
+    if is_switched(codec):
+        return codec.decode_rotated(fields, tail[:, 0].long(), tail[:, 1].long())  # type: ignore[attr-defined]
+    return codec.decode_rotated(fields, decode_tail(codec, tail)[0])  # type: ignore[attr-defined]
 
 
 def _fast_encoder_ok(codec: Codec) -> bool:
@@ -287,7 +338,7 @@ class E8KVFormat:
 
     @classmethod
     def from_bits(cls, head_size: int, k_bits: int, v_bits: int, variant: str = "") -> "E8KVFormat":
-        """The format of ``e8_k{k_bits}v{v_bits}`` (codecs ``e8-{b}bit[-rms]``).
+        """The format of ``e8_k{k_bits}v{v_bits}`` (codecs :func:`codec_names`).
 
         Raises ValueError for a head size the rotation/codec does not support.
         """
@@ -379,11 +430,13 @@ class E8KVFormat:
             return codec.decode(flat.contiguous()).reshape(*lead, -1)
         _rot, bits, nb = parts
         sb = flat[:, nb:nb + 2] if scale_bytes is None else scale_bytes
-        scale = sb.contiguous().view(torch.float16).reshape(-1).float()
         if pairs is not None:
-            return fast_e8_decode_rotated(pairs.to(flat.device), bits, flat[:, :nb], scale).reshape(*lead, -1)
-        fields = unpack_fields(flat[:, :nb], bits)
-        return codec.decode_rotated(fields, scale).reshape(*lead, -1)  # type: ignore[attr-defined]
+            from e8vllm.codecs.e8s import group_blocks
+
+            scale, switch = decode_tail(codec, sb)
+            return fast_e8_decode_rotated(pairs.to(flat.device), bits, flat[:, :nb], scale, switch,
+                                          group_blocks(codec.head_dim)).reshape(*lead, -1)
+        return _rotated_decode(codec, bits, flat[:, :nb], sb).reshape(*lead, -1)
 
     def decode_kv_rotated(self, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Slots uint8 [..., slot_bytes] -> (K, V) float32 [..., D] each, rotated domains.

@@ -62,10 +62,14 @@ __all__ = [
 E8_DTYPES: tuple[str, ...] = ("e8_k4v4", "e8_k3v3", "e8_k2v2", "e8_k4v2", "e8_k4v3", "e8_k3v2")
 _NAME = re.compile(r"^e8_k(\d)v(\d)$")
 
-#: Environment variable picking the encoder: "search" (default: best of 9 scales per vector,
-#: codecs ``e8-{b}bit``) or "rms" (one RMS scale, ``e8-{b}bit-rms``, ~9x cheaper encode). Both
-#: write the same format; decoding is identical.
+#: Environment variable picking the codecs of the e8 dtypes: "switched" (default: ``e8s-{b}bit``, two
+#: table sets with a switch bit per block and an 8-bit log scale), "search" (``e8-{b}bit``: one table
+#: set, fp16 scale, best of 9 scales per vector; the format before e8s) or "rms" (``e8-{b}bit-rms``:
+#: the "search" format with one RMS scale, ~9x cheaper encode). The same bytes per token for all three;
+#: "search" and "rms" write the same format, "switched" another one (every process of one engine
+#: inherits the same environment).
 ENCODER_ENV = "E8VLLM_ENCODER"
+ENCODER_VARIANTS = ("switched", "search", "rms")
 
 
 class E8UnsupportedError(ValueError):
@@ -86,13 +90,13 @@ def parse_e8_dtype(name: str) -> tuple[int, int]:
 
 
 def encoder_variant() -> str:
-    """'' (scale search) or 'rms', from ``$E8VLLM_ENCODER`` (ValueError on other values)."""
-    v = os.environ.get(ENCODER_ENV, "search").strip().lower()
-    if v in ("", "search"):
+    """'' (the default, "switched"), 'search' or 'rms', from ``$E8VLLM_ENCODER`` (ValueError on other values)."""
+    v = os.environ.get(ENCODER_ENV, "switched").strip().lower()
+    if v in ("", "switched"):
         return ""
-    if v == "rms":
-        return "rms"
-    raise ValueError(f"{ENCODER_ENV} must be 'search' or 'rms', got {v!r}")
+    if v in ENCODER_VARIANTS:
+        return v
+    raise ValueError(f"{ENCODER_ENV} must be one of {', '.join(ENCODER_VARIANTS)}, got {v!r}")
 
 
 #: Debug only: "KCODEC,VCODEC" registry names replacing the E8 codecs of every e8 dtype (e.g.

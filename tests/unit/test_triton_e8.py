@@ -199,13 +199,13 @@ def test_pair_table_packs_both_values(bits):
     """Entry c·4^b + (hi << b | lo) of the pair table holds fp16 T_c[lo] in its low and T_c[hi] in its high half."""
     from e8vllm.kernels.triton.e8_kv import _pair_table
 
-    fmt = E8KVFormat.from_bits(64, bits, bits)
-    table = fmt.k_codec.code.main.float()  # [2, 2^b]
+    fmt = E8KVFormat.from_bits(64, bits, bits)  # e8s: table sets t = 0, 1 (entry (t·2 + c)·4^b + ...)
+    table = torch.cat([c.main.float() for c in fmt.k_codec.code.codes])  # [t·2 + c, 2^b]
     pairs = _pair_table(fmt.k_codec)
     k = 1 << bits
-    assert pairs.dtype == torch.int32 and pairs.numel() == 2 * k * k
-    halves = pairs.view(torch.int16).view(torch.float16).reshape(2, k, k, 2)  # [c, hi, lo, (lo half, hi half)]
-    for c in range(2):
+    assert pairs.dtype == torch.int32 and pairs.numel() == 4 * k * k
+    halves = pairs.view(torch.int16).view(torch.float16).reshape(4, k, k, 2)  # [tc, hi, lo, (lo half, hi half)]
+    for c in range(4):
         for hi in range(k):
             for lo in range(k):
                 assert halves[c, hi, lo, 0] == table[c, lo].half() and halves[c, hi, lo, 1] == table[c, hi].half()
@@ -252,3 +252,42 @@ def test_constants_ignore_the_default_device():
         assert t.device.type == "cpu"
     torch.testing.assert_close(c.q_rot.double() @ c.q_rot.double().t(), torch.eye(64, dtype=torch.float64),
                                rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["search", "rms"])
+def test_fp16_scale_formats(variant, one_thread):
+    """The e8-* formats (one table set, fp16 scale: ``E8VLLM_ENCODER=search`` / ``rms``) on the same
+    kernels: byte-exact writes, attention within the fp16-operand bound on both grids."""
+    fmt = E8KVFormat.from_bits(64, 4, 3, variant)
+    assert fmt.k_codec.name.startswith("e8-") and supported(fmt)
+    case = random_case(fmt, [37, 21], [1, 1], h_q=4, h_kv=2, write=False)
+    ref = torch.zeros_like(case.kv_cache)
+    write_kv_cache(case.key, case.value, ref, case.slots, fmt)
+    got = torch.zeros_like(case.kv_cache).to(DEV)
+    triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, case.slots.to(DEV), fmt)
+    assert torch.equal(got.cpu(), ref)
+    case = random_case(fmt, [70, 33, 1, 50, 20], [1, 33, 1, 9, 1], h_q=8, h_kv=2)
+    _check_attention(case, prefill={"kernel": "values", "block_m": 64, "tile_n": 32})
+    dec = random_case(fmt, [70, 33, 50], [1, 1, 1], h_q=8, h_kv=2, seed=3)
+    _check_attention(dec, decode={"kernel": "pairs", "tile_n": 16, "segs": 2})
+
+
+def test_switched_write_head128_groups_of_two_blocks(one_thread):
+    """Head size 128: 16 blocks, one switch bit per two blocks (the group's summed error decides)."""
+    fmt = E8KVFormat.from_bits(128, 4, 2)
+    case = random_case(fmt, [29], [1], h_q=4, h_kv=2, write=False, seed=11)
+    ref = torch.zeros_like(case.kv_cache)
+    write_kv_cache(case.key, case.value, ref, case.slots, fmt)
+    got = torch.zeros_like(case.kv_cache).to(DEV)
+    triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, case.slots.to(DEV), fmt)
+    assert torch.equal(got.cpu(), ref)
+    kf, vf, ks, vs = fmt._slot_parts(ref[:, :, :, :])
+    assert int(ks[..., 0].max()) > 1  # switch bytes use more than the first group
+
+
+def test_kernel_scale_constants_match_the_codec():
+    from e8vllm.codecs import e8s
+    from e8vllm.kernels.triton import e8_kv
+
+    assert (e8_kv.LOW_FACTOR.value, e8_kv.STEPS_PER_OCTAVE.value, e8_kv.EXP_BIAS.value) == (
+        e8s.LOW_FACTOR, float(e8s.STEPS_PER_OCTAVE), float(e8s.EXP_BIAS))

@@ -33,9 +33,15 @@ def test_slot_bytes() -> None:
 
 
 def test_encoder_variant_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(spec.ENCODER_ENV, raising=False)
+    assert spec.encoder_variant() == ""
+    assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8s-4bit"
     monkeypatch.setenv(spec.ENCODER_ENV, "rms")
     assert spec.encoder_variant() == "rms"
     assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8-4bit-rms"
+    monkeypatch.setenv(spec.ENCODER_ENV, "search")
+    assert spec.kv_format("e8_k3v2", 64).k_codec.name == "e8-3bit"
+    assert spec.kv_format("e8_k3v2", 64).slot_bytes == spec.slot_bytes("e8_k3v2", 64)  # same bytes, any variant
     monkeypatch.setenv(spec.ENCODER_ENV, "bogus")
     with pytest.raises(ValueError):
         spec.encoder_variant()

@@ -14,16 +14,21 @@ against, and :mod:`e8vllm.codecs.e8`, which defines the code):
   coordinate whose move to a neighbouring level costs least moves; keep the better coset. The
   factor with the smallest s²·Σ‖u − û‖² (first one on ties) wins. Stored: 8 fields of b bits per block
   (fields 0..6 = v_0..v_6, field 7 = (v_7 with its low bit replaced by c)), little-endian bit stream,
-  and the fp16 scale. Slot of a (token, kv head) in the cache ``uint8 [num_blocks, H_kv, block_size,
-  slot_bytes]``: ``[K fields | V fields | K scale | V scale]`` (``reference.E8KVFormat``), every part
-  4-byte aligned, scattered by ``slot_mapping`` (-1 = skip).
+  and the fp16 scale. Switched codes (``e8s-*``, the default of the e8 dtypes, :mod:`e8vllm.codecs.e8s`):
+  the scale candidates are the 9 entries of a 256-entry scale table from exponent
+  ⌊10·log2(0.75·RMS)⌋ + 130 up, each 8-block is coded with both table sets and each group of GB
+  blocks (GB = 1 at D = 64, 2 at D = 128) keeps the set with the smaller error; the 2-byte tail is
+  (switch byte, exponent byte) instead of the fp16 scale. Slot of a (token, kv head) in the cache
+  ``uint8 [num_blocks, H_kv, block_size, slot_bytes]``: ``[K fields | V fields | K tail | V tail]``
+  (``reference.E8KVFormat``), every part 4-byte aligned, scattered by ``slot_mapping`` (-1 = skip).
 * decode (in registers, never to memory): the attention kernels read the slot as int32 words. Per
   8-block word w (8·b bits): c = bit 7b, parity p of Σ_{i<7} f_i (one multiply for b = 3, 4: the
   low bits of the seven fields summed into bit 6b; a xor fold for b = 2), v_7 = (f_7 & ~1) | p. The
   values come out two at a time: the 2b-bit index of fields (2j, 2j+1), with c on top, selects an
   int32 of the *pair table* P_c[(f_{2j+1} << b) | f_{2j}] = fp16 T_c[f_{2j}] | fp16 T_c[f_{2j+1}] << 16
   (2·4^b entries: 2 KiB at b = 4), split into its two fp16 halves. The vector is s · value
-  (rotated domain).
+  (rotated domain). Switched codes: the block's set bit sits above the coset bit in every index
+  (tables of 4·2^b values / 4·4^b pairs) and s is the scale table's entry of the exponent byte.
 * attention in the rotated domain: q·k = (qR)·(kR), so the query is rotated once (one matmul,
   folded with the softmax scale and log2(e)), scores are s_k · (q̃ · T[k]) (the scale applied per key
   column after the dot), probabilities p use exp2 with an online softmax (flash attention), the
@@ -51,8 +56,9 @@ Nothing here synchronizes with the host: sequence lengths, block tables and slot
 read on the device; the host only uses tensor shapes and the metadata's Python ints
 (``max_query_len``) to pick the grid. The cache block size is a compile-time constant.
 
-Supported: E8 codecs of kind 'e8' (parity in both cosets, identical tables for coordinate 7),
-2..4 bits, head sizes 64 and 128 (powers of two: ``tl.arange``). :func:`supported` says so.
+Supported: E8 codecs of kind 'e8' and the switched ``e8s-*`` (parity in both cosets, identical
+tables for coordinate 7), 2..4 bits, head sizes 64 and 128 (powers of two: ``tl.arange``).
+:func:`supported` says so.
 """
 
 from __future__ import annotations
@@ -124,6 +130,10 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
 DECODE_CONFIG = kernel_config(DECODE_CONFIG, os.environ.get("E8VLLM_DECODE_CONFIG"), "E8VLLM_DECODE_CONFIG")
 PREFILL_CONFIG = kernel_config(PREFILL_CONFIG, os.environ.get("E8VLLM_PREFILL_CONFIG"), "E8VLLM_PREFILL_CONFIG")
 _FP16_MAX = tl.constexpr(65504.0)
+# e8s-* scale exponents (``e8vllm.codecs.e8s``): s = 2^((e - EXP_BIAS) / STEPS_PER_OCTAVE)
+LOW_FACTOR = tl.constexpr(0.75)
+STEPS_PER_OCTAVE = tl.constexpr(10.0)
+EXP_BIAS = tl.constexpr(130.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,19 +142,28 @@ _FP16_MAX = tl.constexpr(65504.0)
 def supported(fmt) -> bool:  # noqa: ANN001 - E8KVFormat
     """True when both codecs of ``fmt`` (an ``E8KVFormat``) can run on these kernels."""
     from e8vllm.codecs.e8 import E8Codec
+    from e8vllm.codecs.e8s import E8SwitchedCodec
 
     if fmt.head_size not in (64, 128):
         return False
     for c in (fmt.k_codec, fmt.v_codec):
-        if type(c) is not E8Codec or c.kind != "e8" or c.bits not in (2, 3, 4) or c.code.parity != (True, True):
+        if type(c) is E8SwitchedCodec:
+            codes = c.code.codes
+        elif type(c) is E8Codec and c.kind == "e8":
+            codes = (c.code,)
+        else:
             return False
-        if not torch.equal(c.code.main, c.code.last):
+        if c.bits not in (2, 3, 4):
             return False
+        for code in codes:
+            if code.parity != (True, True) or not torch.equal(code.main, code.last):
+                return False
     return fmt.k_rotation is not None and fmt.v_rotation is not None
 
 
-def _pair_table(codec) -> torch.Tensor:  # noqa: ANN001 - a supported E8Codec
-    """fp16 pair table int32 [2 · 4^b]: entry c·4^b + (hi << b | lo) = fp16 T_c[lo] | fp16 T_c[hi] << 16
+def _pair_table(codec) -> torch.Tensor:  # noqa: ANN001 - a supported E8 codec
+    """fp16 pair table int32 [S · 2 · 4^b]: entry (t·2 + c)·4^b + (hi << b | lo) = fp16 T_{t,c}[lo] |
+    fp16 T_{t,c}[hi] << 16 (S table sets: 1, or 2 for ``e8s-*``)
     (``reference.pair_table`` rounded to fp16, each row's two halves read as one little-endian word)."""
     from e8vllm.kernels.reference import pair_table
 
@@ -155,13 +174,16 @@ def _pair_table(codec) -> torch.Tensor:  # noqa: ANN001 - a supported E8Codec
 class _CodecConsts:
     bits: int
     n_bytes: int          # packed field bytes D*b/8
-    table: torch.Tensor   # float32 [2 * 2^b]: T_0 then T_1
+    table: torch.Tensor   # float32 [S * 2 * 2^b]: T_{0,0}, T_{0,1} (set 0), then set 1's
     table_h: torch.Tensor  # the same rounded to fp16 (attention operands)
-    pairs: torch.Tensor   # int32 [2 * 4^b]: :func:`_pair_table`
-    mids: torch.Tensor    # float32 [2 * (2^b - 1)]: midpoints of T_0 then of T_1
-    factors: torch.Tensor  # float32 [n_scales]
+    pairs: torch.Tensor   # int32 [S * 2 * 4^b]: :func:`_pair_table`
+    mids: torch.Tensor    # float32 [S * 2 * (2^b - 1)]: midpoints of each table, in the same order
+    factors: torch.Tensor  # float32 [n_scales] (e8-*: scale = fp16(RMS·f)); [9] zeros for e8s-*
     pm1: torch.Tensor     # float32 [D, D]: P = diag(s) blockdiag(H_b), entries ±1
     inv_sqrt_b: float     # float32(1/√b) as a Python float
+    sets: int = 1         # table sets S: 1 (e8-*, fp16 scale) or 2 (e8s-*: switch byte + exponent byte)
+    group_blocks: int = 1  # e8s-*: blocks per switch bit
+    scales: torch.Tensor | None = None  # e8s-*: float32 [256] scale of each exponent byte
 
 
 @dataclass(frozen=True)
@@ -200,19 +222,29 @@ class TritonE8Format:
         from e8vllm.codecs.e8 import _scale_factors
         from e8vllm.kernels.reference import _E8_SCALE_RANGE
 
+        from e8vllm.codecs.e8s import N_CANDIDATES, group_blocks, scale_table
+        from e8vllm.kernels.reference import is_switched
+
         def consts(codec) -> _CodecConsts:  # noqa: ANN001
-            main = codec.code.main.to(torch.float32)
+            sw = is_switched(codec)
+            codes = codec.code.codes if sw else (codec.code,)
+            main = torch.cat([c.main.to(torch.float32) for c in codes])  # [S * 2, K]
             mids = (main[:, 1:] + main[:, :-1]) * 0.5  # the reference's bucketize boundaries
             rot = codec_rotation(codec)
             b = rot.block
             blocks = torch.block_diag(*([_hadamard(b)] * rot.num_blocks))
             pm1 = rot.signs("cpu")[:, None] * blocks
-            fs = torch.tensor(_scale_factors(codec.n_scales, *_E8_SCALE_RANGE), dtype=torch.float32)
+            if sw:
+                fs = torch.zeros(N_CANDIDATES, dtype=torch.float32)
+            else:
+                fs = torch.tensor(_scale_factors(codec.n_scales, *_E8_SCALE_RANGE), dtype=torch.float32)
             return _CodecConsts(codec.bits, codec.head_dim * codec.bits // 8, main.reshape(-1).contiguous().to(dev),
                                 main.reshape(-1).half().contiguous().to(dev),
                                 _pair_table(codec).to(dev),
                                 mids.reshape(-1).contiguous().to(dev), fs.to(dev), pm1.contiguous().to(dev),
-                                float(torch.tensor(1.0 / b ** 0.5, dtype=torch.float32)))
+                                float(torch.tensor(1.0 / b ** 0.5, dtype=torch.float32)),
+                                len(codes), group_blocks(codec.head_dim) if sw else 1,
+                                scale_table().to(dev) if sw else fs.to(dev))
 
         rk = fmt.k_rotation.matrix(torch.float64)
         rv = fmt.v_rotation.matrix(torch.float64)
@@ -263,11 +295,52 @@ def _nearest_coset(u, tab_ptr, mid_ptr, C: tl.constexpr, K: tl.constexpr, i8):
 
 
 @triton.jit
+def _best_of_sets(u, tab_ptr, mid_ptr, K: tl.constexpr, i8, BLOCK_R: tl.constexpr, G: tl.constexpr,
+                  SETS: tl.constexpr, GB: tl.constexpr):
+    """u float32 [R, G, 8] -> (levels int32 [R, G, 8], coset [R, G] int32, switch bits [R] int32, squared
+    error [R]): per block the better coset; with SETS = 2, per group of GB blocks the better table set
+    (set 0 on ties), the group's bit g of the switch set when set 1 won."""
+    va, ea = _nearest_coset(u, tab_ptr, mid_ptr, 0, K, i8)
+    vb, eb = _nearest_coset(u, tab_ptr, mid_ptr, 1, K, i8)
+    cb = eb < ea
+    v = tl.where(cb[:, :, None], vb, va)
+    c = cb.to(tl.int32)
+    e = tl.minimum(ea, eb)
+    sw = tl.zeros([BLOCK_R], dtype=tl.int32)
+    if SETS == 2:
+        va2, ea2 = _nearest_coset(u, tab_ptr + 2 * K, mid_ptr + 2 * (K - 1), 0, K, i8)
+        vb2, eb2 = _nearest_coset(u, tab_ptr + 2 * K, mid_ptr + 2 * (K - 1), 1, K, i8)
+        cb2 = eb2 < ea2
+        v2 = tl.where(cb2[:, :, None], vb2, va2)
+        e2 = tl.minimum(ea2, eb2)
+        NG: tl.constexpr = G // GB
+        if GB == 1:
+            pg = e2 < e
+            ge = tl.where(pg, e2, e)
+            pick = pg
+        else:
+            g0 = tl.sum(tl.reshape(e, [BLOCK_R, NG, GB]), axis=2)
+            g1 = tl.sum(tl.reshape(e2, [BLOCK_R, NG, GB]), axis=2)
+            pg = g1 < g0
+            ge = tl.where(pg, g1, g0)
+            pick = tl.reshape(tl.broadcast_to(pg[:, :, None], [BLOCK_R, NG, GB]), [BLOCK_R, G])
+        v = tl.where(pick[:, :, None], v2, v)
+        c = tl.where(pick, cb2.to(tl.int32), c)
+        sw = tl.sum(pg.to(tl.int32) << tl.arange(0, NG)[None, :], axis=1)
+        err = tl.sum(ge, axis=1)
+    else:
+        err = tl.sum(e, axis=1)
+    return v, c, sw, err
+
+
+@triton.jit
 def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_off, scale_off,
-                pm1_ptr, inv_sqrt_b, tab_ptr, mid_ptr, fac_ptr, n_rows, H, block_size,
-                D: tl.constexpr, BITS: tl.constexpr, NS: tl.constexpr, BLOCK_R: tl.constexpr):
+                pm1_ptr, inv_sqrt_b, tab_ptr, mid_ptr, fac_ptr, stab_ptr, n_rows, H, block_size,
+                D: tl.constexpr, BITS: tl.constexpr, NS: tl.constexpr, BLOCK_R: tl.constexpr,
+                SETS: tl.constexpr, GB: tl.constexpr):
     """Rows r = pid·BLOCK_R ... of x [T, H, D] (r = t*H + h; last dim contiguous) -> codes into the
-    cache slots: fields at byte ``code_off`` of the slot, the fp16 scale at ``scale_off``."""
+    cache slots: fields at byte ``code_off`` of the slot, the 2-byte tail at ``scale_off`` (SETS 1:
+    the fp16 scale; SETS 2: the switch byte, then the exponent byte of the scale table ``stab``)."""
     G: tl.constexpr = D // 8
     K: tl.constexpr = 1 << BITS
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -288,21 +361,28 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
     best_v = tl.zeros([BLOCK_R, G, 8], dtype=tl.int32)
     best_c = tl.zeros([BLOCK_R, G], dtype=tl.int32)
     best_s = tl.zeros([BLOCK_R], dtype=tl.float32)
+    best_sw = tl.zeros([BLOCK_R], dtype=tl.int32)
+    best_e = tl.zeros([BLOCK_R], dtype=tl.int32)
+    # e8s-*: the first candidate exponent floor(10·log2(0.75·RMS)) + 130 (``codecs.e8s.scale_candidates``)
+    e0 = tl.floor(tl.log2(tl.maximum(rms * LOW_FACTOR, 1e-30)) * STEPS_PER_OCTAVE) + EXP_BIAS
+    e0 = tl.minimum(tl.maximum(tl.where(rms > 0, e0, 0.0), 0.0), 256.0 - NS).to(tl.int32)
     for si in tl.static_range(NS):
-        f = tl.load(fac_ptr + si)
-        s = tl.minimum(tl.maximum(rms * f, -_FP16_MAX), _FP16_MAX).to(tl.float16).to(tl.float32)
-        s = tl.where(s > 0, s, 1.0)
+        if SETS == 2:
+            s = tl.load(stab_ptr + e0 + si)
+        else:
+            f = tl.load(fac_ptr + si)
+            s = tl.minimum(tl.maximum(rms * f, -_FP16_MAX), _FP16_MAX).to(tl.float16).to(tl.float32)
+            s = tl.where(s > 0, s, 1.0)
         u = tl.math.div_rn(y3, s[:, None, None])
-        va, ea = _nearest_coset(u, tab_ptr, mid_ptr, 0, K, i8)
-        vb, eb = _nearest_coset(u, tab_ptr, mid_ptr, 1, K, i8)
-        cb = eb < ea
-        v = tl.where(cb[:, :, None], vb, va)
-        err = tl.sum(tl.minimum(ea, eb), axis=1) * (s * s)
+        v, c, sw, err = _best_of_sets(u, tab_ptr, mid_ptr, K, i8, BLOCK_R, G, SETS, GB)
+        err = err * (s * s)
         better = err < best_err
         best_err = tl.where(better, err, best_err)
         best_v = tl.where(better[:, None, None], v, best_v)
-        best_c = tl.where(better[:, None], cb.to(tl.int32), best_c)
+        best_c = tl.where(better[:, None], c, best_c)
         best_s = tl.where(better, s, best_s)
+        best_sw = tl.where(better, sw, best_sw)
+        best_e = tl.where(better, e0 + si, best_e)
     fields = tl.where(i8 == 7, ((best_v >> 1) << 1) | best_c[:, :, None], best_v).to(tl.int64)
     word = tl.sum(fields << (i8.to(tl.int64) * BITS), axis=2)  # [R, G], disjoint bits
     blk = slot // block_size
@@ -313,26 +393,30 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
     for k in tl.static_range(BITS):
         tl.store(base[:, None] + g[None, :] * BITS + k, ((word >> (8 * k)) & 255).to(tl.uint8),
                  mask=valid[:, None])
-    s16 = best_s.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-    tl.store(slot_base + scale_off, (s16 & 255).to(tl.uint8), mask=valid)
-    tl.store(slot_base + scale_off + 1, ((s16 >> 8) & 255).to(tl.uint8), mask=valid)
+    if SETS == 2:
+        tail = best_sw | (best_e << 8)
+    else:
+        tail = best_s.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    tl.store(slot_base + scale_off, (tail & 255).to(tl.uint8), mask=valid)
+    tl.store(slot_base + scale_off + 1, ((tail >> 8) & 255).to(tl.uint8), mask=valid)
 
 
 @triton.jit
 def _e8_write_kernel(k_ptr, sk0, sk1, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0, cs1, cs2,
-                     k_off, k_soff, v_off, v_soff, k_pm1, k_isb, k_tab, k_mid, k_fac,
-                     v_pm1, v_isb, v_tab, v_mid, v_fac, n_rows, H, block_size,
+                     k_off, k_soff, v_off, v_soff, k_pm1, k_isb, k_tab, k_mid, k_fac, k_stab,
+                     v_pm1, v_isb, v_tab, v_mid, v_fac, v_stab, n_rows, H, block_size,
                      D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, KNS: tl.constexpr, VNS: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
+                     BLOCK_R: tl.constexpr, KS: tl.constexpr = 1, VS: tl.constexpr = 1, KGB: tl.constexpr = 1,
+                     VGB: tl.constexpr = 1):
     """K (program axis 1 = 0) and V (= 1) of one write in one launch: :func:`_write_rows` each, so a
     decode step's few rows of K and V are encoded side by side on different SMs."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
         _write_rows(pid, k_ptr, sk0, sk1, slot_ptr, cache_ptr, cs0, cs1, cs2, k_off, k_soff, k_pm1, k_isb, k_tab,
-                    k_mid, k_fac, n_rows, H, block_size, D, KB, KNS, BLOCK_R)
+                    k_mid, k_fac, k_stab, n_rows, H, block_size, D, KB, KNS, BLOCK_R, KS, KGB)
     else:
         _write_rows(pid, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0, cs1, cs2, v_off, v_soff, v_pm1, v_isb, v_tab,
-                    v_mid, v_fac, n_rows, H, block_size, D, VB, VNS, BLOCK_R)
+                    v_mid, v_fac, v_stab, n_rows, H, block_size, D, VB, VNS, BLOCK_R, VS, VGB)
 
 
 def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -357,9 +441,10 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
     _e8_write_kernel[(triton.cdiv(n_rows, block_rows), 2)](
         key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1), slot_mapping, kv_cache,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 0, c.scales_off, c.v_fields_off,
-        c.scales_off + 2, c.k.pm1, c.k.inv_sqrt_b, c.k.table, c.k.mids, c.k.factors, c.v.pm1, c.v.inv_sqrt_b,
-        c.v.table, c.v.mids, c.v.factors, n_rows, h, bs, D=d, KB=c.k.bits, VB=c.v.bits,
-        KNS=c.k.factors.shape[0], VNS=c.v.factors.shape[0], BLOCK_R=block_rows, num_warps=8)
+        c.scales_off + 2, c.k.pm1, c.k.inv_sqrt_b, c.k.table, c.k.mids, c.k.factors, c.k.scales, c.v.pm1,
+        c.v.inv_sqrt_b, c.v.table, c.v.mids, c.v.factors, c.v.scales, n_rows, h, bs, D=d, KB=c.k.bits, VB=c.v.bits,
+        KNS=c.k.factors.shape[0], VNS=c.v.factors.shape[0], BLOCK_R=block_rows, KS=c.k.sets, VS=c.v.sets,
+        KGB=c.k.group_blocks, VGB=c.v.group_blocks, num_warps=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,8 +514,11 @@ def _value_index(w, ck, fix7, I: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _decode_tile(w, tab_ptr, pair_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr,
-                 LUT: tl.constexpr):
+                 LUT: tl.constexpr, sw=None, SETS: tl.constexpr = 1, GB: tl.constexpr = 1):
     """Block words int32 [N, G] -> table values fp16 [N, 8·G], natural coordinate order.
+
+    With SETS = 2 (``e8s-*``), block g reads table set (sw >> (g // GB)) & 1 (switch bytes sw [N]):
+    the set is one more index bit above the coset's.
 
     Coset, parity and indices stay in the [N, G] shape (each block's word once per thread); the
     per-pair (or per-value) indices are joined into trailing dims of size 2 (held in registers),
@@ -439,6 +527,8 @@ def _decode_tile(w, tab_ptr, pair_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE
     gather load; 4: no lookup (wrong values: a timing diagnostic)."""
     par = _parity7(w, BITS)
     c = (w >> (7 * BITS)) & 1
+    if SETS == 2:
+        c = c | (((sw[:, None] >> (tl.arange(0, G)[None, :] // GB)) & 1) << 1)
     if LUT == 2 or LUT == 3:
         ck = c << BITS
         fix7 = ck | par
@@ -453,7 +543,7 @@ def _decode_tile(w, tab_ptr, pair_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE
         # flattened [.., 2, 2, 2] index = 4a + 2b + c: innermost join pairs i and i+4
         idx = tl.join(tl.join(tl.join(i0, i4), tl.join(i2, i6)), tl.join(tl.join(i1, i5), tl.join(i3, i7)))
         if LUT == 2:
-            vals = tl.gather(tl.load(tab_ptr + tl.arange(0, 2 << BITS)), tl.reshape(idx, [TILE_N * 8 * G]), 0)
+            vals = tl.gather(tl.load(tab_ptr + tl.arange(0, (2 * SETS) << BITS)), tl.reshape(idx, [TILE_N * 8 * G]), 0)
         else:
             vals = tl.load(tab_ptr + tl.reshape(idx, [TILE_N * 8 * G]))
         return tl.reshape(vals, [TILE_N, 8 * G])
@@ -466,7 +556,7 @@ def _decode_tile(w, tab_ptr, pair_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE
         p3 = _pair_index(w, ck2, fix3, 3, BITS)
         idx = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), [TILE_N * 4 * G])  # pair j at 2j, 2j+1
         if LUT == 0:
-            x = tl.gather(tl.load(pair_ptr + tl.arange(0, 2 << (2 * BITS))), idx, 0)
+            x = tl.gather(tl.load(pair_ptr + tl.arange(0, (2 * SETS) << (2 * BITS))), idx, 0)
         elif LUT == 1:
             x = tl.load(pair_ptr + idx)
         else:
@@ -535,14 +625,27 @@ def _tile_load(cache_ptr, slot, nmask, KB: tl.constexpr, VB: tl.constexpr, G: tl
 @triton.jit
 def _tile_compute(q, wk, wv, sc, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i, acc, qb, trig_ptr, sb,
                   KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, LUT: tl.constexpr,
-                  CAUSAL: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr):
+                  CAUSAL: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr, k_stab, v_stab, KS: tl.constexpr,
+                  VS: tl.constexpr, KGB: tl.constexpr, VGB: tl.constexpr):
     """One online-softmax step over a loaded tile (:func:`_tile_load`) of positions ``n`` [N]; with
     CAUSAL, row r attends only to positions <= qpos[r]; with BIAS, the logits gain qb [M, D] · trig[n]
     (position-dependent key centers; trig float32 or fp16 [P, D]); with SINK, the logit of position 0
-    gains sb [M]. -> (m_i, l_i, acc)."""
-    sk = sc.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    sv = (sc >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    k = _decode_tile(wk, k_tab, k_pairs, KB, G, TILE_N, LUT)
+    gains sb [M]. The tails in ``sc`` (K low half, V high half): an fp16 scale, or with KS / VS = 2
+    (``e8s-*``) the switch byte then the exponent byte into the scale table k_stab / v_stab.
+    -> (m_i, l_i, acc)."""
+    if KS == 2:
+        swk = sc & 255
+        sk = tl.load(k_stab + ((sc >> 8) & 255))
+    else:
+        swk = sc
+        sk = sc.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    if VS == 2:
+        swv = (sc >> 16) & 255
+        sv = tl.load(v_stab + ((sc >> 24) & 255))
+    else:
+        swv = sc
+        sv = (sc >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    k = _decode_tile(wk, k_tab, k_pairs, KB, G, TILE_N, LUT, swk, KS, KGB)
     s = tl.dot(q, tl.trans(k)) * sk[None, :]
     if BIAS:
         dd = tl.arange(0, 8 * G)
@@ -558,7 +661,7 @@ def _tile_compute(q, wk, wv, sc, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pairs,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _decode_tile(wv, v_tab, v_pairs, VB, G, TILE_N, LUT)
+    v = _decode_tile(wv, v_tab, v_pairs, VB, G, TILE_N, LUT, swv, VS, VGB)
     acc = tl.dot((p * sv[None, :]).to(tl.float16), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
@@ -566,11 +669,12 @@ def _tile_compute(q, wk, wv, sc, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pairs,
 @triton.jit
 def _tile_step(q, cache_ptr, slot, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i, acc, qb, trig_ptr,
                sb, KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, LUT: tl.constexpr,
-               CAUSAL: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr):
+               CAUSAL: tl.constexpr, BIAS: tl.constexpr, SINK: tl.constexpr, k_stab, v_stab, KS: tl.constexpr,
+               VS: tl.constexpr, KGB: tl.constexpr, VGB: tl.constexpr):
     """:func:`_tile_load` + :func:`_tile_compute` of one tile. -> (m_i, l_i, acc)."""
     wk, wv, sc = _tile_load(cache_ptr, slot, nmask, KB, VB, G)
     return _tile_compute(q, wk, wv, sc, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i, acc, qb, trig_ptr,
-                         sb, KB, VB, G, TILE_N, LUT, CAUSAL, BIAS, SINK)
+                         sb, KB, VB, G, TILE_N, LUT, CAUSAL, BIAS, SINK, k_stab, v_stab, KS, VS, KGB, VGB)
 
 
 @triton.jit
@@ -580,7 +684,8 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
                       NQ: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
                       KB: tl.constexpr, VB: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SEGS: tl.constexpr,
                       LUT: tl.constexpr, BIAS: tl.constexpr = False, SINK: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = False):
+                      PREFETCH: tl.constexpr = False, k_stab=None, v_stab=None, KS: tl.constexpr = 1,
+                      VS: tl.constexpr = 1, KGB: tl.constexpr = 1, VGB: tl.constexpr = 1):
     """Flash-decoding over the packed cache (one query token per sequence).
 
     Program (sequence, kv head, segment): the NQ query heads of the kv head as rows of one tile; each
@@ -624,13 +729,15 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
             n2, nmask2, slot2 = _tile_slots(j + 1, seg_end, bt_row, kvh_off, cs0, cs2, BLOCK_SIZE, TILE_N)
             wk2, wv2, sc2 = _tile_load(cache_ptr, slot2, nmask2, KB, VB, G)
             m_i, l_i, acc = _tile_compute(q, wk, wv, sc, n, nmask, n, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i, acc,
-                                          qb, trig_ptr, sb, KB, VB, G, TILE_N, LUT, False, BIAS, SINK)
+                                          qb, trig_ptr, sb, KB, VB, G, TILE_N, LUT, False, BIAS, SINK, k_stab, v_stab,
+                                          KS, VS, KGB, VGB)
             n, nmask, wk, wv, sc = n2, nmask2, wk2, wv2, sc2
     else:
         for j in range(j0, j1):
             n, nmask, slot = _tile_slots(j, seq_len, bt_row, kvh_off, cs0, cs2, BLOCK_SIZE, TILE_N)
             m_i, l_i, acc = _tile_step(q, cache_ptr, slot, n, nmask, n, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i,
-                                       acc, qb, trig_ptr, sb, KB, VB, G, TILE_N, LUT, False, BIAS, SINK)
+                                       acc, qb, trig_ptr, sb, KB, VB, G, TILE_N, LUT, False, BIAS, SINK, k_stab,
+                                       v_stab, KS, VS, KGB, VGB)
     wi = (tok * num_heads + head) * NUM_SEGS + seg
     tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
     tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
@@ -658,7 +765,8 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
                          NQ: tl.constexpr, NQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                          TILE_N: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, LUT: tl.constexpr, BIAS: tl.constexpr = False,
-                         SINK: tl.constexpr = False):
+                         SINK: tl.constexpr = False, k_stab=None, v_stab=None, KS: tl.constexpr = 1,
+                         VS: tl.constexpr = 1, KGB: tl.constexpr = 1, VGB: tl.constexpr = 1):
     """The general grid (prefill, chunked prefill, mixed batches): causal attention of BLOCK_Q query
     tokens × the NQ query heads of one kv head over the sequence's cached codes.
 
@@ -686,7 +794,8 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
     for j in range(0, tl.cdiv(n_end, TILE_N)):
         n, nmask, slot = _tile_slots(j, n_end, bt_row, kvh_off, cs0, cs2, BLOCK_SIZE, TILE_N)
         m_i, l_i, acc = _tile_step(q, cache_ptr, slot, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i,
-                                   acc, qb, trig_ptr, sb, KB, VB, G, TILE_N, LUT, True, BIAS, SINK)
+                                   acc, qb, trig_ptr, sb, KB, VB, G, TILE_N, LUT, True, BIAS, SINK, k_stab, v_stab,
+                                   KS, VS, KGB, VGB)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + (tok * so0 + head * so1)[:, None] + d[None, :], acc, mask=rvalid[:, None])
 
@@ -803,6 +912,8 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             raise ValueError(f"key_bias first {tuple(first.shape)} does not fit query {tuple(query.shape)}")
         sb = (first.to(torch.float32) * (scale * LOG2E)).contiguous()
     tabs = (c.k.table_h, c.v.table_h, c.k.pairs, c.v.pairs)
+    sets = dict(k_stab=c.k.scales, v_stab=c.v.scales, KS=c.k.sets, VS=c.v.sets, KGB=c.k.group_blocks,
+                VGB=c.v.group_blocks)
     strides = (words.stride(0), words.stride(1), words.stride(2))
     if max_query_len <= 1:
         ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=query.device)
@@ -813,7 +924,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             block_table.stride(0), query_start_loc, seq_lens, h_q, qb, trig, sb, h_q, NQ=nq,
             BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits,
             BLOCK_SIZE=bs, NUM_SEGS=segs, LUT=KERNELS[dc["kernel"]], BIAS=bias, SINK=sink,
-            PREFETCH=bool(dc["prefetch"]), num_warps=dc["num_warps"], num_stages=dc["num_stages"])
+            PREFETCH=bool(dc["prefetch"]), **sets, num_warps=dc["num_warps"], num_stages=dc["num_stages"])
         o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
         _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
                                     D=d, NUM_SEGS=segs, num_warps=4)
@@ -826,7 +937,8 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), words, *strides, *tabs, block_table,
             block_table.stride(0), query_start_loc, seq_lens, b, qb, trig, sb, h_q, NQ=nq, NQ_PAD=nq_pad,
             BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, BLOCK_SIZE=bs,
-            LUT=KERNELS[pc["kernel"]], BIAS=bias, SINK=sink, num_warps=pc["num_warps"], num_stages=pc["num_stages"])
+            LUT=KERNELS[pc["kernel"]], BIAS=bias, SINK=sink, **sets, num_warps=pc["num_warps"],
+            num_stages=pc["num_stages"])
     res = torch.matmul(o.view(t * h_q, d), c.o_unrot).view(t, h_q, d)
     out[:t].copy_(res)
     return out
@@ -850,7 +962,8 @@ def fp16_operand_reference(query: torch.Tensor, kv_cache: torch.Tensor, query_st
 
     Returns float64 [T, H_q, D] (T = query_start_loc[-1]).
     """
-    from e8vllm.kernels.reference import unpack_fields
+    from e8vllm.codecs.e8s import EXP_BIAS, decode_switched
+    from e8vllm.kernels.reference import decode_tail, is_switched, unpack_fields
 
     d = fmt.head_size
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -864,10 +977,15 @@ def fp16_operand_reference(query: torch.Tensor, kv_cache: torch.Tensor, query_st
 
     def parts(codes: torch.Tensor, codec) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
         nb = codec.head_dim * codec.bits // 8
-        f = unpack_fields(codes[..., :nb], codec.bits)
-        tv = codec.code.decode(f.reshape(-1, 8)).reshape(*codes.shape[:-1], d)
-        s = codes[..., nb:nb + 2].contiguous().view(torch.float16).squeeze(-1).double()
-        return tv.half().double(), s
+        lead = codes.shape[:-1]
+        f = unpack_fields(codes[..., :nb].reshape(-1, nb), codec.bits)
+        tail = codes[..., nb:nb + 2].reshape(-1, 2)
+        scale, switch = decode_tail(codec, tail)
+        if is_switched(codec):  # table values: exponent EXP_BIAS is the scale 1.0
+            tv = decode_switched(codec.code, f, switch, torch.full_like(switch, EXP_BIAS))
+        else:
+            tv = codec.code.decode(f.reshape(-1, 8))
+        return tv.reshape(*lead, d).half().double(), scale.reshape(lead).double()
 
     out = torch.zeros(qsl[-1], h_q, d, dtype=torch.float64)
     qr = (query[:qsl[-1]].cpu().double() @ rk.t() * (scale * LOG2E)).float().half().double()
