@@ -124,11 +124,12 @@ def bench_quant_cmd(
     out_dir: Path = typer.Option(Path("results"), help="Where to write quant.json, quant.md, quant.png."),
     n_vectors: int = typer.Option(20000, help="Test vectors per data set."),
     quick: bool = typer.Option(False, help="Small sizes (CI smoke run)."),
+    codecs: Optional[str] = typer.Option(None, help="Comma-separated codec names (default: every registered codec)."),
 ) -> None:
     """SNR/MSE vs bits per value for every codec, Gaussian and real SmolLM2 K/V."""
     from e8vllm.bench.quant import run
 
-    run(out_dir=out_dir, n_vectors=n_vectors, quick=quick)
+    run(out_dir=out_dir, n_vectors=n_vectors, quick=quick, codec_names=codecs.split(",") if codecs else None)
 
 
 @bench_app.command("quality")

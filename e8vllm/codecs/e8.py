@@ -19,9 +19,9 @@ freed bit stores c, so a block is exactly 8 fields of b bits. A point's coordina
 nearest level; if the index sum is odd, move the one coordinate whose move to its next level
 costs least; keep the better coset.
 
-Nothing in that search needs the levels to be uniform. The **companded E8 code** (``e8-*``,
-our default) keeps the E8 index structure (cosets, parity rule, the same encoder) but replaces
-the uniform levels by two sorted tables T_0, T_1 of 2^b levels trained by Lloyd's algorithm
+Nothing in that search needs the levels to be uniform. The **companded E8 code** (``e8-*``;
+the KV dtypes' default, ``e8s-*`` in :mod:`e8vllm.codecs.e8s`, builds on it) keeps the E8 index
+structure (cosets, parity rule, the same encoder) but replaces the uniform levels by two sorted tables T_0, T_1 of 2^b levels trained by Lloyd's algorithm
 on rotated Gaussian data (encode with the parity rule → each level = centroid of the values
 that chose it → repeat). The lattice keeps its granular gain (the parity rule), the tables add
 Lloyd-Max-like point density (shaping). Decoding is a lookup in a 2^(b+1)-entry table per value
