@@ -93,7 +93,7 @@ def calibrate_cmd(
     scales: bool = typer.Option(False, help="Also per-channel scales (experimental: did not lower SmolLM2's PPL)."),
     key_map: str = typer.Option("moment", help="Per-head key map: moment (default), attn, pca or none (see e8vllm/calibration.py)."),
     value_map: str = typer.Option("none", help="Per-head value map: none (default), wo or pca (experimental: they raised SmolLM2's PPL)."),
-    key_map_strength: float = typer.Option(0.5, help="Strength s of the metric key map M = P^(s/2), in (0, 1]."),
+    key_map_strength: float = typer.Option(0.75, help="Strength s of the metric key map M = P^(s/2), in (0, 1]."),
 ) -> None:
     """Write the KV calibration (per-head centers that follow RoPE and the position-0 sink,
     optional channel scales or linear maps) that E8 KV dtypes use."""

@@ -217,9 +217,9 @@ def test_calibration_is_prepared_and_helps_on_held_out_text(model_dir: Path, hf_
     assert tuple(centers.k_mean.shape) == (cfg.num_hidden_layers, cfg.num_key_value_heads,
                                            cfg.hidden_size // cfg.num_attention_heads)
     assert centers.rotary and centers.meta["rope"].startswith("neox")
-    # the default key map (query-moment metric, strength 0.5); values are not mapped
+    # the default key map (query-moment metric, strength 0.75); values are not mapped
     assert centers.k_map is not None and centers.v_map is None
-    assert "E[q q^T]" in centers.meta["maps"] and "strength 0.5" in centers.meta["maps"]
+    assert "E[q q^T]" in centers.meta["maps"] and "strength 0.75" in centers.meta["maps"]
     held_out = kvdump.split_texts().perplexity
     assert not set(centers.meta["text"].split(",")) & {f.name for f in held_out}
     ids = kvdump.text_token_ids(tokenizer, held_out, 512)
