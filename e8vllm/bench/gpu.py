@@ -137,7 +137,9 @@ def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None
     """Time E8 decode attention; with ``decodes``, each decode-kernel setting on the same cache
     (``{"variants": [{**setting, "time_s"|"error"}...]}`` plus the default's numbers). A dtype
     ending in ``+centers`` adds the logit bias of position-dependent key centers (a model with a
-    RoPE KV calibration: :mod:`e8vllm.calibration`), fp16 position table as on the GPU."""
+    RoPE KV calibration: :mod:`e8vllm.calibration`), fp16 position table as on the GPU; one ending in
+    ``+search`` or ``+rms`` uses that codec variant (``E8VLLM_ENCODER``: the ``e8-*`` formats) instead
+    of the default ``e8s-*``."""
     import torch
 
     from e8vllm.calibration import rope_bias_coeffs, rope_table
@@ -145,10 +147,14 @@ def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None
     from e8vllm.kernels.triton import triton_paged_attention, triton_write_kv_cache
     from e8vllm.vllm_plugin.spec import parse_e8_dtype
 
+    variant = ""
+    for v in ("search", "rms"):
+        if dtype.endswith(f"+{v}"):
+            variant, dtype = v, dtype.removesuffix(f"+{v}")
     centers = dtype.endswith("+centers")
     dtype = dtype.removesuffix("+centers")
     kb, vb = parse_e8_dtype(dtype)
-    fmt = E8KVFormat.from_bits(D, kb, vb)
+    fmt = E8KVFormat.from_bits(D, kb, vb, variant)
     bt, nblocks = _block_tables(batch, ctx, "cuda")
     cache = torch.empty(nblocks, H_KV, BS, fmt.slot_bytes, dtype=torch.uint8, device="cuda")
     # real codes: encode random K/V into every slot (chunked)
