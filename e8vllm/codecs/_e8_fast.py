@@ -101,6 +101,20 @@ if numba is not None:
             err = err + bm
         return err
 
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _block(u, o, main, mmid, last, lmid, k, nlast, parity, va, vb, ups, dns, out):  # pragma: no cover - compiled
+        """Block u[o:o+8]: the better coset (coset 1 only when strictly better) -> its 8 fields into
+        out[o:o+8] (field 7 = (v_7 without its parity bit) << 1 | c); returns its squared error."""
+        ea = _coset(u, o, 0, main, mmid, last, lmid, k, nlast, parity, va, ups, dns)
+        eb = _coset(u, o, 1, main, mmid, last, lmid, k, nlast, parity, vb, ups, dns)
+        c = 1 if eb < ea else 0
+        vv = vb if c == 1 else va
+        for i in range(7):
+            out[o + i] = vv[i]
+        f7 = (vv[7] >> 1) if parity[c] else vv[7]
+        out[o + 7] = (f7 << 1) | c
+        return min(ea, eb)
+
     @numba.njit(cache=True, nogil=True)
     def _encode(y, scales, main, mmid, last, lmid, k, nlast, parity, fields, best_scale):  # pragma: no cover
         n, d = y.shape
@@ -120,16 +134,7 @@ if numba is not None:
                 for j in range(d):
                     u[j] = y[r, j] / s
                 for q in range(g):
-                    o = 8 * q
-                    ea = _coset(u, o, 0, main, mmid, last, lmid, k, nlast, parity, va, ups, dns)
-                    eb = _coset(u, o, 1, main, mmid, last, lmid, k, nlast, parity, vb, ups, dns)
-                    c = 1 if eb < ea else 0
-                    vv = vb if c == 1 else va
-                    for i in range(7):
-                        cur[o + i] = vv[i]
-                    f7 = (vv[7] >> 1) if parity[c] else vv[7]
-                    cur[o + 7] = (f7 << 1) | c
-                    blk[q] = min(ea, eb)
+                    blk[q] = _block(u, 8 * q, main, mmid, last, lmid, k, nlast, parity, va, vb, ups, dns, cur)
                 tot = np.float32(0.0)
                 for q in range(g):
                     tot += blk[q]
@@ -168,16 +173,8 @@ if numba is not None:
                     else:
                         main, mmid, last, lmid, k, nlast, parity = t1
                     for q in range(g):
-                        o = 8 * q
-                        ea = _coset(u, o, 0, main, mmid, last, lmid, k, nlast, parity, va, ups, dns)
-                        eb = _coset(u, o, 1, main, mmid, last, lmid, k, nlast, parity, vb, ups, dns)
-                        c = 1 if eb < ea else 0
-                        vv = vb if c == 1 else va
-                        for i in range(7):
-                            cur[t, o + i] = vv[i]
-                        f7 = (vv[7] >> 1) if parity[c] else vv[7]
-                        cur[t, o + 7] = (f7 << 1) | c
-                        blk[t, q] = min(ea, eb)
+                        blk[t, q] = _block(u, 8 * q, main, mmid, last, lmid, k, nlast, parity, va, vb, ups, dns,
+                                           cur[t])
                 tot = np.float32(0.0)
                 sw = 0
                 for h in range(ng):

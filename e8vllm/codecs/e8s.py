@@ -151,6 +151,14 @@ def encode_switched(code: SwitchedCode, y: torch.Tensor, cand: torch.Tensor
     return best_fields, best_sw, best_e
 
 
+def _encode(code: SwitchedCode, y: torch.Tensor, cand: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`encode_switched`, compiled (numba) on CPU where available: the same codes."""
+    if y.device.type == "cpu" and _e8_fast.available():
+        return _e8_fast.encode_switched(code, y, cand, group_blocks(y.shape[1]))
+    return encode_switched(code, y, cand)
+
+
 def decode_switched(code: SwitchedCode, fields: torch.Tensor, switch: torch.Tensor, exponent: torch.Tensor
                     ) -> torch.Tensor:
     """(fields int64 [N, D], switch int64 [N], exponent int64 [N]) -> rotated vectors float32 [N, D]."""
@@ -209,10 +217,7 @@ class E8SwitchedCodec(Codec):
     def encode_rotated(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated y float32 [N, D] -> (fields int64 [N, D], switch int64 [N], exponent int64 [N])."""
         y = y.float()
-        cand = scale_candidates(y)
-        if y.device.type == "cpu" and _e8_fast.available():
-            return _e8_fast.encode_switched(self.code, y, cand, group_blocks(self.head_dim))
-        return encode_switched(self.code, y, cand)
+        return _encode(self.code, y, scale_candidates(y))
 
     def decode_rotated(self, fields: torch.Tensor, switch: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
         return decode_switched(self.code, fields, switch, exponent)
@@ -251,11 +256,7 @@ def train_switched(bits: int, *, n_vectors: int = 20_000, dim: int = 64, iters: 
     history = []
     for _ in range(iters):
         sc = SwitchedCode(codes)  # type: ignore[arg-type]
-        cand = scale_candidates(y)
-        if _e8_fast.available():
-            fields, sw, e = _e8_fast.encode_switched(sc, y, cand, group_blocks(dim))
-        else:
-            fields, sw, e = encode_switched(sc, y, cand)
+        fields, sw, e = _encode(sc, y, scale_candidates(y))
         yhat = decode_switched(sc, fields, sw, e)
         history.append(round(10 * math.log10(y.square().sum().item() / (y - yhat).square().sum().item()), 4))
         u = (y / scale_table()[e][:, None]).reshape(-1, 8)

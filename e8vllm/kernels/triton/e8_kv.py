@@ -183,7 +183,7 @@ class _CodecConsts:
     inv_sqrt_b: float     # float32(1/√b) as a Python float
     sets: int = 1         # table sets S: 1 (e8-*, fp16 scale) or 2 (e8s-*: switch byte + exponent byte)
     group_blocks: int = 1  # e8s-*: blocks per switch bit
-    scales: torch.Tensor | None = None  # e8s-*: float32 [256] scale of each exponent byte
+    scales: torch.Tensor | None = None  # e8s-*: float32 [256] scale of each exponent byte (e8-*: unread)
 
 
 @dataclass(frozen=True)
@@ -363,9 +363,11 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
     best_s = tl.zeros([BLOCK_R], dtype=tl.float32)
     best_sw = tl.zeros([BLOCK_R], dtype=tl.int32)
     best_e = tl.zeros([BLOCK_R], dtype=tl.int32)
-    # e8s-*: the first candidate exponent floor(10·log2(0.75·RMS)) + 130 (``codecs.e8s.scale_candidates``)
-    e0 = tl.floor(tl.log2(tl.maximum(rms * LOW_FACTOR, 1e-30)) * STEPS_PER_OCTAVE) + EXP_BIAS
-    e0 = tl.minimum(tl.maximum(tl.where(rms > 0, e0, 0.0), 0.0), 256.0 - NS).to(tl.int32)
+    if SETS == 2:  # the first candidate exponent floor(10·log2(0.75·RMS)) + 130 (``codecs.e8s.scale_candidates``)
+        e0 = tl.floor(tl.log2(tl.maximum(rms * LOW_FACTOR, 1e-30)) * STEPS_PER_OCTAVE) + EXP_BIAS
+        e0 = tl.minimum(tl.maximum(tl.where(rms > 0, e0, 0.0), 0.0), 256.0 - NS).to(tl.int32)
+    else:  # fp16 scales: no exponent
+        e0 = tl.zeros([BLOCK_R], dtype=tl.int32)
     for si in tl.static_range(NS):
         if SETS == 2:
             s = tl.load(stab_ptr + e0 + si)
