@@ -27,17 +27,24 @@ from e8vllm.kernels.triton.cases import random_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
+def _write_both(case, slots=None):
+    """The reference writer's cache and the kernel's for ``case`` (K/V not yet written)."""
+    slots = case.slots if slots is None else slots
+    ref = torch.zeros_like(case.kv_cache)
+    write_kv_cache(case.key, case.value, ref, slots, case.fmt)
+    got = torch.zeros_like(case.kv_cache).to(DEV)
+    triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, slots.to(DEV), case.fmt)
+    return ref, got.cpu()
+
+
 @pytest.mark.parametrize("bits", [(4, 4), (3, 2)])
 def test_write_matches_reference_codes(bits, one_thread):
     fmt = E8KVFormat.from_bits(64, *bits)
     case = random_case(fmt, [37, 21], [1, 1], h_q=4, h_kv=2, write=False)
     slots = case.slots.clone()
     slots[5] = -1  # skipped token
-    ref = torch.zeros_like(case.kv_cache)
-    write_kv_cache(case.key, case.value, ref, slots, fmt)
-    got = torch.zeros_like(case.kv_cache).to(DEV)
-    triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, slots.to(DEV), fmt)
-    assert torch.equal(got.cpu(), ref)
+    ref, got = _write_both(case, slots)
+    assert torch.equal(got, ref)
     blk, off = int(case.slots[5]) // 16, int(case.slots[5]) % 16
     assert int(got[blk, :, off].cpu().abs().sum()) == 0  # -1 was not written
 
@@ -261,11 +268,8 @@ def test_fp16_scale_formats(variant, one_thread):
     fmt = E8KVFormat.from_bits(64, 4, 3, variant)
     assert fmt.k_codec.name.startswith("e8-") and supported(fmt)
     case = random_case(fmt, [37, 21], [1, 1], h_q=4, h_kv=2, write=False)
-    ref = torch.zeros_like(case.kv_cache)
-    write_kv_cache(case.key, case.value, ref, case.slots, fmt)
-    got = torch.zeros_like(case.kv_cache).to(DEV)
-    triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, case.slots.to(DEV), fmt)
-    assert torch.equal(got.cpu(), ref)
+    ref, got = _write_both(case)
+    assert torch.equal(got, ref)
     case = random_case(fmt, [70, 33, 1, 50, 20], [1, 33, 1, 9, 1], h_q=8, h_kv=2)
     _check_attention(case, prefill={"kernel": "values", "block_m": 64, "tile_n": 32})
     dec = random_case(fmt, [70, 33, 50], [1, 1, 1], h_q=8, h_kv=2, seed=3)
@@ -276,12 +280,9 @@ def test_switched_write_head128_groups_of_two_blocks(one_thread):
     """Head size 128: 16 blocks, one switch bit per two blocks (the group's summed error decides)."""
     fmt = E8KVFormat.from_bits(128, 4, 2)
     case = random_case(fmt, [29], [1], h_q=4, h_kv=2, write=False, seed=11)
-    ref = torch.zeros_like(case.kv_cache)
-    write_kv_cache(case.key, case.value, ref, case.slots, fmt)
-    got = torch.zeros_like(case.kv_cache).to(DEV)
-    triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, case.slots.to(DEV), fmt)
-    assert torch.equal(got.cpu(), ref)
-    kf, vf, ks, vs = fmt._slot_parts(ref[:, :, :, :])
+    ref, got = _write_both(case)
+    assert torch.equal(got, ref)
+    kf, vf, ks, vs = fmt._slot_parts(ref)
     assert int(ks[..., 0].max()) > 1  # switch bytes use more than the first group
 
 
