@@ -122,6 +122,7 @@ class _SlowDel:
         _spin(0.00098)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drops this test provokes
 def test_cpu_limit_interrupts_even_when_the_first_signal_is_dropped() -> None:
     """98 % of the body's CPU time is spent in __del__, where Python drops (prints) an exception
     raised by the signal handler; the limit must still end the body soon after. (A handler that
