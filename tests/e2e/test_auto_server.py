@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 from typing import Iterator
 
 import httpx
@@ -74,20 +76,25 @@ def test_auto_reports_no_compression(auto_server, e8_server) -> None:
     assert ratio > 3.7
 
 
-def _stream(url: str, max_tokens: int, out: dict, prompt: str) -> None:
+def _stream(client: httpx.Client, max_tokens: int, out: dict, prompt: str) -> None:
+    """Stream one completion into ``out``. ``client`` is built by the caller, in the main thread:
+    building one here (httpx loads the CA bundle into a new SSL context) took 2-7 s on this 2-core
+    machine while the server's busy processes and the other streaming thread competed for the CPU, so
+    the short stream started late (measured with two extra busy processes: a first event later than
+    2 s in 12 of 64 tries; 0 of 20 with the clients built up front)."""
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True}
     t0 = time.monotonic()
     out["t0"] = t0
     try:
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        with client.stream("POST", "/v1/completions", json=body) as r:
             out["status"] = r.status_code
             out["headers_s"] = time.monotonic() - t0
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     out.setdefault("events", []).append(line[6:])
                     out.setdefault("first_s", time.monotonic() - t0)
-    except httpx.HTTPError as e:
+    except BaseException as e:  # noqa: BLE001 - any failure is reported by the test, never a silent thread death
         out["error"] = repr(e)
     out["end_s"] = time.monotonic() - t0
 
@@ -100,9 +107,12 @@ def _wait_events(out: dict, timeout_s: float) -> bool:
 
 
 def _state(server: ServerProcess, **streams: dict) -> str:
-    """What the streams and the engine were doing (for a failure message)."""
+    """What the streams, this process's threads and the engine were doing (for a failure message)."""
     lines = [f"{k}: " + repr({f: v for f, v in d.items() if f != "events"} | {"n_events": len(d.get("events", []))})
              for k, d in streams.items()]
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        lines.append(f"thread {names.get(ident, ident)}:\n" + "".join(traceback.format_stack(frame)[-6:]))
     try:
         m = scrape(server.url)
         lines.append("vllm running/waiting: "
@@ -121,9 +131,10 @@ def test_sigterm_drains_then_aborts(auto_server) -> None:
     short, long_ = {}, {}
     # the long stream first, then the short one (its own prompt) once the long one streams: at the
     # signal both are in flight, the short one a second from its end
-    long_t = threading.Thread(target=_stream, args=(auto_server.url, LONG_TOKENS, long_,
+    clients = [httpx.Client(base_url=auto_server.url, timeout=120) for _ in range(2)]
+    long_t = threading.Thread(target=_stream, args=(clients[0], LONG_TOKENS, long_,
                                                     "Write a long story about a dragon."))
-    short_t = threading.Thread(target=_stream, args=(auto_server.url, 24, short, "Tell me about the sea."))
+    short_t = threading.Thread(target=_stream, args=(clients[1], 24, short, "Tell me about the sea."))
     ts = [short_t, long_t]
     t_start = time.monotonic()
     long_t.start()
@@ -142,6 +153,8 @@ def test_sigterm_drains_then_aborts(auto_server) -> None:
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
     for t in ts:
         t.join(120)
+    for c in clients:
+        c.close()
     why = (f"SIGTERM {t_sig - t_start:.1f} s after the requests, with {n_at_sig} long events; long stream: "
            f"first event {long_.get('first_s')} s, ended {long_.get('end_s')} s, {len(long_.get('events', []))} "
            f"events\n{auto_server.log_tail(30)}")
