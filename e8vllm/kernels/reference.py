@@ -27,8 +27,11 @@ Three pieces:
     orthonormal rotation R gives q·k = (Rq)·(Rk), so queries are rotated once, codes are decoded
     without the per-vector inverse rotation, and the attention output (a convex combination of
     rotated values) is rotated back once. Decode rows (one query token) of all sequences go
-    through one padded, masked, fused SDPA call (GQA via ``enable_gqa``); each prefill / chunked
-    prefill sequence through one SDPA call with a bottom-right-aligned causal mask.
+    through :mod:`e8vllm.kernels.cpu_decode` on CPU (numba: each code decoded in registers inside
+    an online-softmax loop, no decoded copy of the context; ``E8VLLM_CPU_DECODE=torch`` turns it
+    off), else through one padded, masked, fused SDPA call (GQA via ``enable_gqa``); each prefill /
+    chunked prefill sequence through one SDPA call with a bottom-right-aligned causal mask. Slots
+    are decoded into tensors only when some row takes an SDPA path.
     The write path uses :func:`fast_e8_encode`, the codec's encoder with its scale search batched
     (bit-identical codes, checked against ``codec.encode`` when a format is built).
 (c) :func:`reference_attention` is the obviously-correct float64 version: per sequence, gather the
@@ -522,6 +525,15 @@ def _batch_slots(seq_lens: Tensor, block_table: Tensor, block_size: int) -> tupl
     return blk * block_size + pos % block_size, starts
 
 
+def _fused_decode(kv_cache: Tensor, fmt: "E8KVFormat") -> bool:
+    """Whether decode rows go through :mod:`.cpu_decode` (CPU cache, numba, a pair-table format)."""
+    if kv_cache.device.type != "cpu":
+        return False
+    from . import cpu_decode
+
+    return cpu_decode.available() and cpu_decode.supported(fmt)
+
+
 def _gather_codes(kv_cache: Tensor, slots: Tensor) -> Tensor:
     """uint8 [U, H, C] codes of the given slots (block * bs + off)."""
     bs = kv_cache.shape[2]
@@ -599,24 +611,36 @@ def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, se
         if qlens[i] > lens[i]:
             raise ValueError(f"sequence {i}: {qlens[i]} query tokens but seq_len {lens[i]}")
 
-    # -- decode every needed slot once (rotated domain) -------------------------------------
-    bs = kv_cache.shape[2]
-    slots, starts_t = _batch_slots(lens_t, block_table[:b], bs)
-    uniq, inv = torch.unique(slots, return_inverse=True)
-    codes = _gather_codes(kv_cache, uniq)  # [U, H, C]
-    k_all, v_all = fmt.decode_kv_rotated(codes)  # [U, H, D] each
-    starts = starts_t.tolist()
+    dec = sorted((i for i in range(b) if qlens[i] == 1), key=lambda i: lens[i])
+    fused = bool(dec) and _fused_decode(kv_cache, fmt)
+    if key_bias is not None and key_bias.table is not None and key_bias.table.shape[0] < max(lens):
+        raise ValueError(f"key_bias table has {key_bias.table.shape[0]} positions, sequences have up to {max(lens)}")
 
     q = query[:tq].to(torch.float32)
     if fmt.k_rotation is not None:
         q = fmt.k_rotation.forward(q)
     q = q * scale
-    if key_bias is not None and key_bias.table is not None and key_bias.table.shape[0] < max(lens):
-        raise ValueError(f"key_bias table has {key_bias.table.shape[0]} positions, sequences have up to {max(lens)}")
     o = torch.zeros(tq, h_q, d, dtype=torch.float32, device=query.device)
 
-    # -- decode rows (q_i == 1): batched, sorted by length, chunked by memory ---------------
-    dec = sorted((i for i in range(b) if qlens[i] == 1), key=lambda i: lens[i])
+    # -- decode every needed slot once (rotated domain), unless only fused decode rows need them
+    bs = kv_cache.shape[2]
+    if not fused or len(dec) < b:  # (fused: the decode rows' sequences need no slots here)
+        need = lens_t.index_fill(0, torch.tensor(dec, dtype=torch.int64), 0) if fused else lens_t
+        slots, starts_t = _batch_slots(need, block_table[:b], bs)
+        uniq, inv = torch.unique(slots, return_inverse=True)
+        codes = _gather_codes(kv_cache, uniq)  # [U, H, C]
+        k_all, v_all = fmt.decode_kv_rotated(codes)  # [U, H, D] each
+        starts = starts_t.tolist()
+
+    # -- decode rows (q_i == 1): fused on CPU (cpu_decode), else batched SDPA, sorted by length,
+    #    chunked by memory
+    if fused:
+        from . import cpu_decode
+
+        idx = torch.tensor(dec, dtype=torch.int64)
+        cpu_decode.decode_attention(q.contiguous(), kv_cache, block_table, torch.tensor([qsl[i] for i in dec]), idx,
+                                    lens_t[idx], fmt, o, key_bias, scale)
+        dec = []
     j = 0
     while j < len(dec):
         k_end = j + 1

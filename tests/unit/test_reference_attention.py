@@ -2,7 +2,8 @@
 
 paged_attention (vectorized, rotated domain) is compared with reference_attention (float64,
 loops, codec.decode); both read the same codes, so they must agree to float32 rounding:
-max |diff| <= 1e-4 * max|out| + 1e-5.
+max |diff| <= 1e-4 * max|out| + 1e-5. Every test runs with both decode paths on CPU: the fused
+numba kernel (e8vllm.kernels.cpu_decode, the default) and the PyTorch one (E8VLLM_CPU_DECODE=torch).
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ if "e8-4bit" not in codecs.names():  # pragma: no cover - tables not generated
     pytest.skip("e8 codecs are not registered (no trained tables)", allow_module_level=True)
 
 D = 64
+
+
+@pytest.fixture(autouse=True, params=["numba", "torch"])
+def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    from e8vllm.kernels import cpu_decode
+
+    if request.param == "numba" and cpu_decode.numba is None:
+        pytest.skip("numba not installed")
+    monkeypatch.setenv(cpu_decode.ENV, request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module")
