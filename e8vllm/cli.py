@@ -167,6 +167,22 @@ def bench_capacity_cmd(
         max_model_len=max_model_len)
 
 
+@bench_app.command("speed")
+def bench_speed_cmd(
+    out_dir: Path = typer.Option(Path("results"), help="Where to write speed_cpu.json, speed_cpu.md."),
+    dtypes: Optional[str] = typer.Option(None, help="Comma-separated kv-cache dtypes; NAME+torchdecode runs NAME "
+                                                    "on the PyTorch decode path (default: auto, e8_k4v4 and "
+                                                    "e8_k4v4+torchdecode)."),
+    cases: Optional[str] = typer.Option(None, help="BATCHxTOKENS,... (default 1x512,1x2048,8x512)."),
+    steps: int = typer.Option(32, help="Decode steps timed per case."),
+) -> None:
+    """CPU prefill time and decode time per step in vLLM, per kv-cache dtype (real SmolLM2 weights)."""
+    from e8vllm.bench.speed import parse_cases, run
+
+    run(out_dir=out_dir, dtypes=dtypes.split(",") if dtypes else None, cases=parse_cases(cases) if cases else None,
+        steps=steps)
+
+
 def main() -> None:
     app()
 
