@@ -59,6 +59,14 @@ def _fp16_table() -> np.ndarray:
 
 if numba is not None:
     @numba.njit(cache=True, nogil=True, inline="always")
+    def _tail(row, off, switched, stab, fp16):  # pragma: no cover - compiled
+        """The 2-byte tail at row[off:off+2] -> (scale, switch bits): ``e8s`` [switch byte, exponent
+        byte] -> (stab[exponent], switch); ``e8`` a little-endian fp16 scale -> (its value, 0)."""
+        if switched:
+            return stab[row[off + 1]], np.int64(row[off])
+        return fp16[np.int64(row[off]) | (np.int64(row[off + 1]) << 8)], np.int64(0)
+
+    @numba.njit(cache=True, nogil=True, inline="always")
     def _decode_vec(row, off, bits, nblk, pairs, set_bits, gb, scale, out):  # pragma: no cover - compiled
         """Fields at row[off : off + nblk*bits] -> out[0 : 8*nblk] (rotated domain, times ``scale``)."""
         m2 = (1 << (2 * bits)) - 1
@@ -117,18 +125,8 @@ if numba is not None:
                 for p in range(n):
                     blk = block_table[sq, p // bs]
                     slot = cache[blk, g, p % bs]
-                    if k_sw:
-                        ks = k_stab[slot[kt_off + 1]]
-                        kset = np.int64(slot[kt_off])
-                    else:
-                        ks = fp16[np.int64(slot[kt_off]) | (np.int64(slot[kt_off + 1]) << 8)]
-                        kset = np.int64(0)
-                    if v_sw:
-                        vs = v_stab[slot[vt_off + 1]]
-                        vset = np.int64(slot[vt_off])
-                    else:
-                        vs = fp16[np.int64(slot[vt_off]) | (np.int64(slot[vt_off + 1]) << 8)]
-                        vset = np.int64(0)
+                    ks, kset = _tail(slot, kt_off, k_sw, k_stab, fp16)
+                    vs, vset = _tail(slot, vt_off, v_sw, v_stab, fp16)
                     _decode_vec(slot, k_off, kb, nblk, kpairs, kset, kgb, ks, kv)
                     _decode_vec(slot, v_off, vb, nblk, vpairs, vset, vgb, vs, vv)
                     for a in range(grp):
