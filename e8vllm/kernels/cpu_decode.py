@@ -23,6 +23,7 @@ machine); this reads each code once. ``E8VLLM_CPU_DECODE=torch`` selects the PyT
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -46,15 +47,10 @@ def available() -> bool:
     return numba is not None and choice == "numba"
 
 
-_FP16 = None
-
-
+@functools.lru_cache(maxsize=None)
 def _fp16_table() -> np.ndarray:
     """float32 value of every fp16 bit pattern [65536] (the ``e8-*`` scale bytes, little-endian)."""
-    global _FP16
-    if _FP16 is None:
-        _FP16 = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float().numpy()
-    return _FP16
+    return torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float().numpy()
 
 
 if numba is not None:
@@ -162,17 +158,22 @@ if numba is not None:
                         out[t, h, j] = acc[a, j] * inv
 
 
-def _side(fmt, which: str) -> tuple:  # noqa: ANN001 - E8KVFormat
-    """(bits, switched, group_blocks, pairs float32 [rows, 2], scale table float32 [256]) of K or V."""
+@functools.lru_cache(maxsize=64)
+def _constants(fmt) -> tuple:  # noqa: ANN001 - E8KVFormat (frozen, hashable)
+    """The kernel's per-format constants, built once per format: for K then V (bits, switched,
+    group_blocks, pairs float32 [rows, 2], scale table float32 [256]), then the byte offsets of
+    (K fields, V fields, K tail, V tail) in a slot."""
     from e8vllm.codecs.e8s import group_blocks, scale_table
     from .reference import is_switched
 
-    codec = fmt.k_codec if which == "k" else fmt.v_codec
-    pairs = fmt._pairs[0 if which == "k" else 1]
-    sw = is_switched(codec)
-    stab = scale_table().numpy() if sw else np.zeros(256, np.float32)
-    return (int(codec.bits), sw, int(group_blocks(codec.head_dim)) if sw else 1,
-            np.ascontiguousarray(pairs.float().numpy()), np.ascontiguousarray(stab, dtype=np.float32))
+    def side(codec, pairs) -> tuple:  # noqa: ANN001
+        sw = is_switched(codec)
+        stab = scale_table().numpy() if sw else np.zeros(256, np.float32)
+        return (int(codec.bits), sw, int(group_blocks(codec.head_dim)) if sw else 1,
+                np.ascontiguousarray(pairs.float().numpy()), np.ascontiguousarray(stab, dtype=np.float32))
+
+    nk, nv = fmt.k_bytes - 2, fmt.v_bytes - 2
+    return side(fmt.k_codec, fmt._pairs[0]), side(fmt.v_codec, fmt._pairs[1]), (0, nk, nk + nv, nk + nv + 2)
 
 
 def supported(fmt) -> bool:  # noqa: ANN001 - E8KVFormat
@@ -198,9 +199,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     """
     if numba is None:
         raise RuntimeError("numba is not installed (pip install 'e8vllm[cpu]')")
-    kb, k_sw, kgb, kpairs, k_stab = _side(fmt, "k")
-    vb, v_sw, vgb, vpairs, v_stab = _side(fmt, "v")
-    nk, nv = fmt.k_bytes - 2, fmt.v_bytes - 2
+    (kb, k_sw, kgb, kpairs, k_stab), (vb, v_sw, vgb, vpairs, v_stab), offsets = _constants(fmt)
     coef = np.zeros((0, 1, 1), np.float32)  # empty: no term
     table = np.zeros((0, 1), np.float32)
     first = np.zeros((0, 1), np.float32)
@@ -211,6 +210,6 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         if key_bias.first is not None:
             first = np.ascontiguousarray(key_bias.first.float().numpy())
     _attend(q.numpy(), kv_cache.numpy(), block_table.numpy(), rows.to(torch.int64).numpy(),
-            seqs.to(torch.int64).numpy(), lens.to(torch.int64).numpy(), kb, vb, 0, nk, nk + nv, nk + nv + 2,
+            seqs.to(torch.int64).numpy(), lens.to(torch.int64).numpy(), kb, vb, *offsets,
             kpairs, vpairs, k_sw, v_sw, kgb, vgb, k_stab, v_stab, _fp16_table(), coef, table, first,
             np.float32(scale), out.numpy())

@@ -613,6 +613,7 @@ def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, se
 
     dec = sorted((i for i in range(b) if qlens[i] == 1), key=lambda i: lens[i])
     fused = bool(dec) and _fused_decode(kv_cache, fmt)
+    dec_t = torch.tensor(dec, dtype=torch.int64)
     if key_bias is not None and key_bias.table is not None and key_bias.table.shape[0] < max(lens):
         raise ValueError(f"key_bias table has {key_bias.table.shape[0]} positions, sequences have up to {max(lens)}")
 
@@ -625,7 +626,7 @@ def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, se
     # -- decode every needed slot once (rotated domain), unless only fused decode rows need them
     bs = kv_cache.shape[2]
     if not fused or len(dec) < b:  # (fused: the decode rows' sequences need no slots here)
-        need = lens_t.index_fill(0, torch.tensor(dec, dtype=torch.int64), 0) if fused else lens_t
+        need = lens_t.index_fill(0, dec_t, 0) if fused else lens_t
         slots, starts_t = _batch_slots(need, block_table[:b], bs)
         uniq, inv = torch.unique(slots, return_inverse=True)
         codes = _gather_codes(kv_cache, uniq)  # [U, H, C]
@@ -637,9 +638,8 @@ def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, se
     if fused:
         from . import cpu_decode
 
-        idx = torch.tensor(dec, dtype=torch.int64)
-        cpu_decode.decode_attention(q.contiguous(), kv_cache, block_table, torch.tensor([qsl[i] for i in dec]), idx,
-                                    lens_t[idx], fmt, o, key_bias, scale)
+        cpu_decode.decode_attention(q.contiguous(), kv_cache, block_table, torch.tensor([qsl[i] for i in dec]), dec_t,
+                                    lens_t[dec_t], fmt, o, key_bias, scale)
         dec = []
     j = 0
     while j < len(dec):
