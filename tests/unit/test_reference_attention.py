@@ -80,10 +80,11 @@ class Batch:
                     self.block_table[i, j] = perm[p]
                     p += 1
         self.keys, self.values = [], []
+        d = fmt.head_size
         for i, (L, _n) in enumerate(seqs):
-            k = torch.randn(L, h_kv, D, generator=g) * 2.0
+            k = torch.randn(L, h_kv, d, generator=g) * 2.0
             k[:, :, 3] += 8.0  # an outlier channel, as real keys have
-            v = torch.randn(L, h_kv, D, generator=g)
+            v = torch.randn(L, h_kv, d, generator=g)
             if i > 0 and shared_prefix_blocks:
                 s = min(L, shared_prefix_blocks * block_size)
                 k[:s], v[:s] = self.keys[0][:s], self.values[0][:s]
@@ -94,7 +95,7 @@ class Batch:
         self.query_start_loc = torch.tensor([0] + torch.cumsum(torch.tensor(qlens), 0).tolist(),
                                             dtype=torch.int32)
         self.seq_lens = torch.tensor([L for L, _ in seqs], dtype=torch.int32)
-        self.query = (torch.randn(sum(qlens), h_q, D, generator=g) * 1.5).to(dtype)
+        self.query = (torch.randn(sum(qlens), h_q, d, generator=g) * 1.5).to(dtype)
 
     def slots(self, i: int, pos: torch.Tensor) -> torch.Tensor:
         bs = self.block_size
