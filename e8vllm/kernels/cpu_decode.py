@@ -178,8 +178,7 @@ def _constants(fmt) -> tuple:  # noqa: ANN001 - E8KVFormat (frozen, hashable)
 
 def supported(fmt) -> bool:  # noqa: ANN001 - E8KVFormat
     """True when both K and V decode by pair tables in a rotated domain (the E8 ``e8``/``e8s`` codes)."""
-    return fmt._pairs[0] is not None and fmt._pairs[1] is not None and fmt._k_rot is not None \
-        and fmt._v_rot is not None
+    return fmt.pair_decoded
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, rows: torch.Tensor,

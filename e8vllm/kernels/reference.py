@@ -380,6 +380,13 @@ class E8KVFormat:
 
     # ---- encoding ---------------------------------------------------------------------------
     @property
+    def pair_decoded(self) -> bool:
+        """True when K and V both decode by pair tables in a rotated domain
+        (:func:`fast_e8_decode_rotated`, verified bit-exact at construction): the E8 ``e8-*`` /
+        ``e8s-*`` codes at 2-4 bits that the fused kernels (Triton, :mod:`.cpu_decode`) read."""
+        return self._pairs[0] is not None and self._pairs[1] is not None
+
+    @property
     def uses_fast_encoder(self) -> tuple[bool, bool]:
         """(K, V): whether :func:`fast_e8_encode` (verified bit-exact at construction) is used."""
         return self._fast

@@ -140,25 +140,9 @@ EXP_BIAS = tl.constexpr(130.0)
 # host-side constants
 # ---------------------------------------------------------------------------------------------
 def supported(fmt) -> bool:  # noqa: ANN001 - E8KVFormat
-    """True when both codecs of ``fmt`` (an ``E8KVFormat``) can run on these kernels."""
-    from e8vllm.codecs.e8 import E8Codec
-    from e8vllm.codecs.e8s import E8SwitchedCodec
-
-    if fmt.head_size not in (64, 128):
-        return False
-    for c in (fmt.k_codec, fmt.v_codec):
-        if type(c) is E8SwitchedCodec:
-            codes = c.code.codes
-        elif type(c) is E8Codec and c.kind == "e8":
-            codes = (c.code,)
-        else:
-            return False
-        if c.bits not in (2, 3, 4):
-            return False
-        for code in codes:
-            if code.parity != (True, True) or not torch.equal(code.main, code.last):
-                return False
-    return fmt.k_rotation is not None and fmt.v_rotation is not None
+    """True when both codecs of ``fmt`` (an ``E8KVFormat``) can run on these kernels: pair-table
+    codes (``E8KVFormat.pair_decoded``) at head size 64 or 128."""
+    return fmt.head_size in (64, 128) and fmt.pair_decoded
 
 
 def _pair_table(codec) -> torch.Tensor:  # noqa: ANN001 - a supported E8 codec
