@@ -208,9 +208,12 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
 
     torch.manual_seed(0)
     decodes: list[dict[str, Any]] = [{**REF_DECODE, "segs": 16}]
-    decodes += [{"kernel": k, "tile_n": n, "num_warps": w, "num_stages": 1, "segs": 16, "prefetch": pf}
-                for k, n, w, pf in (("values", 64, 4, 0), ("values", 64, 4, 1), ("values", 32, 4, 1),
-                                    ("values", 128, 4, 0), ("values", 64, 8, 1), ("pairs", 64, 4, 1))]
+    # register caps: 143 registers per thread (values, 64, 4 warps) allow 3 programs per SM, 128 allow 4
+    decodes += [{"kernel": k, "tile_n": n, "num_warps": w, "num_stages": 1, "segs": 16, "prefetch": pf, "maxnreg": mr}
+                for k, n, w, pf, mr in (("values", 64, 4, 0, 0), ("values", 64, 4, 0, 128), ("values", 64, 4, 1, 0),
+                                        ("values", 64, 4, 1, 168), ("values", 64, 4, 1, 128), ("values", 32, 4, 0, 0),
+                                        ("values", 32, 4, 1, 0), ("values", 32, 4, 1, 96), ("values", 128, 8, 1, 0),
+                                        ("values", 64, 8, 1, 0), ("values", 64, 8, 0, 0), ("pairs", 64, 4, 1, 0))]
     res = _e8_case(dtype, batch, ctx, decodes)
 
     def best_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -280,12 +283,12 @@ def tune_prefill(seq: int = 8192, dtype: str = "e8_k4v4") -> dict[str, Any]:
     return res
 
 
-PREFILL_KEYS = ("kernel", "block_m", "tile_n", "num_warps", "num_stages")
+PREFILL_KEYS = ("kernel", "block_m", "tile_n", "num_warps", "num_stages", "maxnreg")
 #: the settings other settings are checked against in ``tune`` (the pair-table kernel: a different
 #: table and lookup path than the default one-value-per-lookup kernel)
 REF_DECODE = {"kernel": "pairs", "tile_n": 64, "num_warps": 4, "num_stages": 1}
 REF_PREFILL = {"kernel": "pairs", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 2}
-DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs", "prefetch")
+DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs", "prefetch", "maxnreg")
 
 
 def _vllm_case(dtype: str, batch: int, ctx: int) -> dict[str, Any]:

@@ -132,8 +132,10 @@ def test_attention_key_bias_both_grids(kernel, one_thread):
 @pytest.mark.parametrize("segs", [1, 4])
 @pytest.mark.parametrize("decode", [{"kernel": "pairs"}, {"kernel": "pairs", "tile_n": 16}, {"kernel": "pairs_l1"},
                                     {"kernel": "values", "tile_n": 32}, {"kernel": "values", "tile_n": 16, "prefetch": 1},
-                                    {"kernel": "pairs", "tile_n": 32, "prefetch": 1}],
-                         ids=["pairs", "pairs-16", "pairs_l1", "values", "values-prefetch", "pairs-prefetch"])
+                                    {"kernel": "pairs", "tile_n": 32, "prefetch": 1},
+                                    {"kernel": "values", "tile_n": 32, "maxnreg": 128}],
+                         ids=["pairs", "pairs-16", "pairs_l1", "values", "values-prefetch", "pairs-prefetch",
+                              "values-maxnreg"])
 def test_attention_decode_grid(segs, decode, one_thread):
     fmt = E8KVFormat.from_bits(64, 3, 3)
     case = random_case(fmt, [150, 9, 64], [1, 1, 1], h_q=8, h_kv=2, seed=3)
@@ -182,7 +184,8 @@ def test_tile_prefill_head128_3bit_default_settings(one_thread):
 
 
 @pytest.mark.parametrize("bad", [{"kernel": "tile3"}, {"tile_n": 8}, {"num_stages": 0}, {"num_stages": True},
-                                 {"segs": 3}, {"tiles": 32}, {"kernel": "phase"}, {"prefetch": 2}])
+                                 {"segs": 3}, {"tiles": 32}, {"kernel": "phase"}, {"prefetch": 2},
+                                 {"maxnreg": 8}, {"maxnreg": 300}, {"maxnreg": True}])
 def test_kernel_settings_are_validated(bad):
     from e8vllm.kernels.triton.e8_kv import DECODE_CONFIG, kernel_config
 

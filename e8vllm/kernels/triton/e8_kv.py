@@ -83,7 +83,7 @@ DECODE_SEGMENTS = 16
 #: decode kernel settings (see ``triton_paged_attention(decode=...)``), chosen on the H200 with
 #: ``python -m e8vllm.bench.gpu tune``; ``E8VLLM_DECODE_CONFIG`` (JSON) overrides keys.
 DECODE_CONFIG = {"kernel": "values", "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
-                 "prefetch": 0}
+                 "prefetch": 0, "maxnreg": 0}
 
 #: kernel name -> how table values are looked up (LUT constexpr of :func:`_decode_tile`).
 KERNELS = {"pairs": 0, "pairs_l1": 1, "values": 2, "values_l1": 3, "nolut": 4}
@@ -92,7 +92,7 @@ KERNELS = {"pairs": 0, "pairs_l1": 1, "values": 2, "values_l1": 3, "nolut": 4}
 DIAGNOSTIC_KERNELS = ("nolut",)
 
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys.
-PREFILL_CONFIG = {"kernel": "values", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 1}
+PREFILL_CONFIG = {"kernel": "values", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 1, "maxnreg": 0}
 
 
 def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: bool = False) -> dict:
@@ -124,6 +124,9 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
         raise ValueError(f"{what}: num_stages must be an integer in 1..4, not {cfg['num_stages']!r}")
     if "prefetch" in cfg and cfg["prefetch"] not in (0, 1):
         raise ValueError(f"{what}: prefetch must be 0 or 1, not {cfg['prefetch']!r}")
+    mr = cfg.get("maxnreg", 0)
+    if type(mr) is not int or not (mr == 0 or 24 <= mr <= 255):
+        raise ValueError(f"{what}: maxnreg must be 0 (the compiler's choice) or a register cap in 24..255, not {mr!r}")
     return cfg
 
 
@@ -352,7 +355,7 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
         e0 = tl.minimum(tl.maximum(tl.where(rms > 0, e0, 0.0), 0.0), 256.0 - NS).to(tl.int32)
     else:  # fp16 scales: no exponent
         e0 = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for si in tl.static_range(NS):
+    for si in range(NS):  # a runtime loop: unrolling 9 candidates made a 28k-instruction kernel (2 min to compile)
         if SETS == 2:
             s = tl.load(stab_ptr + e0 + si)
         else:
@@ -430,7 +433,7 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         c.scales_off + 2, c.k.pm1, c.k.inv_sqrt_b, c.k.table, c.k.mids, c.k.factors, c.k.scales, c.v.pm1,
         c.v.inv_sqrt_b, c.v.table, c.v.mids, c.v.factors, c.v.scales, n_rows, h, bs, D=d, KB=c.k.bits, VB=c.v.bits,
         KNS=c.k.factors.shape[0], VNS=c.v.factors.shape[0], BLOCK_R=block_rows, KS=c.k.sets, VS=c.v.sets,
-        KGB=c.k.group_blocks, VGB=c.v.group_blocks, num_warps=8)
+        KGB=c.k.group_blocks, VGB=c.v.group_blocks, num_warps=8, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -809,6 +812,15 @@ def _e8_reduce_kernel(o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_ptr, qsl_ptr, nu
     tl.store(o_ptr + tok * so0 + head * so1 + d, o)
 
 
+def _launch(cfg: dict) -> dict:
+    """Launch options of a kernel setting: warps, pipeline stages and (when set) the register cap
+    ``maxnreg`` (fewer registers per thread, more resident warps per SM, possibly spills)."""
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg.get("maxnreg"):
+        opts["maxnreg"] = cfg["maxnreg"]
+    return opts
+
+
 _Q_MATRICES: dict[tuple[int, float], torch.Tensor] = {}
 
 
@@ -854,7 +866,8 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         num_segs: KV segments of the decode grid (default ``DECODE_CONFIG["segs"]``; 1 = none).
         decode: decode-kernel settings (benchmarks): ``kernel`` (a :data:`KERNELS` name), ``tile_n``,
             ``num_warps``, ``num_stages``, ``segs``, ``prefetch`` (0/1: load the next tile's codes
-            before decoding this one) (default :data:`DECODE_CONFIG`).
+            before decoding this one), ``maxnreg`` (0 or a register cap per thread) (default
+            :data:`DECODE_CONFIG`).
         prefill: general-grid settings (batches with max_query_len > 1): ``kernel``, ``block_m``,
             ``tile_n``, ``num_warps``, ``num_stages`` (default :data:`PREFILL_CONFIG`).
         key_bias: optional ``reference.KeyBias`` (coef [T, H_q, D] with table [P, D], P > every
@@ -910,7 +923,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             block_table.stride(0), query_start_loc, seq_lens, h_q, qb, trig, sb, h_q, NQ=nq,
             BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits,
             BLOCK_SIZE=bs, NUM_SEGS=segs, LUT=KERNELS[dc["kernel"]], BIAS=bias, SINK=sink,
-            PREFETCH=bool(dc["prefetch"]), **sets, num_warps=dc["num_warps"], num_stages=dc["num_stages"])
+            PREFETCH=bool(dc["prefetch"]), **sets, **_launch(dc))
         o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
         _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
                                     D=d, NUM_SEGS=segs, num_warps=4)
@@ -923,8 +936,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), words, *strides, *tabs, block_table,
             block_table.stride(0), query_start_loc, seq_lens, b, qb, trig, sb, h_q, NQ=nq, NQ_PAD=nq_pad,
             BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, BLOCK_SIZE=bs,
-            LUT=KERNELS[pc["kernel"]], BIAS=bias, SINK=sink, **sets, num_warps=pc["num_warps"],
-            num_stages=pc["num_stages"])
+            LUT=KERNELS[pc["kernel"]], BIAS=bias, SINK=sink, **sets, **_launch(pc))
     res = torch.matmul(o.view(t * h_q, d), c.o_unrot).view(t, h_q, d)
     out[:t].copy_(res)
     return out
