@@ -4,6 +4,7 @@ r"""GPU benchmark of the E8 KV cache on vLLM 0.26 (H200): kernel level and engin
     python -m e8vllm.bench.gpu engine  [--runs auto:TRITON_ATTN fp8:TRITON_ATTN ...] [--seqs 64 --prompt 8192]
     python -m e8vllm.bench.gpu tune    [--batch 64 --context 8192] [--what decode|prefill]  # -> tune_*.json
     python -m e8vllm.bench.gpu profile [--runs e8_k4v4:CUSTOM auto:TRITON_ATTN] [--seqs 8 --prompt 32768]
+    python -m e8vllm.bench.gpu write   [--tokens 1,8,64,256,512,8192]  # the write op, rows per program
     python -m e8vllm.bench.gpu report  # results/gpu/*.json -> results/gpu/gpu.md + gpu.png
 
 Kernel level (one process, one GPU, every comparison in the same run): decode attention (one query
@@ -351,8 +352,11 @@ def run_kernel(batches: list[int], contexts: list[int], dtypes: list[str]) -> di
 
     torch.manual_seed(0)
     bw = copy_bandwidth()
+    from e8vllm.kernels.triton.e8_kv import DECODE_CONFIG
+
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw,
-                           "shape": {"H_q": H_Q, "H_kv": H_KV, "D": D, "block_size": BS}, "rows": []}
+                           "shape": {"H_q": H_Q, "H_kv": H_KV, "D": D, "block_size": BS},
+                           "e8_decode_config": DECODE_CONFIG, "rows": []}
     print(f"device {res['device']}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     for batch in batches:
         for ctx in contexts:
@@ -377,6 +381,43 @@ def run_kernel(batches: list[int], contexts: list[int], dtypes: list[str]) -> di
                           f"{'' if r['graph'] else ' (eager)'}", flush=True)
                 torch.cuda.empty_cache()
     (_out_dir() / "kernel.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
+    """The write op (rotate + encode + pack + scatter of K and V, H_kv 8, D 128) for ``tokens`` new
+    tokens (a decode step of that many sequences, or a prefill chunk), with the default rows per
+    program (:func:`e8vllm.kernels.triton.e8_kv.write_block_rows`) and with 16 (the tl.dot rotation),
+    each in a CUDA graph; saves ``write.json``."""
+    import torch
+
+    from e8vllm.kernels.reference import E8KVFormat
+    from e8vllm.kernels.triton import triton_write_kv_cache
+    from e8vllm.kernels.triton.e8_kv import write_block_rows
+    from e8vllm.vllm_plugin.spec import parse_e8_dtype
+
+    torch.manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    for dt in dtypes:
+        base, _, variant = dt.partition("+")  # "+search" / "+rms": that e8-* codec variant
+        fmt = E8KVFormat.from_bits(D, *parse_e8_dtype(base), variant)
+        for n in tokens:
+            cache = torch.zeros(-(-n // BS) + 1, H_KV, BS, fmt.slot_bytes,
+                                dtype=torch.uint8, device="cuda")
+            k = torch.randn(n, H_KV, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            slots = torch.randperm(cache.shape[0] * BS, device="cuda")[:n]
+            for br in sorted({write_block_rows(n * H_KV), 16}):
+                fn = lambda br=br: triton_write_kv_cache(k, v, cache, slots, fmt, block_rows=br)  # noqa: E731
+                t, graphed = _time_graph(fn)
+                r = {"dtype": dt, "tokens": n, "block_rows": br, "default": br == write_block_rows(n * H_KV),
+                     "time_s": t, "graph": graphed}
+                rows.append(r)
+                print(f"write {dt:10s} {n:6d} tokens  block_rows {br:2d}{' (default)' if r['default'] else '          '}"
+                      f"  {t * 1e6:9.1f} us", flush=True)
+            del cache
+    res = {"device": torch.cuda.get_device_name(), "rows": rows}
+    (_out_dir() / "write.json").write_text(json.dumps(res, indent=1))
     return res
 
 
@@ -418,6 +459,7 @@ def engine_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: i
     cc = llm.llm_engine.vllm_config.cache_config
     rec: dict[str, Any] = {"dtype": dtype, "backend": backend, "seqs": seqs, "prompt": prompt, "gen": gen,
                            "cuda_graphs": _graphs(), "start_s": round(time.time() - t0, 1),
+                           "e8_decode_config": os.environ.get("E8VLLM_DECODE_CONFIG") or "default",
                            "num_gpu_blocks": cc.num_gpu_blocks, "block_size": cc.block_size,
                            "capacity_tokens": cc.num_gpu_blocks * cc.block_size}
     from e8vllm.calibration import find_calibration
@@ -609,7 +651,10 @@ def report(src: Path = RESULTS) -> str:
         k = json.loads(kj.read_text())
         bw = k["copy_bandwidth_Bps"]
         lines += [f"Kernel level, decode attention, one layer (H_q 32, H_kv 8, D 128), {k['device']}; "
-                  f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write).", "",
+                  f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write). E8 decode settings: "
+                  f"{json.dumps(k['e8_decode_config']) if 'e8_decode_config' in k else 'not recorded'}; "
+                  "`e8_*` dtypes in their default format (`e8s-*` since session 7), `+search` the `e8-*` format.",
+                  "",
                   "| batch | context | dtype | time (us) | bytes read (MB) | TB/s | % of copy BW | vs auto |",
                   "|---:|---:|---|---:|---:|---:|---:|---:|"]
         base = {(r["batch"], r["context"]): r["time_s"] for r in k["rows"] if r.get("dtype") == "auto" and "time_s" in r}
@@ -633,12 +678,13 @@ def report(src: Path = RESULTS) -> str:
         shape = f"{t['batch']} x {t['context']}" if "batch" in t else f"1 x {t.get('seq', '?')}"
         lines += [f"Kernel settings ({name}, {what}: {shape}, {t.get('dtype', 'e8_k4v4')}); relative difference "
                   "to the output of the run's reference setting (the first one it ran).", "",
-                  "| kernel | block_m | tile_n | warps | stages | segs | time (us) | rel. diff |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| kernel | block_m | tile_n | warps | stages | segs | prefetch | maxnreg | time (us) | rel. diff |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for v in sorted(t["variants"], key=lambda v: v.get("time_s", 1e9)):
             tm = f"{v['time_s'] * 1e6:.1f}" if "time_s" in v else "error"
             lines.append(f"| {v['kernel']} | {v.get('block_m', '')} | {v.get('tile_n', '')} | {v.get('num_warps', '')} | "
-                         f"{v.get('num_stages', '')} | {v.get('segs', '')} | {tm} | "
+                         f"{v.get('num_stages', '')} | {v.get('segs', '')} | {v.get('prefetch', '')} | "
+                         f"{v.get('maxnreg', '')} | {tm} | "
                          f"{v.get('rel_diff_vs_ref', float('nan')):.1e} |")
         lines.append("")
     for ej in sorted(src.glob("engine_*.jsonl")) + sorted(src.glob("engine_*.log")):
@@ -739,8 +785,13 @@ def main(argv: list[str] | None = None) -> None:
     pt.add_argument("--context", type=int, default=8192)
     pt.add_argument("--dtype", default="e8_k4v4")
     pt.add_argument("--what", choices=("both", "decode", "prefill"), default="both")
+    pw = sub.add_parser("write")
+    pw.add_argument("--tokens", default="1,8,64,256,512,8192")
+    pw.add_argument("--dtypes", default="e8_k4v4,e8_k4v4+search")
     sub.add_parser("report")
     a = p.parse_args(argv)
+    if a.cmd == "write":
+        run_write([int(x) for x in a.tokens.split(",")], a.dtypes.split(","))
     if a.cmd == "tune":
         if a.what in ("both", "decode"):
             tune_decode(a.batch, a.context, a.dtype)

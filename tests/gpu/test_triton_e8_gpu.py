@@ -40,13 +40,17 @@ RESULTS: dict = {}
 
 
 def test_write_codes_cuda():
-    for kb, vb in ((4, 4), (3, 3), (2, 2)):
+    """Both write paths: 3,048 tokens x 8 heads (16 rows per program, the tl.dot rotation) and a
+    decode step's 64 tokens (the small-write path: 2 rows per program)."""
+    for kb, vb, toks in ((4, 4, [2048, 1000]), (3, 3, [2048, 1000]), (2, 2, [2048, 1000]), (4, 4, [40, 24]),
+                         (3, 3, [40, 24])):
         fmt = E8KVFormat.from_bits(128, kb, vb)
-        case = random_case(fmt, [2048, 1000], [1, 1], h_q=32, h_kv=8, write=False, device="cuda")
+        case = random_case(fmt, toks, [1] * len(toks), h_q=32, h_kv=8, write=False, device="cuda")
         ref = torch.zeros_like(case.kv_cache)
         write_kv_cache(case.key, case.value, ref, case.slots, fmt)
         got = torch.zeros_like(case.kv_cache)
         triton_write_kv_cache(case.key, case.value, got, case.slots, fmt)
+        name = f"write_k{kb}v{vb}" + (f"_{sum(toks)}_tokens" if sum(toks) < 1000 else "")
         used = case.slots
         r = ref.permute(0, 2, 1, 3).reshape(-1, 8, fmt.slot_bytes)[used]
         g = got.permute(0, 2, 1, 3).reshape(-1, 8, fmt.slot_bytes)[used]
@@ -57,8 +61,8 @@ def test_write_codes_cuda():
         rot_v = fmt.v_rotation.forward(case.value)
         mse_ref = ((kref - rot_k).square().mean() + (vref - rot_v).square().mean()).item()
         mse_got = ((kgot - rot_k).square().mean() + (vgot - rot_v).square().mean()).item()
-        RESULTS[f"write_k{kb}v{vb}"] = {"identical_slots": same, "mse_ref": mse_ref, "mse_triton": mse_got}
-        print(f"write k{kb}v{vb}: identical slots {100 * same:.3f} %, MSE ref {mse_ref:.6g} triton {mse_got:.6g}")
+        RESULTS[name] = {"identical_slots": same, "mse_ref": mse_ref, "mse_triton": mse_got}
+        print(f"{name}: identical slots {100 * same:.3f} %, MSE ref {mse_ref:.6g} triton {mse_got:.6g}")
         assert same >= 0.995
         assert abs(mse_got / mse_ref - 1) < 1e-3
 

@@ -27,23 +27,35 @@ from e8vllm.kernels.triton.cases import random_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
-def _write_both(case, slots=None):
+def _write_both(case, slots=None, block_rows=None):
     """The reference writer's cache and the kernel's for ``case`` (K/V not yet written)."""
     slots = case.slots if slots is None else slots
     ref = torch.zeros_like(case.kv_cache)
     write_kv_cache(case.key, case.value, ref, slots, case.fmt)
     got = torch.zeros_like(case.kv_cache).to(DEV)
-    triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, slots.to(DEV), case.fmt)
+    triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, slots.to(DEV), case.fmt, block_rows=block_rows)
     return ref, got.cpu()
 
 
+def test_write_rows_per_program():
+    """Small writes (decode steps) spread over more programs; big ones take 16 rows (the tl.dot rotation)."""
+    from e8vllm.kernels.triton.e8_kv import SMALL_WRITE_LIMIT, SMALL_WRITE_ROWS, write_block_rows
+
+    assert write_block_rows(8 * 8) == write_block_rows(SMALL_WRITE_LIMIT - 1) == SMALL_WRITE_ROWS < 16
+    assert write_block_rows(SMALL_WRITE_LIMIT) == write_block_rows(8192 * 8) == 16
+    with pytest.raises(ValueError, match="power of two"):
+        fmt = E8KVFormat.from_bits(64, 4, 4)
+        _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), block_rows=3)
+
+
+@pytest.mark.parametrize("block_rows", [None, 16], ids=["small-write-path", "dot-path"])
 @pytest.mark.parametrize("bits", [(4, 4), (3, 2)])
-def test_write_matches_reference_codes(bits, one_thread):
+def test_write_matches_reference_codes(bits, block_rows, one_thread):
     fmt = E8KVFormat.from_bits(64, *bits)
     case = random_case(fmt, [37, 21], [1, 1], h_q=4, h_kv=2, write=False)
     slots = case.slots.clone()
     slots[5] = -1  # skipped token
-    ref, got = _write_both(case, slots)
+    ref, got = _write_both(case, slots, block_rows)
     assert torch.equal(got, ref)
     blk, off = int(case.slots[5]) // 16, int(case.slots[5]) % 16
     assert int(got[blk, :, off].cpu().abs().sum()) == 0  # -1 was not written

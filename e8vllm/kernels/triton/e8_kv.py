@@ -5,8 +5,10 @@ against, and :mod:`e8vllm.codecs.e8`, which defines the code):
 
 * rotation: R = blockdiag(H_b/√b) · diag(s) (``e8vllm.hadamard``). With P = diag(s) · blockdiag(H_b)
   (entries ±1, exact in float32) a row vector rotates as y = x P / √b and rotates back as
-  x = y Pᵀ / √b. The write kernel computes x P with an IEEE-float32 ``tl.dot`` and multiplies by
-  float32(1/√b) (the reference does the same sum with a butterfly, so y can differ in the last ulp).
+  x = y Pᵀ / √b. The write kernel computes x P with an IEEE-float32 ``tl.dot`` (16 rows per program;
+  small writes such as decode steps: 2 rows per program, x P summed from 16-column products) and
+  multiplies by float32(1/√b) (the reference does the same sum with a butterfly, so y can differ in
+  the last ulp).
 * encode (per vector y ∈ R^D, D = 8G): for each scale factor f of the codec (9 factors in
   [0.75, 1.25], or f = 1 for the ``-rms`` codecs) s = fp16(RMS(y)·f), u = y / s, and per 8-block of u
   the nearest point of the companded E8 code: per coset c ∈ {0, 1} every coordinate's nearest level
@@ -38,7 +40,8 @@ against, and :mod:`e8vllm.codecs.e8`, which defines the code):
 Kernels:
 
 * :func:`_e8_write_kernel`: one program per ``BLOCK_R`` (token, head) rows of K or V (program axis 1):
-  load, rotate (``tl.dot``), scale search, E8 nearest point, pack, scatter; K and V in one launch.
+  load, rotate, scale search (a loop over the candidates), E8 nearest point, pack, scatter; K and V
+  in one launch; ``BLOCK_R`` from :func:`write_block_rows` (16, or 2 for writes of < 4,096 rows).
 * attention: each tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers
   (:func:`_decode_tile`: block words [N, G], the four pair indices of every block as [N, G] tensors
   joined into [N, G, 2, 2] (natural order), one lookup per pair, the halves joined again) and
@@ -82,8 +85,10 @@ LOG2E = 1.4426950408889634
 DECODE_SEGMENTS = 16
 #: decode kernel settings (see ``triton_paged_attention(decode=...)``), chosen on the H200 with
 #: ``python -m e8vllm.bench.gpu tune``; ``E8VLLM_DECODE_CONFIG`` (JSON) overrides keys.
+#: ``maxnreg`` 128: session 9, e8s k4v4 at 64 x 8k: 717 us against 886 us with the compiler's 143 registers
+#: (4 programs per SM instead of 3); prefetch 1 was slower (1,075 us; 950 us at 128 registers)
 DECODE_CONFIG = {"kernel": "values", "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
-                 "prefetch": 0, "maxnreg": 0}
+                 "prefetch": 0, "maxnreg": 128}
 
 #: kernel name -> how table values are looked up (LUT constexpr of :func:`_decode_tile`).
 KERNELS = {"pairs": 0, "pairs_l1": 1, "values": 2, "values_l1": 3, "nolut": 4}
@@ -337,10 +342,19 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
     slot = tl.load(slot_ptr + t, mask=rmask, other=-1).to(tl.int64)
     valid = rmask & (slot >= 0)
     d = tl.arange(0, D)
-    x = tl.load(x_ptr + t[:, None].to(tl.int64) * sx0 + h[:, None].to(tl.int64) * sx1 + d[None, :],
-                mask=valid[:, None], other=0.0).to(tl.float32)
-    pm1 = tl.load(pm1_ptr + d[:, None] * D + d[None, :])
-    y = tl.dot(x, pm1, input_precision="ieee") * inv_sqrt_b  # [R, D] rotated
+    x_rows = x_ptr + t[:, None].to(tl.int64) * sx0 + h[:, None].to(tl.int64) * sx1
+    if BLOCK_R >= 16:  # tl.dot needs 16 rows
+        x = tl.load(x_rows + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        pm1 = tl.load(pm1_ptr + d[:, None] * D + d[None, :])
+        y = tl.dot(x, pm1, input_precision="ieee") * inv_sqrt_b  # [R, D] rotated
+    else:  # few rows per program (small writes: decode steps): x P as 16-column products, summed
+        y = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+        i16 = tl.arange(0, 16)
+        for ch in tl.static_range(D // 16):
+            xc = tl.load(x_rows + ch * 16 + i16[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            pc = tl.load(pm1_ptr + (ch * 16 + i16)[:, None] * D + d[None, :])  # [16, D]
+            y += tl.sum(xc[:, :, None] * pc[None, :, :], axis=1)
+        y = y * inv_sqrt_b
     rms = tl.sqrt(tl.sum(y * y, axis=1) / D)
     y3 = tl.reshape(y, [BLOCK_R, G, 8])
     i8 = tl.arange(0, 8)[None, None, :]
@@ -408,8 +422,21 @@ def _e8_write_kernel(k_ptr, sk0, sk1, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0,
                     v_mid, v_fac, v_stab, n_rows, H, block_size, D, VB, VNS, BLOCK_R, VS, VGB)
 
 
+#: writes of fewer (token, head) rows than this (decode steps, small chunks) take
+#: :data:`SMALL_WRITE_ROWS` rows per program instead of 16, so that a decode step's few rows spread
+#: over many SMs (each program searches all scale candidates of its rows one after another; with 16
+#: rows per program a decode step of 8 sequences ran only 8 programs: 96 us per layer, session 6)
+SMALL_WRITE_LIMIT = 4096
+SMALL_WRITE_ROWS = 2
+
+
+def write_block_rows(n_rows: int) -> int:
+    """(token, head) rows per program of the write kernel for a write of ``n_rows`` rows of K (and of V)."""
+    return 16 if n_rows >= SMALL_WRITE_LIMIT else SMALL_WRITE_ROWS
+
+
 def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                          slot_mapping: torch.Tensor, fmt, *, block_rows: int = 16) -> None:  # noqa: ANN001
+                          slot_mapping: torch.Tensor, fmt, *, block_rows: int | None = None) -> None:  # noqa: ANN001
     """Fused rotate + E8 encode + pack + scatter (same contract as ``reference.write_kv_cache``).
 
     Args:
@@ -417,6 +444,8 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         kv_cache: uint8 [num_blocks, H_kv, block_size, slot_bytes] (strided view allowed).
         slot_mapping: int [T]; block * block_size + offset, -1 = skip.
         fmt: ``E8KVFormat`` (see :func:`supported`).
+        block_rows: rows per program, a power of two (default :func:`write_block_rows`: 16 with the
+            rotation as one ``tl.dot``, fewer for small writes, rotated by 16-column products).
     """
     t = slot_mapping.shape[0]
     if t == 0:
@@ -425,6 +454,9 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
     h, d = key.shape[1], key.shape[2]
     bs = kv_cache.shape[2]
     n_rows = t * h
+    block_rows = write_block_rows(n_rows) if block_rows is None else block_rows
+    if block_rows < 1 or block_rows & (block_rows - 1):
+        raise ValueError(f"block_rows must be a power of two, not {block_rows}")
     key = key if key.stride(2) == 1 else key.contiguous()
     value = value if value.stride(2) == 1 else value.contiguous()
     _e8_write_kernel[(triton.cdiv(n_rows, block_rows), 2)](
@@ -433,7 +465,7 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         c.scales_off + 2, c.k.pm1, c.k.inv_sqrt_b, c.k.table, c.k.mids, c.k.factors, c.k.scales, c.v.pm1,
         c.v.inv_sqrt_b, c.v.table, c.v.mids, c.v.factors, c.v.scales, n_rows, h, bs, D=d, KB=c.k.bits, VB=c.v.bits,
         KNS=c.k.factors.shape[0], VNS=c.v.factors.shape[0], BLOCK_R=block_rows, KS=c.k.sets, VS=c.v.sets,
-        KGB=c.k.group_blocks, VGB=c.v.group_blocks, num_warps=8, num_stages=1)
+        KGB=c.k.group_blocks, VGB=c.v.group_blocks, num_warps=8 if block_rows >= 16 else 4, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------------
