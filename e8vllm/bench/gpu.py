@@ -386,9 +386,10 @@ def run_kernel(batches: list[int], contexts: list[int], dtypes: list[str]) -> di
 
 def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
     """The write op (rotate + encode + pack + scatter of K and V, H_kv 8, D 128) for ``tokens`` new
-    tokens (a decode step of that many sequences, or a prefill chunk), with the default rows per
-    program (:func:`e8vllm.kernels.triton.e8_kv.write_block_rows`) and with 16 (the tl.dot rotation),
-    each in a CUDA graph; saves ``write.json``."""
+    tokens (a decode step of that many sequences, or a prefill chunk), with 2, 4 and 16 (the tl.dot
+    rotation) rows per program (``E8VLLM_SMALL_WRITE_ROWS``; the default,
+    :func:`e8vllm.kernels.triton.e8_kv.write_block_rows`, is marked), each in a CUDA graph; saves
+    ``write.json``."""
     import torch
 
     from e8vllm.kernels.reference import E8KVFormat
@@ -407,7 +408,7 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
             k = torch.randn(n, H_KV, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
             slots = torch.randperm(cache.shape[0] * BS, device="cuda")[:n]
-            for br in sorted({write_block_rows(n * H_KV), 16}):
+            for br in (2, 4, 16):
                 fn = lambda br=br: triton_write_kv_cache(k, v, cache, slots, fmt, block_rows=br)  # noqa: E731
                 t, graphed = _time_graph(fn)
                 r = {"dtype": dt, "tokens": n, "block_rows": br, "default": br == write_block_rows(n * H_KV),

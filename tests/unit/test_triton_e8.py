@@ -37,18 +37,24 @@ def _write_both(case, slots=None, block_rows=None):
     return ref, got.cpu()
 
 
-def test_write_rows_per_program():
-    """Small writes (decode steps) spread over more programs; big ones take 16 rows (the tl.dot rotation)."""
-    from e8vllm.kernels.triton.e8_kv import SMALL_WRITE_LIMIT, SMALL_WRITE_ROWS, write_block_rows
+def test_write_rows_per_program(monkeypatch):
+    """16 rows per program (the tl.dot rotation) unless E8VLLM_SMALL_WRITE_ROWS opts small writes
+    (decode steps) into fewer rows per program."""
+    from e8vllm.kernels.triton import e8_kv
 
-    assert write_block_rows(8 * 8) == write_block_rows(SMALL_WRITE_LIMIT - 1) == SMALL_WRITE_ROWS < 16
-    assert write_block_rows(SMALL_WRITE_LIMIT) == write_block_rows(8192 * 8) == 16
+    assert e8_kv.write_block_rows(8 * 8) == e8_kv.write_block_rows(8192 * 8) == 16  # default: off
+    monkeypatch.setattr(e8_kv, "SMALL_WRITE_ROWS", e8_kv._small_write_rows("2"))
+    assert e8_kv.write_block_rows(8 * 8) == e8_kv.write_block_rows(e8_kv.SMALL_WRITE_LIMIT - 1) == 2
+    assert e8_kv.write_block_rows(e8_kv.SMALL_WRITE_LIMIT) == 16
+    for bad in ("3", "16", "-2", "two"):
+        with pytest.raises(ValueError, match="E8VLLM_SMALL_WRITE_ROWS"):
+            e8_kv._small_write_rows(bad)
     with pytest.raises(ValueError, match="power of two"):
         fmt = E8KVFormat.from_bits(64, 4, 4)
         _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), block_rows=3)
 
 
-@pytest.mark.parametrize("block_rows", [None, 16], ids=["small-write-path", "dot-path"])
+@pytest.mark.parametrize("block_rows", [2, 16], ids=["small-write-path", "dot-path"])
 @pytest.mark.parametrize("bits", [(4, 4), (3, 2)])
 def test_write_matches_reference_codes(bits, block_rows, one_thread):
     fmt = E8KVFormat.from_bits(64, *bits)

@@ -6,7 +6,7 @@ against, and :mod:`e8vllm.codecs.e8`, which defines the code):
 * rotation: R = blockdiag(H_b/√b) · diag(s) (``e8vllm.hadamard``). With P = diag(s) · blockdiag(H_b)
   (entries ±1, exact in float32) a row vector rotates as y = x P / √b and rotates back as
   x = y Pᵀ / √b. The write kernel computes x P with an IEEE-float32 ``tl.dot`` (16 rows per program;
-  small writes such as decode steps: 2 rows per program, x P summed from 16-column products) and
+  fewer rows per program, x P summed from 16-column products: :func:`write_block_rows`) and
   multiplies by float32(1/√b) (the reference does the same sum with a butterfly, so y can differ in
   the last ulp).
 * encode (per vector y ∈ R^D, D = 8G): for each scale factor f of the codec (9 factors in
@@ -41,7 +41,7 @@ Kernels:
 
 * :func:`_e8_write_kernel`: one program per ``BLOCK_R`` (token, head) rows of K or V (program axis 1):
   load, rotate, scale search (a loop over the candidates), E8 nearest point, pack, scatter; K and V
-  in one launch; ``BLOCK_R`` from :func:`write_block_rows` (16, or 2 for writes of < 4,096 rows).
+  in one launch; ``BLOCK_R`` from :func:`write_block_rows` (16; opt-in fewer for small writes).
 * attention: each tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers
   (:func:`_decode_tile`: block words [N, G], the four pair indices of every block as [N, G] tensors
   joined into [N, G, 2, 2] (natural order), one lookup per pair, the halves joined again) and
@@ -422,17 +422,30 @@ def _e8_write_kernel(k_ptr, sk0, sk1, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0,
                     v_mid, v_fac, v_stab, n_rows, H, block_size, D, VB, VNS, BLOCK_R, VS, VGB)
 
 
-#: writes of fewer (token, head) rows than this (decode steps, small chunks) take
-#: :data:`SMALL_WRITE_ROWS` rows per program instead of 16, so that a decode step's few rows spread
-#: over many SMs (each program searches all scale candidates of its rows one after another; with 16
-#: rows per program a decode step of 8 sequences ran only 8 programs: 96 us per layer, session 6)
+#: with ``E8VLLM_SMALL_WRITE_ROWS`` = r (a power of two below 16; 0, the default, = off), writes of
+#: fewer (token, head) rows than this (decode steps, small chunks) take r rows per program instead of
+#: 16, so that a decode step's few rows spread over many SMs (each program searches all scale
+#: candidates of its rows one after another; with 16 rows per program a decode step of 8 sequences
+#: runs 8 programs: 96 us per layer, session 6). Off until it is timed on the H200 (``bench.gpu write``).
 SMALL_WRITE_LIMIT = 4096
-SMALL_WRITE_ROWS = 2
+
+
+def _small_write_rows(text: str) -> int:
+    try:
+        r = int(text or "0")
+    except ValueError:
+        r = -1
+    if r != 0 and not (1 <= r < 16 and r & (r - 1) == 0):
+        raise ValueError(f"E8VLLM_SMALL_WRITE_ROWS must be 0 (off) or a power of two below 16, not {text!r}")
+    return r
+
+
+SMALL_WRITE_ROWS = _small_write_rows(os.environ.get("E8VLLM_SMALL_WRITE_ROWS", "0"))
 
 
 def write_block_rows(n_rows: int) -> int:
     """(token, head) rows per program of the write kernel for a write of ``n_rows`` rows of K (and of V)."""
-    return 16 if n_rows >= SMALL_WRITE_LIMIT else SMALL_WRITE_ROWS
+    return SMALL_WRITE_ROWS if SMALL_WRITE_ROWS and n_rows < SMALL_WRITE_LIMIT else 16
 
 
 def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -445,7 +458,8 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         slot_mapping: int [T]; block * block_size + offset, -1 = skip.
         fmt: ``E8KVFormat`` (see :func:`supported`).
         block_rows: rows per program, a power of two (default :func:`write_block_rows`: 16 with the
-            rotation as one ``tl.dot``, fewer for small writes, rotated by 16-column products).
+            rotation as one ``tl.dot``; fewer, rotated by 16-column products, for small writes with
+            ``E8VLLM_SMALL_WRITE_ROWS``).
     """
     t = slot_mapping.shape[0]
     if t == 0:
