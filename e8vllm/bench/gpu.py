@@ -211,7 +211,8 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
     decodes: list[dict[str, Any]] = [{**REF_DECODE, "segs": 16}]
     # register caps: 143 registers per thread (values, 64, 4 warps) allow 3 programs per SM, 128 allow 4
     decodes += [{"kernel": k, "tile_n": n, "num_warps": w, "num_stages": 1, "segs": 16, "prefetch": pf, "maxnreg": mr}
-                for k, n, w, pf, mr in (("values", 64, 4, 0, 0), ("values", 64, 4, 0, 128), ("values", 64, 4, 1, 0),
+                for k, n, w, pf, mr in (("values", 64, 4, 0, 0), ("values", 64, 4, 0, 128), ("values", 64, 4, 0, 112),
+                                        ("values", 64, 4, 0, 96), ("values", 64, 4, 1, 0),
                                         ("values", 64, 4, 1, 168), ("values", 64, 4, 1, 128), ("values", 32, 4, 0, 0),
                                         ("values", 32, 4, 1, 0), ("values", 32, 4, 1, 96), ("values", 128, 8, 1, 0),
                                         ("values", 64, 8, 1, 0), ("values", 64, 8, 0, 0), ("pairs", 64, 4, 1, 0))]

@@ -8,9 +8,11 @@ prompts of N tokens, different windows of the license texts), greedy, ``ignore_e
 * decode: (wall of ``max_tokens = 1 + S`` − wall of ``max_tokens = 1``) / S, ms per step of B
   sequences (the second call prefills again; the difference is the S decode steps).
 
-A dtype ``NAME+torchdecode`` runs ``NAME`` with ``E8VLLM_CPU_DECODE=torch`` (the PyTorch decode
-path of :mod:`e8vllm.kernels.reference` instead of the fused :mod:`e8vllm.kernels.cpu_decode`),
-so one run compares both. Machines are noisy: compare the ratios of one run.
+Run suffixes (:data:`SUFFIXES`) change one setting of that engine, so one run compares both:
+``NAME+torchdecode`` runs ``NAME`` with ``E8VLLM_CPU_DECODE=torch`` (the PyTorch decode path of
+:mod:`e8vllm.kernels.reference` instead of the fused :mod:`e8vllm.kernels.cpu_decode`),
+``NAME+1thread`` with ``E8VLLM_CPU_ENCODER_THREADS=1`` (the write path's encoder on one thread).
+Machines are noisy: compare the ratios of one run.
 
     python -m e8vllm bench speed --out-dir results [--dtypes auto,e8_k4v4,e8_k4v4+torchdecode]
 
@@ -37,6 +39,21 @@ DEFAULT_CASES: tuple[tuple[int, int], ...] = ((1, 512), (1, 2048), (8, 512))
 DECODE_STEPS = 32
 WORKER_TIMEOUT_S = 1800.0
 TORCH_SUFFIX = "+torchdecode"
+#: run suffix -> environment of that engine
+SUFFIXES: dict[str, dict[str, str]] = {TORCH_SUFFIX: {"E8VLLM_CPU_DECODE": "torch"},
+                                       "+1thread": {"E8VLLM_CPU_ENCODER_THREADS": "1"}}
+
+
+def split_suffixes(name: str) -> tuple[str, dict[str, str]]:
+    """``"e8_k4v4+torchdecode+1thread"`` -> ("e8_k4v4", the suffixes' environment); ValueError on an
+    unknown suffix."""
+    base, *sufs = name.split("+")
+    env: dict[str, str] = {}
+    for suf in sufs:
+        if f"+{suf}" not in SUFFIXES:
+            raise ValueError(f"unknown run suffix +{suf} in {name!r}; known: {sorted(SUFFIXES)}")
+        env.update(SUFFIXES[f"+{suf}"])
+    return base, env
 
 
 def parse_cases(text: str) -> list[tuple[int, int]]:
@@ -103,7 +120,8 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
              f"prefill = wall time of B prompts of N tokens with max_tokens=1; decode = (wall with "
              f"max_tokens=1+{c['steps']} − that) / {c['steps']}, ms per step of B sequences. decode x auto = "
              "auto's ms/step / this dtype's (above 1 = faster). `+torchdecode` = the PyTorch decode path "
-             "(`E8VLLM_CPU_DECODE=torch`).", "",
+             "(`E8VLLM_CPU_DECODE=torch`); `+1thread` = the encoder on one thread "
+             "(`E8VLLM_CPU_ENCODER_THREADS=1`).", "",
              f"| dtype | {head} |", "|---|" + "---:|---:|---:|" * len(cases)]
     auto = report["rows"].get("auto", {})
     auto_cases = {(r["batch"], r["tokens"]): r for r in auto.get("cases", [])}
@@ -140,9 +158,11 @@ def run(out_dir: Path, dtypes: list[str] | None = None, cases: list[tuple[int, i
     arg_cases = ",".join(f"{b}x{n}" for b, n in cases)
     per: dict[str, dict[str, Any]] = {}
     for d in dtypes:
-        base = d[: -len(TORCH_SUFFIX)] if d.endswith(TORCH_SUFFIX) else d
+        split_suffixes(d)  # unknown suffixes fail before any engine runs
+    for d in dtypes:
+        base, suffix_env = split_suffixes(d)
         spec = resolve_dtype(base)
-        env = {**spec["env"], "E8VLLM_CPU_DECODE": "torch" if base != d else "numba"}
+        env = {**spec["env"], "E8VLLM_CPU_DECODE": "numba", **suffix_env}
         res_path = out_dir / f"speed_cpu_{safe_name(d)}.json"
         log_path = out_dir / f"speed_cpu_{safe_name(d)}.log"
         res_path.unlink(missing_ok=True)
@@ -173,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     p = argparse.ArgumentParser(prog="python -m e8vllm.bench.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", type=Path, default=Path("results"))
-    p.add_argument("--dtypes", default=None, help="comma-separated kv-cache dtypes (NAME+torchdecode allowed)")
+    p.add_argument("--dtypes", default=None, help="comma-separated kv-cache dtypes (NAME+torchdecode, NAME+1thread)")
     p.add_argument("--cases", default=None, help="BATCHxTOKENS,... (default 1x512,1x2048,8x512)")
     p.add_argument("--steps", type=int, default=DECODE_STEPS)
     p.add_argument("--timeout-s", type=float, default=WORKER_TIMEOUT_S)

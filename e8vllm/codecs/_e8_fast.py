@@ -14,11 +14,18 @@ within float32 rounding (tests: ≥ 99.9 % identical vectors, same MSE).
 Why: the reference's tensor ops (9 factors x 2 cosets of bucketize, gather, where...) made the
 CPU write path ~80 % of E8 prefill time; this is the CPU engine's default encoder when numba is
 installed (``E8VLLM_CPU_ENCODER=torch`` selects the reference).
+
+Rows are independent, and the compiled functions release the GIL: a write of at least
+:data:`PARALLEL_MIN_ROWS` rows is split into contiguous row ranges encoded on
+``E8VLLM_CPU_ENCODER_THREADS`` threads (default ``torch.get_num_threads()``: the cores vLLM's CPU
+worker uses for its own ops, idle while the encoder runs). The codes do not depend on the split.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -28,7 +35,50 @@ try:  # optional: the ``cpu`` extra installs numba
 except ImportError:  # pragma: no cover - exercised where numba is missing
     numba = None
 
-__all__ = ["available", "encode_rotated", "encode_switched"]
+__all__ = ["available", "encode_rotated", "encode_switched", "encoder_threads"]
+
+#: writes of fewer rows run on the calling thread (a decode step's few rows: no hand-off cost)
+PARALLEL_MIN_ROWS = 64
+_POOL: ThreadPoolExecutor | None = None
+_LOG = logging.getLogger("e8vllm")
+_LOGGED_THREADS: set[int] = set()
+
+
+def encoder_threads() -> int:
+    """Threads of one encode call: ``E8VLLM_CPU_ENCODER_THREADS`` (a positive integer), else
+    ``torch.get_num_threads()``."""
+    text = os.environ.get("E8VLLM_CPU_ENCODER_THREADS", "").strip()
+    if not text:
+        return max(1, torch.get_num_threads())
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"E8VLLM_CPU_ENCODER_THREADS must be a positive integer, not {text!r}")
+    return n
+
+
+def _row_parallel(fn, n_rows: int, rows: tuple, shared: tuple) -> None:  # noqa: ANN001
+    """fn(*(a[lo:hi] for a in rows), *shared) over contiguous row ranges, on up to
+    :func:`encoder_threads` threads (one range, on this thread, below :data:`PARALLEL_MIN_ROWS`).
+    ``rows`` are arrays whose first axis is the row (outputs included: slices are views)."""
+    global _POOL
+    k = min(encoder_threads(), max(1, n_rows // (PARALLEL_MIN_ROWS // 2)))
+    if k <= 1 or n_rows < PARALLEL_MIN_ROWS:
+        fn(*rows, *shared)
+        return
+    if _POOL is None or _POOL._max_workers < k:  # noqa: SLF001 - grow the pool when asked for more threads
+        _POOL = ThreadPoolExecutor(max_workers=k, thread_name_prefix="e8vllm-encode")
+    if k not in _LOGGED_THREADS:
+        _LOGGED_THREADS.add(k)
+        _LOG.info("e8vllm: the CPU encoder splits writes of %d rows or more over %d threads "
+                  "(E8VLLM_CPU_ENCODER_THREADS; torch threads %d)", PARALLEL_MIN_ROWS, k, torch.get_num_threads())
+    bounds = [n_rows * i // k for i in range(k + 1)]
+    futs = [_POOL.submit(fn, *(a[lo:hi] for a in rows), *shared) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    fn(*(a[: bounds[1]] for a in rows), *shared)  # the first range on this thread
+    for f in futs:
+        f.result()
 
 
 def available() -> bool:
@@ -208,7 +258,8 @@ def encode_rotated(code, y: torch.Tensor, scales: torch.Tensor) -> tuple[torch.T
     sn = np.ascontiguousarray(scales.detach().float().cpu().numpy())
     fields = np.zeros(yn.shape, dtype=np.int64)
     best = np.zeros(yn.shape[0], dtype=np.float32)
-    _encode(yn, sn, *_tables(code), fields, best)
+    _row_parallel(lambda y_, s_, f_, b_, *t: _encode(y_, s_, *t, f_, b_), yn.shape[0], (yn, sn, fields, best),
+                  _tables(code))
     return torch.from_numpy(fields), torch.from_numpy(best)
 
 
@@ -253,5 +304,7 @@ def encode_switched(code, y: torch.Tensor, cand: torch.Tensor, gb: int
     fields = np.zeros(yn.shape, dtype=np.int64)
     sw = np.zeros(yn.shape[0], dtype=np.int64)
     ex = np.zeros(yn.shape[0], dtype=np.int64)
-    _encode_sw(yn, cn, stab, _tables(code.codes[0]), _tables(code.codes[1]), int(gb), fields, sw, ex)
+    t0, t1 = _tables(code.codes[0]), _tables(code.codes[1])
+    _row_parallel(lambda y_, c_, f_, s_, e_: _encode_sw(y_, c_, stab, t0, t1, int(gb), f_, s_, e_), yn.shape[0],
+                  (yn, cn, fields, sw, ex), ())
     return torch.from_numpy(fields), torch.from_numpy(sw), torch.from_numpy(ex)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from e8vllm.bench.speed import parse_cases, write_markdown
+from e8vllm.bench.speed import parse_cases, split_suffixes, write_markdown
 
 
 def test_parse_cases() -> None:
@@ -28,3 +28,12 @@ def test_markdown_ratios_against_auto(tmp_path: Path) -> None:
     assert "| auto | 0.50 | 30.0 | 1.00 |" in text
     assert "| e8_k4v4 | 1.50 | 60.0 | 0.50 |" in text
     assert "| e8_k2v2 | failed (rc 1) |" in text
+
+
+def test_run_suffixes() -> None:
+    assert split_suffixes("auto") == ("auto", {})
+    assert split_suffixes("e8_k4v4+torchdecode") == ("e8_k4v4", {"E8VLLM_CPU_DECODE": "torch"})
+    assert split_suffixes("e8_k4v4+1thread+torchdecode") == (
+        "e8_k4v4", {"E8VLLM_CPU_ENCODER_THREADS": "1", "E8VLLM_CPU_DECODE": "torch"})
+    with pytest.raises(ValueError, match="unknown run suffix"):
+        split_suffixes("e8_k4v4+fast")

@@ -62,3 +62,49 @@ def test_full_codec_roundtrip_uses_compiled_encoder(monkeypatch):
     monkeypatch.setenv("E8VLLM_CPU_ENCODER", "numba")
     got = codec.encode(x)
     assert (ref == got).all(1).float().mean().item() >= 0.999
+
+
+@pytest.mark.parametrize("n_rows", [63, 64, 301])
+def test_threaded_encode_equals_one_thread(n_rows, monkeypatch):
+    """Both compiled encoders split big writes over threads: the same codes as on one thread,
+    for row counts below, at and above the split threshold (uneven ranges), and really split."""
+    import threading
+
+    from e8vllm.codecs.e8s import E8SwitchedCodec
+
+    calls: list[tuple[str, int]] = []
+    for name in ("_encode", "_encode_sw"):
+        real = getattr(_e8_fast, name)
+
+        def spy(y, *a, _real=real):  # noqa: ANN001, ANN002, ANN202
+            calls.append((threading.current_thread().name, y.shape[0]))
+            return _real(y, *a)
+
+        monkeypatch.setattr(_e8_fast, name, spy)
+    y = _vectors(n_rows, 128, 5)
+    for codec in (E8Codec(128, 4), E8SwitchedCodec(128, 3)):
+        monkeypatch.setenv("E8VLLM_CPU_ENCODER_THREADS", "1")
+        calls.clear()
+        one = codec.encode_rotated(y)
+        assert calls == [(threading.current_thread().name, n_rows)]
+        monkeypatch.setenv("E8VLLM_CPU_ENCODER_THREADS", "3")
+        calls.clear()
+        three = codec.encode_rotated(y)
+        assert all(torch.equal(a, b) for a, b in zip(one, three))
+        assert sum(n for _, n in calls) == n_rows
+        if n_rows >= _e8_fast.PARALLEL_MIN_ROWS:  # ranges of >= 32 rows, up to 3; some on the pool's threads
+            assert len(calls) == min(3, n_rows // 32), calls
+            assert any(t.startswith("e8vllm-encode") for t, _ in calls), calls
+        else:
+            assert len(calls) == 1
+
+
+def test_encoder_threads_setting(monkeypatch):
+    monkeypatch.delenv("E8VLLM_CPU_ENCODER_THREADS", raising=False)
+    assert _e8_fast.encoder_threads() == max(1, torch.get_num_threads())
+    monkeypatch.setenv("E8VLLM_CPU_ENCODER_THREADS", "4")
+    assert _e8_fast.encoder_threads() == 4
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv("E8VLLM_CPU_ENCODER_THREADS", bad)
+        with pytest.raises(ValueError, match="E8VLLM_CPU_ENCODER_THREADS"):
+            _e8_fast.encoder_threads()
