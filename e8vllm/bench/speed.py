@@ -11,7 +11,8 @@ prompts of N tokens, different windows of the license texts), greedy, ``ignore_e
 Run suffixes (:data:`SUFFIXES`) change one setting of that engine, so one run compares both:
 ``NAME+torchdecode`` runs ``NAME`` with ``E8VLLM_CPU_DECODE=torch`` (the PyTorch decode path of
 :mod:`e8vllm.kernels.reference` instead of the fused :mod:`e8vllm.kernels.cpu_decode`),
-``NAME+1thread`` with ``E8VLLM_CPU_ENCODER_THREADS=1`` (the write path's encoder on one thread).
+``NAME+1thread`` / ``NAME+2threads`` with ``E8VLLM_CPU_ENCODER_THREADS`` 1 / 2 (the write path's
+encoder on that many threads).
 Machines are noisy: compare the ratios of one run.
 
     python -m e8vllm bench speed --out-dir results [--dtypes auto,e8_k4v4,e8_k4v4+torchdecode]
@@ -41,7 +42,8 @@ WORKER_TIMEOUT_S = 1800.0
 TORCH_SUFFIX = "+torchdecode"
 #: run suffix -> environment of that engine
 SUFFIXES: dict[str, dict[str, str]] = {TORCH_SUFFIX: {"E8VLLM_CPU_DECODE": "torch"},
-                                       "+1thread": {"E8VLLM_CPU_ENCODER_THREADS": "1"}}
+                                       "+1thread": {"E8VLLM_CPU_ENCODER_THREADS": "1"},
+                                       "+2threads": {"E8VLLM_CPU_ENCODER_THREADS": "2"}}
 
 
 def split_suffixes(name: str) -> tuple[str, dict[str, str]]:
@@ -120,8 +122,8 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
              f"prefill = wall time of B prompts of N tokens with max_tokens=1; decode = (wall with "
              f"max_tokens=1+{c['steps']} − that) / {c['steps']}, ms per step of B sequences. decode x auto = "
              "auto's ms/step / this dtype's (above 1 = faster). `+torchdecode` = the PyTorch decode path "
-             "(`E8VLLM_CPU_DECODE=torch`); `+1thread` = the encoder on one thread "
-             "(`E8VLLM_CPU_ENCODER_THREADS=1`).", "",
+             "(`E8VLLM_CPU_DECODE=torch`); `+1thread` / `+2threads` = the encoder on 1 / 2 threads "
+             "(`E8VLLM_CPU_ENCODER_THREADS`).", "",
              f"| dtype | {head} |", "|---|" + "---:|---:|---:|" * len(cases)]
     auto = report["rows"].get("auto", {})
     auto_cases = {(r["batch"], r["tokens"]): r for r in auto.get("cases", [])}

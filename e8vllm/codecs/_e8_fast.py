@@ -59,6 +59,29 @@ def encoder_threads() -> int:
     return n
 
 
+def _unpin() -> None:
+    """A pool thread may run on every CPU of the machine's cgroup: vLLM's CPU worker pins its OpenMP
+    threads (the calling thread included) to its cores, and a new thread inherits that pin."""
+    try:
+        os.sched_setaffinity(0, _allowed_cpus())
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not Linux, or not allowed
+        pass
+
+
+def _allowed_cpus() -> set[int]:
+    try:  # cgroup v2 cpuset of this container, else every online CPU
+        text = open("/sys/fs/cgroup/cpuset.cpus.effective").read().strip()
+        cpus: set[int] = set()
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+        if cpus:
+            return cpus
+    except (OSError, ValueError):
+        pass
+    return set(range(os.cpu_count() or 1))
+
+
 def _row_parallel(fn, n_rows: int, rows: tuple, shared: tuple) -> None:  # noqa: ANN001
     """fn(*(a[lo:hi] for a in rows), *shared) over contiguous row ranges, on up to
     :func:`encoder_threads` threads (one range, on this thread, below :data:`PARALLEL_MIN_ROWS`).
@@ -69,7 +92,7 @@ def _row_parallel(fn, n_rows: int, rows: tuple, shared: tuple) -> None:  # noqa:
         fn(*rows, *shared)
         return
     if _POOL is None or _POOL._max_workers < k:  # noqa: SLF001 - grow the pool when asked for more threads
-        _POOL = ThreadPoolExecutor(max_workers=k, thread_name_prefix="e8vllm-encode")
+        _POOL = ThreadPoolExecutor(max_workers=k, thread_name_prefix="e8vllm-encode", initializer=_unpin)
     if k not in _LOGGED_THREADS:
         _LOGGED_THREADS.add(k)
         _LOG.info("e8vllm: the CPU encoder splits writes of %d rows or more over %d threads "

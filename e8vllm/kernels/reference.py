@@ -573,6 +573,29 @@ def _bias_rows(kb: KeyBias, rows: Tensor | slice, length: int, scale: float) -> 
     return out * scale
 
 
+def _bias_columns(kb: KeyBias, length: int, like: Tensor) -> Tensor:
+    """Extra key columns that fold the KeyBias terms into q·k: [length, E] float32, the table's rows
+    (E = D) then the indicator of position 0 (one column) for the parts ``kb`` has."""
+    cols = []
+    if kb.coef is not None:
+        cols.append(kb.table[:length].to(like.device, torch.float32))
+    if kb.first is not None:
+        first = torch.zeros(length, 1, dtype=torch.float32, device=like.device)
+        first[0] = 1.0
+        cols.append(first)
+    return torch.cat(cols, 1)
+
+
+def _bias_query_columns(kb: KeyBias, rows: slice, scale: float) -> Tensor:
+    """The query side of :func:`_bias_columns` (times ``scale``): [n, H_q, E] float32."""
+    cols = []
+    if kb.coef is not None:
+        cols.append(kb.coef[rows].float())
+    if kb.first is not None:
+        cols.append(kb.first[rows].float()[..., None])
+    return torch.cat(cols, 2) * scale
+
+
 def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, seq_lens: Tensor,
                     block_table: Tensor, fmt: E8KVFormat, *, num_kv_heads: int | None = None,
                     scale: float | None = None, out: Tensor | None = None,
@@ -674,7 +697,9 @@ def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, se
         o[rows] = od.squeeze(2)
 
     # -- prefill / chunked-prefill rows: one sequence at a time, fused SDPA (GQA), causal mask
-    #    aligned bottom-right (query t sits at position L - n + t); query-chunked for long ones
+    #    aligned bottom-right (query t sits at position L - n + t); query-chunked for long ones.
+    #    KeyBias terms ride along as extra dot-product columns (q' = [q | coef·scale | first·scale],
+    #    k' = [k | table[p] | p == 0]), so the mask stays boolean: no [t, H_q, L] float bias
     for i in range(b):
         n, L = qlens[i], lens[i]
         if n <= 1:
@@ -683,15 +708,17 @@ def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, se
         kk = k_all[pos].permute(1, 0, 2).unsqueeze(0)  # [1, H_kv, L, D]
         vv = v_all[pos].permute(1, 0, 2).unsqueeze(0)
         qi = q[qsl[i]:qsl[i] + n].permute(1, 0, 2).unsqueeze(0)  # [1, H_q, n, D]
+        if key_bias is not None:
+            ext = _bias_columns(key_bias, L, kk)  # [L, E]
+            kk = torch.cat([kk, ext.expand(1, kk.shape[1], L, ext.shape[1])], 3)
+            qe = _bias_query_columns(key_bias, slice(qsl[i], qsl[i] + n), scale).permute(1, 0, 2).unsqueeze(0)
+            qi = torch.cat([qi, qe], 3)  # [1, H_q, n, D + E]
         step = max(1, SCORE_BUDGET // max(1, h_q * L))
         key_pos = torch.arange(L, device=query.device)
         for t0 in range(0, n, step):
             t1 = min(n, t0 + step)
             qpos = torch.arange(L - n + t0, L - n + t1, device=query.device)
             mask = key_pos[None, :] <= qpos[:, None]  # [t, L] True = attend
-            if key_bias is not None:  # [1, H_q, t, L], -inf where masked
-                bias = _bias_rows(key_bias, slice(qsl[i] + t0, qsl[i] + t1), L, scale)  # [t, H_q, L]
-                mask = bias.permute(1, 0, 2).masked_fill(~mask, float("-inf")).unsqueeze(0)
             oc = F.scaled_dot_product_attention(qi[:, :, t0:t1], kk, vv, attn_mask=mask, scale=1.0,
                                                 enable_gqa=grp > 1)  # q is pre-scaled
             o[qsl[i] + t0:qsl[i] + t1] = oc[0].permute(1, 0, 2)

@@ -78,13 +78,16 @@ def test_prefill_only_batch_skips_the_fused_kernel(spy: list[int]) -> None:
     assert spy == []
 
 
-@pytest.mark.parametrize("parts", ["coef+first", "first"])
+@pytest.mark.parametrize("parts", ["coef+first", "first", "coef"])
 def test_key_bias(spy: list[int], parts: str) -> None:
+    """Decode rows (fused) and prefill / chunked-prefill rows (the terms as extra SDPA columns)."""
     fmt = E8KVFormat.from_bits(64, 3, 3)
-    b = Batch(fmt, [(50, 1), (64, 1), (33, 5)], block_size=16, seed=9)
+    b = Batch(fmt, [(50, 1), (64, 1), (33, 5), (41, 41)], block_size=16, seed=9)
     kb = _key_bias(b)
     if parts == "first":
         kb = KeyBias(None, None, kb.first)
+    elif parts == "coef":
+        kb = KeyBias(kb.coef, kb.table, None)
     args = (b.query, b.cache, b.query_start_loc, b.seq_lens, b.block_table, fmt)
     out = paged_attention(*args, key_bias=kb, scale=0.2)
     want = reference_attention(*args, key_bias=kb, scale=0.2)
