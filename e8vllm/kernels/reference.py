@@ -561,18 +561,6 @@ class KeyBias(NamedTuple):
     first: Tensor | None = None
 
 
-def _bias_rows(kb: KeyBias, rows: Tensor | slice, length: int, scale: float) -> Tensor:
-    """KeyBias logits (times ``scale``) of query ``rows`` against positions 0..length-1: float32 [n, H_q, length]."""
-    parts = []
-    if kb.coef is not None:
-        parts.append(torch.einsum("thd,ld->thl", kb.coef[rows].float(), kb.table[:length].float()))
-    if kb.first is not None:
-        f = kb.first[rows].float()
-        parts.append(torch.nn.functional.pad(f[..., None], (0, length - 1)))
-    out = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-    return out * scale
-
-
 def _bias_columns(kb: KeyBias, length: int, like: Tensor) -> Tensor:
     """Extra key columns that fold the KeyBias terms into q·k: [length, E] float32, the table's rows
     (E = D) then the indicator of position 0 (one column) for the parts ``kb`` has."""
@@ -586,7 +574,7 @@ def _bias_columns(kb: KeyBias, length: int, like: Tensor) -> Tensor:
     return torch.cat(cols, 1)
 
 
-def _bias_query_columns(kb: KeyBias, rows: slice, scale: float) -> Tensor:
+def _bias_query_columns(kb: KeyBias, rows: Tensor | slice, scale: float) -> Tensor:
     """The query side of :func:`_bias_columns` (times ``scale``): [n, H_q, E] float32."""
     cols = []
     if kb.coef is not None:
@@ -671,10 +659,13 @@ def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, se
         cpu_decode.decode_attention(q.contiguous(), kv_cache, block_table, torch.tensor([qsl[i] for i in dec]), dec_t,
                                     lens_t[dec_t], fmt, o, key_bias, scale)
         dec = []
+    # KeyBias terms (both SDPA paths) ride along as extra dot-product columns: q' = [q | coef·scale |
+    # first·scale], k' = [k | table[p] | p == 0] (:func:`_bias_columns`), so masks stay boolean
+    n_ext = 0 if key_bias is None else (d if key_bias.coef is not None else 0) + (key_bias.first is not None)
     j = 0
     while j < len(dec):
         k_end = j + 1
-        per_pos = 2 * h_kv * d + h_q  # gathered K, V and the scores, per (row, key position)
+        per_pos = h_kv * (2 * d + n_ext) + h_q  # gathered K (+ bias columns), V and the scores, per (row, position)
         while k_end < len(dec) and (k_end - j + 1) * lens[dec[k_end]] * per_pos <= SCORE_BUDGET:
             k_end += 1
         chunk = dec[j:k_end]
@@ -688,18 +679,18 @@ def paged_attention(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, se
         vv = v_all[inv[flat]]
         rows = torch.tensor([qsl[i] for i in chunk], dtype=torch.int64, device=query.device)
         qq = q[rows].unsqueeze(2)  # [Bd, H_q, 1, D]
-        mask: Tensor = valid[:, None, None, :]
-        if key_bias is not None:  # [Bd, H_q, 1, Lmax], -inf where masked
-            mask = _bias_rows(key_bias, rows, lmax, scale).unsqueeze(2).masked_fill(~mask, float("-inf"))
+        if key_bias is not None:
+            ext = _bias_columns(key_bias, lmax, kk)  # [Lmax, E]
+            kk = torch.cat([kk, ext[None, :, None, :].expand(len(chunk), lmax, h_kv, n_ext)], 3)
+            qq = torch.cat([qq, _bias_query_columns(key_bias, rows, scale).unsqueeze(2)], 3)  # [Bd, H_q, 1, D + E]
         od = F.scaled_dot_product_attention(qq, kk.permute(0, 2, 1, 3), vv.permute(0, 2, 1, 3),
-                                            attn_mask=mask, scale=1.0,
+                                            attn_mask=valid[:, None, None, :], scale=1.0,
                                             enable_gqa=grp > 1)  # q is pre-scaled
         o[rows] = od.squeeze(2)
 
     # -- prefill / chunked-prefill rows: one sequence at a time, fused SDPA (GQA), causal mask
-    #    aligned bottom-right (query t sits at position L - n + t); query-chunked for long ones.
-    #    KeyBias terms ride along as extra dot-product columns (q' = [q | coef·scale | first·scale],
-    #    k' = [k | table[p] | p == 0]), so the mask stays boolean: no [t, H_q, L] float bias
+    #    aligned bottom-right (query t sits at position L - n + t); query-chunked for long ones;
+    #    KeyBias terms as extra columns (above)
     for i in range(b):
         n, L = qlens[i], lens[i]
         if n <= 1:
