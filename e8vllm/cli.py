@@ -171,8 +171,9 @@ def bench_capacity_cmd(
 def bench_speed_cmd(
     out_dir: Path = typer.Option(Path("results"), help="Where to write speed_cpu.json, speed_cpu.md."),
     dtypes: Optional[str] = typer.Option(None, help="Comma-separated kv-cache dtypes; NAME+torchdecode runs NAME "
-                                                    "on the PyTorch decode path, NAME+1thread with the encoder on "
-                                                    "one thread (default: auto, e8_k4v4 and e8_k4v4+torchdecode)."),
+                                                    "on the PyTorch decode path, NAME+1thread / NAME+2threads with "
+                                                    "the encoder on 1 / 2 threads (default: auto, e8_k4v4 and "
+                                                    "e8_k4v4+torchdecode)."),
     cases: Optional[str] = typer.Option(None, help="BATCHxTOKENS,... (default 1x512,1x2048,8x512)."),
     steps: int = typer.Option(32, help="Decode steps timed per case."),
 ) -> None:

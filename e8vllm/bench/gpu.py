@@ -134,6 +134,21 @@ def _block_tables(batch: int, ctx: int, device: str):  # noqa: ANN202
     return perm.view(batch, nbl), batch * nbl
 
 
+def _e8_format(dtype: str) -> tuple[Any, bool]:
+    """(``E8KVFormat`` at head size D, centers) of a benchmark dtype: ``e8_kXvY`` with optional
+    ``+centers`` (position-dependent key centers) and ``+search`` / ``+rms`` (that ``e8-*`` codec
+    variant, ``E8VLLM_ENCODER``) suffixes."""
+    from e8vllm.kernels.reference import E8KVFormat
+    from e8vllm.vllm_plugin.spec import parse_e8_dtype
+
+    variant = ""
+    for v in ("search", "rms"):
+        if dtype.endswith(f"+{v}"):
+            variant, dtype = v, dtype.removesuffix(f"+{v}")
+    centers = dtype.endswith("+centers")
+    return E8KVFormat.from_bits(D, *parse_e8_dtype(dtype.removesuffix("+centers")), variant), centers
+
+
 def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None) -> dict[str, Any]:
     """Time E8 decode attention; with ``decodes``, each decode-kernel setting on the same cache
     (``{"variants": [{**setting, "time_s"|"error"}...]}`` plus the default's numbers). A dtype
@@ -144,18 +159,10 @@ def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None
     import torch
 
     from e8vllm.calibration import rope_bias_coeffs, rope_table
-    from e8vllm.kernels.reference import E8KVFormat, KeyBias
+    from e8vllm.kernels.reference import KeyBias
     from e8vllm.kernels.triton import triton_paged_attention, triton_write_kv_cache
-    from e8vllm.vllm_plugin.spec import parse_e8_dtype
 
-    variant = ""
-    for v in ("search", "rms"):
-        if dtype.endswith(f"+{v}"):
-            variant, dtype = v, dtype.removesuffix(f"+{v}")
-    centers = dtype.endswith("+centers")
-    dtype = dtype.removesuffix("+centers")
-    kb, vb = parse_e8_dtype(dtype)
-    fmt = E8KVFormat.from_bits(D, kb, vb, variant)
+    fmt, centers = _e8_format(dtype)
     bt, nblocks = _block_tables(batch, ctx, "cuda")
     cache = torch.empty(nblocks, H_KV, BS, fmt.slot_bytes, dtype=torch.uint8, device="cuda")
     # real codes: encode random K/V into every slot (chunked)
@@ -242,12 +249,12 @@ def tune_prefill(seq: int = 8192, dtype: str = "e8_k4v4") -> dict[str, Any]:
     saves ``tune_prefill.json`` and ``prefill_config.json`` (``E8VLLM_PREFILL_CONFIG``)."""
     import torch
 
-    from e8vllm.kernels.reference import E8KVFormat
     from e8vllm.kernels.triton import triton_paged_attention, triton_write_kv_cache
-    from e8vllm.vllm_plugin.spec import parse_e8_dtype
 
     torch.manual_seed(0)
-    fmt = E8KVFormat.from_bits(D, *parse_e8_dtype(dtype))
+    fmt, centers = _e8_format(dtype)
+    if centers:
+        raise ValueError(f"tune_prefill times plain attention; {dtype!r} asks for key centers")
     bt, nblocks = _block_tables(1, seq, "cuda")
     cache = torch.zeros(nblocks, H_KV, BS, fmt.slot_bytes, dtype=torch.uint8, device="cuda")
     k = torch.randn(seq, H_KV, D, device="cuda", dtype=torch.bfloat16)
@@ -393,16 +400,13 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
     ``write.json``."""
     import torch
 
-    from e8vllm.kernels.reference import E8KVFormat
     from e8vllm.kernels.triton import triton_write_kv_cache
     from e8vllm.kernels.triton.e8_kv import write_block_rows
-    from e8vllm.vllm_plugin.spec import parse_e8_dtype
 
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
     for dt in dtypes:
-        base, _, variant = dt.partition("+")  # "+search" / "+rms": that e8-* codec variant
-        fmt = E8KVFormat.from_bits(D, *parse_e8_dtype(base), variant)
+        fmt, _ = _e8_format(dt)
         for n in tokens:
             cache = torch.zeros(-(-n // BS) + 1, H_KV, BS, fmt.slot_bytes,
                                 dtype=torch.uint8, device="cuda")
