@@ -216,13 +216,16 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
 
     torch.manual_seed(0)
     decodes: list[dict[str, Any]] = [{**REF_DECODE, "segs": 16}]
-    # register caps: 143 registers per thread (values, 64, 4 warps) allow 3 programs per SM, 128 allow 4
+    # register caps (sm_90 has 64K registers per SM): 'values_asm' at tile 64 / 4 warps takes 168
+    # registers per thread uncapped (3 programs per SM), 128 with a small spill (4 programs); at tile
+    # 128 / 8 warps 128 without spilling (2 programs, the same 16 warps per SM); 'values' at
+    # 64 / 4 / 128 is session 9's default, timed here for the same-run comparison
     decodes += [{"kernel": k, "tile_n": n, "num_warps": w, "num_stages": 1, "segs": 16, "prefetch": pf, "maxnreg": mr}
-                for k, n, w, pf, mr in (("values", 64, 4, 0, 0), ("values", 64, 4, 0, 128), ("values", 64, 4, 0, 112),
-                                        ("values", 64, 4, 0, 96), ("values", 64, 4, 1, 0),
-                                        ("values", 64, 4, 1, 168), ("values", 64, 4, 1, 128), ("values", 32, 4, 0, 0),
-                                        ("values", 32, 4, 1, 0), ("values", 32, 4, 1, 96), ("values", 128, 8, 1, 0),
-                                        ("values", 64, 8, 1, 0), ("values", 64, 8, 0, 0), ("pairs", 64, 4, 1, 0))]
+                for k, n, w, pf, mr in (("values", 64, 4, 0, 128), ("values_asm", 64, 4, 0, 128),
+                                        ("values_asm", 64, 4, 0, 0), ("values_asm", 64, 4, 0, 112),
+                                        ("values_asm", 32, 4, 0, 0), ("values_asm", 32, 4, 0, 96),
+                                        ("values_asm", 128, 8, 0, 128), ("values_asm", 128, 8, 0, 0),
+                                        ("values_asm", 64, 4, 1, 128))]
     res = _e8_case(dtype, batch, ctx, decodes)
 
     def best_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -270,8 +273,8 @@ def tune_prefill(seq: int = 8192, dtype: str = "e8_k4v4") -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     cands: list[dict[str, Any]] = [REF_PREFILL]
     cands += [{"kernel": kk, "block_m": m, "tile_n": n, "num_warps": w, "num_stages": 1}
-              for kk, (m, n, w) in (("values", (128, 64, 8)), ("values", (256, 64, 8)), ("values", (128, 32, 4)),
-                                    ("pairs", (128, 64, 8)))]
+              for kk, (m, n, w) in (("values", (128, 64, 8)), ("values_asm", (128, 64, 8)),
+                                    ("values_asm", (256, 64, 8)), ("values_asm", (128, 32, 4)))]
     for pc in cands:
         v: dict[str, Any] = dict(pc)
         try:
@@ -713,6 +716,33 @@ def report(src: Path = RESULTS) -> str:
             lines.append(f"| {r['dtype']} | {r['backend']} | {r['capacity_tokens']:,} | {ratio('capacity_tokens')} | "
                          f"{r.get('prefill_s', 'not finished')} | {ratio('prefill_s', True)} | "
                          f"{r.get('decode_tok_s', 'not finished')} | {ratio('decode_tok_s')} |")
+        lines.append("")
+    for sj in sorted(src.glob("sweep_*.jsonl")):
+        recs = [json.loads(x) for x in sj.read_text().splitlines() if x.strip()]
+        if not recs:
+            continue
+        lines += [f"Concurrency sweep ({sj.name}): c requests of {recs[0]['prompt']} distinct prompt tokens + "
+                  f"{recs[0]['gen']} generated, all submitted at once; "
+                  f"{'CUDA graphs' if '_graphs' in sj.name else 'enforce_eager'}. Time per output token over "
+                  "the requests (vLLM's per-request stats).", "",
+                  "| kv_cache_dtype | c | KV capacity (tokens) | wall (s) | output tok/s | total tok/s | "
+                  "TPOT p50 (ms) | TPOT p99 (ms) | preemptions |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(recs, key=lambda r: (r["concurrency"], r["dtype"])):
+            lines.append(f"| {r['dtype']} | {r['concurrency']} | {r['capacity_tokens']:,} | {r['wall_s']} | "
+                         f"{r['output_tok_s']} | {r['total_tok_s']} | {r['tpot_p50_ms']} | {r['tpot_p99_ms']} | "
+                         f"{r['preemptions']} |")
+        lines.append("")
+    for wj in sorted(src.glob("write*.json")):
+        rows = json.loads(wj.read_text())["rows"]
+        lines += [f"Write op ({wj.name}): rotate + encode + pack + scatter of K and V (H_kv 8, D 128) for n new "
+                  "tokens, by rows per program, in a CUDA graph (us; * = the default then).", "",
+                  "| dtype | tokens | 2 rows | 4 rows | 16 rows |", "|---|---:|---:|---:|---:|"]
+        by: dict[tuple[str, int], dict[int, str]] = {}
+        for r in rows:
+            by.setdefault((r["dtype"], r["tokens"]), {})[r["block_rows"]] = (
+                f"{r['time_s'] * 1e6:.1f}{'*' if r.get('default') else ''}")
+        for (dt, n), t in by.items():
+            lines.append(f"| {dt} | {n} | {t.get(2, '')} | {t.get(4, '')} | {t.get(16, '')} |")
         lines.append("")
     md = "\n".join(lines)
     (src / "gpu.md").write_text(md)

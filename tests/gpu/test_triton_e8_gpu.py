@@ -41,16 +41,18 @@ RESULTS: dict = {}
 
 def test_write_codes_cuda():
     """Both write paths: 3,048 tokens x 8 heads (16 rows per program, the tl.dot rotation) and a
-    decode step's 64 tokens (the small-write path: 2 rows per program)."""
-    for kb, vb, toks in ((4, 4, [2048, 1000]), (3, 3, [2048, 1000]), (2, 2, [2048, 1000]), (4, 4, [40, 24]),
-                         (3, 3, [40, 24])):
+    decode step's 64 tokens with 16, 4 and 2 rows per program (the small-write path: x P summed
+    from 16-column products)."""
+    for kb, vb, toks, rows in ((4, 4, [2048, 1000], 16), (3, 3, [2048, 1000], 16), (2, 2, [2048, 1000], 16),
+                               (4, 4, [40, 24], 16), (3, 3, [40, 24], 16), (4, 4, [40, 24], 4), (4, 4, [40, 24], 2),
+                               (3, 3, [40, 24], 2), (2, 2, [40, 24], 2)):
         fmt = E8KVFormat.from_bits(128, kb, vb)
         case = random_case(fmt, toks, [1] * len(toks), h_q=32, h_kv=8, write=False, device="cuda")
         ref = torch.zeros_like(case.kv_cache)
         write_kv_cache(case.key, case.value, ref, case.slots, fmt)
         got = torch.zeros_like(case.kv_cache)
-        triton_write_kv_cache(case.key, case.value, got, case.slots, fmt)
-        name = f"write_k{kb}v{vb}" + (f"_{sum(toks)}_tokens" if sum(toks) < 1000 else "")
+        triton_write_kv_cache(case.key, case.value, got, case.slots, fmt, block_rows=rows)
+        name = f"write_k{kb}v{vb}" + (f"_{sum(toks)}_tokens_{rows}_rows" if sum(toks) < 1000 else "")
         used = case.slots
         r = ref.permute(0, 2, 1, 3).reshape(-1, 8, fmt.slot_bytes)[used]
         g = got.permute(0, 2, 1, 3).reshape(-1, 8, fmt.slot_bytes)[used]
@@ -103,6 +105,25 @@ def test_attention_decode_segments_cuda():
     fmt = E8KVFormat.from_bits(128, 4, 4)
     case = random_case(fmt, [1500, 33, 800, 2], [1, 1, 1, 1], h_q=32, h_kv=8, device="cuda", seed=5)
     _attention(case, "attention_decode_16seg_k4v4")
+
+
+def test_asm_lookup_equals_plain_lookup_cuda():
+    """'values_asm' (the default: inline-PTX lop3 indices) and 'values' look up the same table
+    entries: bit-identical outputs on the decode grid and the general grid, 4 and 3 bits."""
+    for kb, vb in ((4, 4), (3, 3)):
+        fmt = E8KVFormat.from_bits(128, kb, vb)
+        for name, lens, qlens in (("decode", [1500, 33, 800, 2], [1, 1, 1, 1]),
+                                  ("mixed", [400, 160, 1, 257, 64], [1, 160, 1, 24, 1])):
+            case = random_case(fmt, lens, qlens, h_q=32, h_kv=8, device="cuda", seed=11)
+            outs = {}
+            for kernel in ("values", "values_asm"):
+                outs[kernel] = triton_paged_attention(
+                    case.query, case.kv_cache, case.query_start_loc, case.seq_lens, case.block_table, case.fmt,
+                    max_query_len=case.max_query_len, decode={"kernel": kernel}, prefill={"kernel": kernel})
+            same = torch.equal(outs["values"], outs["values_asm"])
+            RESULTS[f"asm_equals_values_{name}_k{kb}v{vb}"] = same
+            print(f"values_asm == values ({name}, k{kb}v{vb}): {same}")
+            assert same
 
 
 def _key_bias(case, table_dtype=torch.float16):

@@ -222,6 +222,19 @@ def test_diagnostic_kernel_only_for_benchmarks():
     assert kernel_config(DECODE_CONFIG, {"kernel": "nolut"}, "decode settings", True)["kernel"] == "nolut"
 
 
+def test_inline_ptx_kernel_refused_by_the_interpreter():
+    """'values_asm' (inline PTX) cannot run in TRITON_INTERPRET=1: refused with a clear error, and
+    the interpreter's defaults take 'values' (the same lookups); compiled, it is the default."""
+    from e8vllm.kernels.triton import e8_kv
+
+    if not e8_kv.INTERPRET:
+        assert e8_kv.DECODE_CONFIG["kernel"] == e8_kv.PREFILL_CONFIG["kernel"] == "values_asm"
+        pytest.skip("compiled Triton: values_asm runs (tests/gpu compares it with 'values' bit for bit)")
+    with pytest.raises(ValueError, match="inline PTX"):
+        e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"kernel": "values_asm"}, "decode settings", True)
+    assert e8_kv.DECODE_CONFIG["kernel"] == e8_kv.PREFILL_CONFIG["kernel"] == "values"
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_pair_table_packs_both_values(bits):
     """Entry c·4^b + (hi << b | lo) of the pair table holds fp16 T_c[lo] in its low and T_c[hi] in its high half."""

@@ -47,7 +47,9 @@ Kernels:
   joined into [N, G, 2, 2] (natural order), one lookup per pair, the halves joined again) and
   feeds one dot for q·k and one for p·v. Lookup (``kernel`` setting): ``pairs`` the pair table with
   ``tl.gather`` (shared memory), ``pairs_l1`` the pair table by a gather load (global memory, L1),
-  ``values`` one ``tl.gather`` per value from the 2·2^b-entry fp16 table.
+  ``values`` one ``tl.gather`` per value from the 2·2^b-entry fp16 table, ``values_asm`` (the
+  default on GPUs) the same with each index built by one inline-PTX ``lop3`` (the compiler would
+  otherwise add the coset's table offset to every value's address with a separate multiply-add).
   :func:`_e8_decode_kernel`: flash-decoding (one query token per sequence, the context split in
   ``segs`` segments, partials merged by :func:`_e8_reduce_kernel`); :func:`_e8_tile_attn_kernel`: the
   general grid (prefill, chunked prefill, mixed batches; query tiles found by a binary search over
@@ -83,21 +85,32 @@ LOG2E = 1.4426950408889634
 #: KV segments per sequence of the decode (flash-decoding) grid; a constant so that the grid only
 #: depends on the batch shape (CUDA-graph capture).
 DECODE_SEGMENTS = 16
-#: decode kernel settings (see ``triton_paged_attention(decode=...)``), chosen on the H200 with
-#: ``python -m e8vllm.bench.gpu tune``; ``E8VLLM_DECODE_CONFIG`` (JSON) overrides keys.
-#: ``maxnreg`` 128: session 9, e8s k4v4 at 64 x 8k: 717 us against 886 us with the compiler's 143 registers
-#: (4 programs per SM instead of 3); prefetch 1 was slower (1,075 us; 950 us at 128 registers)
-DECODE_CONFIG = {"kernel": "values", "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
-                 "prefetch": 0, "maxnreg": 128}
-
 #: kernel name -> how table values are looked up (LUT constexpr of :func:`_decode_tile`).
-KERNELS = {"pairs": 0, "pairs_l1": 1, "values": 2, "values_l1": 3, "nolut": 4}
+#: ``values_asm`` = ``values`` with each index's mask-and-or as one inline-PTX ``lop3`` (the same
+#: lookups, bit-identical results, fewer instructions: see :func:`_and_or`).
+KERNELS = {"pairs": 0, "pairs_l1": 1, "values": 2, "values_l1": 3, "nolut": 4, "values_asm": 5}
+#: kernels with inline PTX, which Triton's CPU interpreter (``TRITON_INTERPRET=1``) cannot run
+ASM_KERNELS = ("values_asm",)
+#: Triton's CPU interpreter is on (tests on machines without a GPU)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+#: the default lookup: ``values_asm`` on GPUs, ``values`` (the same lookups) in the interpreter
+DEFAULT_KERNEL = "values" if INTERPRET else "values_asm"
 #: settings that skip work and compute wrong values (timing floors for ``bench.gpu``): refused in
 #: ``E8VLLM_DECODE_CONFIG`` / ``E8VLLM_PREFILL_CONFIG``
 DIAGNOSTIC_KERNELS = ("nolut",)
 
-#: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys.
-PREFILL_CONFIG = {"kernel": "values", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 1, "maxnreg": 0}
+#: decode kernel settings (see ``triton_paged_attention(decode=...)``), chosen on the H200 with
+#: ``python -m e8vllm.bench.gpu tune``; ``E8VLLM_DECODE_CONFIG`` (JSON) overrides keys.
+#: ``maxnreg`` 128: session 9, e8s k4v4 at 64 x 8k: 717 us against 886 us with the compiler's 143 registers
+#: (4 programs per SM instead of 3); prefetch 1 was slower (1,075 us; 950 us at 128 registers).
+#: ``values_asm``: session 10, same run: 714 us against 768 us for ``values`` (1,203 against 1,356 SASS
+#: instructions per 64-token tile); 112 registers 732 us, uncapped (168) 790 us, tile 128 / 8 warps 836 us
+DECODE_CONFIG = {"kernel": DEFAULT_KERNEL, "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
+                 "prefetch": 0, "maxnreg": 128}
+
+#: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys. ``block_m`` 256
+#: (64 query tokens x 4 heads per tile): session 10, one 8,192-token prompt, 5.34 ms against 5.95 ms at 128.
+PREFILL_CONFIG = {"kernel": DEFAULT_KERNEL, "block_m": 256, "tile_n": 64, "num_warps": 8, "num_stages": 1, "maxnreg": 0}
 
 
 def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: bool = False) -> dict:
@@ -117,6 +130,9 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
     cfg = {**base, **extra}
     if cfg["kernel"] not in KERNELS:
         raise ValueError(f"{what}: kernel must be one of {sorted(KERNELS)}, not {cfg['kernel']!r}")
+    if cfg["kernel"] in ASM_KERNELS and INTERPRET:
+        raise ValueError(f"{what}: kernel {cfg['kernel']!r} uses inline PTX, which TRITON_INTERPRET=1 cannot run; "
+                         "take 'values' (the same lookups)")
     if cfg["kernel"] in DIAGNOSTIC_KERNELS and not diagnostic:
         raise ValueError(f"{what}: kernel {cfg['kernel']!r} computes wrong values (a timing diagnostic); "
                          "only benchmarks may select it")
@@ -536,15 +552,28 @@ def _pair_index(w, ck2, fix3, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _value_index(w, ck, fix7, I: tl.constexpr, BITS: tl.constexpr):
+def _and_or(a, mask: tl.constexpr, b, ASM: tl.constexpr):
+    """(a & mask) | b (int32). With ASM one PTX ``lop3`` (truth table 0xEA = (x & y) | z), which the
+    compiler cannot see through: otherwise it turns the or into an add and adds the coset's table
+    offset to every value's shared-memory address with its own multiply-add (5 instructions per
+    looked-up value instead of 4: shift, lop3, lea, lds)."""
+    if ASM:
+        m = tl.full(a.shape, mask, tl.int32)
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [a, m, b],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return (a & mask) | b
+
+
+@triton.jit
+def _value_index(w, ck, fix7, I: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr = False):
     """Table index c·2^b + v_I of field I of block words w (``fix7`` = c·2^b | parity)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     if I == 7:
-        return ((w >> (7 * BITS)) & (MASK - 1)) | fix7
+        return _and_or(w >> (7 * BITS), MASK - 1, fix7, ASM)
     elif I == 0:
-        return (w & MASK) | ck
+        return _and_or(w, MASK, ck, ASM)
     else:
-        return ((w >> (I * BITS)) & MASK) | ck
+        return _and_or(w >> (I * BITS), MASK, ck, ASM)
 
 
 @triton.jit
@@ -559,30 +588,35 @@ def _decode_tile(w, tab_ptr, pair_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE
     per-pair (or per-value) indices are joined into trailing dims of size 2 (held in registers),
     so the result needs no layout change before the dots. LUT 0: pair table by ``tl.gather``;
     1: pair table by a gather load; 2: fp16 value table by ``tl.gather``; 3: the value table by a
-    gather load; 4: no lookup (wrong values: a timing diagnostic)."""
+    gather load; 4: no lookup (wrong values: a timing diagnostic); 5: as 2 with each index's
+    mask-and-or as one inline-PTX ``lop3`` (:func:`_and_or`)."""
     par = _parity7(w, BITS)
-    c = (w >> (7 * BITS)) & 1
-    if SETS == 2:
-        c = c | (((sw[:, None] >> (tl.arange(0, G)[None, :] // GB)) & 1) << 1)
-    if LUT == 2 or LUT == 3:
-        ck = c << BITS
+    if LUT == 2 or LUT == 3 or LUT == 5:
+        ASM: tl.constexpr = LUT == 5
+        # ck = (set << 1 | c) << BITS, built in place (c sits at bit 7·BITS of w)
+        ck = (w >> (6 * BITS)) & (1 << BITS)
+        if SETS == 2:
+            ck = ck | ((sw[:, None] >> (tl.arange(0, G)[None, :] // GB)) << (BITS + 1)) & (2 << BITS)
         fix7 = ck | par
-        i0 = _value_index(w, ck, fix7, 0, BITS)
-        i1 = _value_index(w, ck, fix7, 1, BITS)
-        i2 = _value_index(w, ck, fix7, 2, BITS)
-        i3 = _value_index(w, ck, fix7, 3, BITS)
-        i4 = _value_index(w, ck, fix7, 4, BITS)
-        i5 = _value_index(w, ck, fix7, 5, BITS)
-        i6 = _value_index(w, ck, fix7, 6, BITS)
-        i7 = _value_index(w, ck, fix7, 7, BITS)
+        i0 = _value_index(w, ck, fix7, 0, BITS, ASM)
+        i1 = _value_index(w, ck, fix7, 1, BITS, ASM)
+        i2 = _value_index(w, ck, fix7, 2, BITS, ASM)
+        i3 = _value_index(w, ck, fix7, 3, BITS, ASM)
+        i4 = _value_index(w, ck, fix7, 4, BITS, ASM)
+        i5 = _value_index(w, ck, fix7, 5, BITS, ASM)
+        i6 = _value_index(w, ck, fix7, 6, BITS, ASM)
+        i7 = _value_index(w, ck, fix7, 7, BITS, ASM)
         # flattened [.., 2, 2, 2] index = 4a + 2b + c: innermost join pairs i and i+4
         idx = tl.join(tl.join(tl.join(i0, i4), tl.join(i2, i6)), tl.join(tl.join(i1, i5), tl.join(i3, i7)))
-        if LUT == 2:
+        if LUT == 2 or LUT == 5:
             vals = tl.gather(tl.load(tab_ptr + tl.arange(0, (2 * SETS) << BITS)), tl.reshape(idx, [TILE_N * 8 * G]), 0)
         else:
             vals = tl.load(tab_ptr + tl.reshape(idx, [TILE_N * 8 * G]))
         return tl.reshape(vals, [TILE_N, 8 * G])
     else:
+        c = (w >> (7 * BITS)) & 1
+        if SETS == 2:
+            c = c | (((sw[:, None] >> (tl.arange(0, G)[None, :] // GB)) & 1) << 1)
         ck2 = c << (2 * BITS)
         fix3 = ck2 | (par << BITS)
         p0 = _pair_index(w, ck2, fix3, 0, BITS)
@@ -607,6 +641,11 @@ def _tile_slots(j, n_end, bt_row, kvh_off, cs0, cs2, BLOCK_SIZE: tl.constexpr, T
     their (token, kv head) slots through the sequence's block-table row."""
     n = j * TILE_N + tl.arange(0, TILE_N)
     nmask = n < n_end
+    if (BLOCK_SIZE & (BLOCK_SIZE - 1)) == 0:
+        # n >= 0: a shift and a mask instead of C-style signed division
+        un = n.to(tl.uint32, bitcast=True)
+        blk = tl.load(bt_row + (un // BLOCK_SIZE), mask=nmask, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+        return n, nmask, blk * cs0 + kvh_off + ((un % BLOCK_SIZE) * cs2).to(tl.int64)
     blk = tl.load(bt_row + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
     return n, nmask, blk * cs0 + kvh_off + (n % BLOCK_SIZE) * cs2
 
