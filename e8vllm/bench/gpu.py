@@ -746,10 +746,11 @@ def report(src: Path = RESULTS) -> str:
         lines.append("")
     md = "\n".join(lines)
     (src / "gpu.md").write_text(md)
-    try:
-        _plot(src)
-    except ImportError:
-        pass
+    if kj.exists():
+        try:
+            _plot(src)
+        except ImportError:
+            pass
     return md
 
 
