@@ -98,11 +98,13 @@ def _check_attention(case, key_bias=None, **kw):
 
 @pytest.mark.parametrize("bits", [(4, 4), (4, 2)])
 @pytest.mark.parametrize("prefill", [{"kernel": "values", "block_m": 64, "tile_n": 32},
+                                     {"kernel": "values", "block_m": 64, "tile_n": 32, "split_decode": 0},
                                      {"kernel": "pairs_l1", "block_m": 64, "tile_n": 32},
                                      {"kernel": "pairs", "block_m": 32}, {"kernel": "pairs"}],
-                         ids=["values", "pairs_l1", "pairs-32", "pairs-default"])
+                         ids=["values", "values-tile-grid-decode-rows", "pairs_l1", "pairs-32", "pairs-default"])
 def test_attention_mixed_batch(bits, prefill, one_thread):
-    """Decode rows, a full prefill, a chunked prefill and a one-token sequence in one batch."""
+    """Decode rows, a full prefill, a chunked prefill and a one-token sequence in one batch; the
+    one-token sequences on the split-KV decode grid (default) or on the query-tile grid."""
     fmt = E8KVFormat.from_bits(64, *bits)
     case = random_case(fmt, [70, 33, 1, 50, 20], [1, 33, 1, 9, 1], h_q=8, h_kv=2)
     _check_attention(case, prefill=prefill)
@@ -203,14 +205,16 @@ def test_tile_prefill_head128_3bit_default_settings(one_thread):
 
 @pytest.mark.parametrize("bad", [{"kernel": "tile3"}, {"tile_n": 8}, {"num_stages": 0}, {"num_stages": True},
                                  {"segs": 3}, {"tiles": 32}, {"kernel": "phase"}, {"prefetch": 2},
-                                 {"maxnreg": 8}, {"maxnreg": 300}, {"maxnreg": True}])
+                                 {"maxnreg": 8}, {"maxnreg": 300}, {"maxnreg": True}, {"split_decode": 2},
+                                 {"split_decode": "yes"}])
 def test_kernel_settings_are_validated(bad):
-    from e8vllm.kernels.triton.e8_kv import DECODE_CONFIG, kernel_config
+    from e8vllm.kernels.triton.e8_kv import DECODE_CONFIG, PREFILL_CONFIG, kernel_config
 
+    base = PREFILL_CONFIG if "split_decode" in bad else DECODE_CONFIG
     with pytest.raises(ValueError):
-        kernel_config(DECODE_CONFIG, bad, "decode settings")
+        kernel_config(base, bad, "decode settings")
     with pytest.raises(ValueError):
-        kernel_config(DECODE_CONFIG, __import__("json").dumps(bad), "E8VLLM_DECODE_CONFIG")
+        kernel_config(base, __import__("json").dumps(bad), "E8VLLM_DECODE_CONFIG")
 
 
 def test_diagnostic_kernel_only_for_benchmarks():

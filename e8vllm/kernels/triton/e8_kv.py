@@ -110,7 +110,11 @@ DECODE_CONFIG = {"kernel": DEFAULT_KERNEL, "tile_n": 64, "num_warps": 4, "num_st
 
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys. ``block_m`` 256
 #: (64 query tokens x 4 heads per tile): session 10, one 8,192-token prompt, 5.34 ms against 5.95 ms at 128.
-PREFILL_CONFIG = {"kernel": DEFAULT_KERNEL, "block_m": 256, "tile_n": 64, "num_warps": 8, "num_stages": 1, "maxnreg": 0}
+#: ``split_decode`` 1: in a mixed batch the sequences with one query token go to the split-KV decode
+#: grid (DECODE_CONFIG) instead of a query tile of BLOCK_M rows with NQ real ones (session 10; not yet
+#: timed on the H200: the sweeps there ran with the tile grid for every row).
+PREFILL_CONFIG = {"kernel": DEFAULT_KERNEL, "block_m": 256, "tile_n": 64, "num_warps": 8, "num_stages": 1, "maxnreg": 0,
+                  "split_decode": 1}
 
 
 def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: bool = False) -> dict:
@@ -143,8 +147,9 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
                 raise ValueError(f"{what}: {k} must be a power of two >= {lo}, not {v!r}")
     if type(cfg["num_stages"]) is not int or not 1 <= cfg["num_stages"] <= 4:
         raise ValueError(f"{what}: num_stages must be an integer in 1..4, not {cfg['num_stages']!r}")
-    if "prefetch" in cfg and cfg["prefetch"] not in (0, 1):
-        raise ValueError(f"{what}: prefetch must be 0 or 1, not {cfg['prefetch']!r}")
+    for k in ("prefetch", "split_decode"):
+        if k in cfg and (type(cfg[k]) is not int or cfg[k] not in (0, 1)):
+            raise ValueError(f"{what}: {k} must be 0 or 1, not {cfg[k]!r}")
     mr = cfg.get("maxnreg", 0)
     if type(mr) is not int or not (mr == 0 or 24 <= mr <= 255):
         raise ValueError(f"{what}: maxnreg must be 0 (the compiler's choice) or a register cap in 24..255, not {mr!r}")
@@ -777,7 +782,7 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
     kvh = tl.program_id(1)
     seg = tl.program_id(2)
     q_start = tl.load(qsl_ptr + seq)
-    if tl.load(qsl_ptr + seq + 1) - q_start < 1:
+    if tl.load(qsl_ptr + seq + 1) - q_start != 1:  # not a decode row (in a mixed batch: the tile grid's)
         return
     seq_len = tl.load(sl_ptr + seq)
     r = tl.arange(0, BLOCK_M)
@@ -840,9 +845,11 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
                          TILE_N: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, LUT: tl.constexpr, BIAS: tl.constexpr = False,
                          SINK: tl.constexpr = False, k_stab=None, v_stab=None, KS: tl.constexpr = 1,
-                         VS: tl.constexpr = 1, KGB: tl.constexpr = 1, VGB: tl.constexpr = 1):
+                         VS: tl.constexpr = 1, KGB: tl.constexpr = 1, VGB: tl.constexpr = 1,
+                         SKIP_DECODE: tl.constexpr = False):
     """The general grid (prefill, chunked prefill, mixed batches): causal attention of BLOCK_Q query
-    tokens × the NQ query heads of one kv head over the sequence's cached codes.
+    tokens × the NQ query heads of one kv head over the sequence's cached codes. With SKIP_DECODE,
+    sequences with one query token are left to the decode grid (:func:`_e8_decode_kernel`).
 
     q: float32 [T, H_q, D] rotated, scaled by scale·log2(e); o: float32 [T, H_q, D].
     BIAS, qb, trig, SINK, sink, ss0: as in :func:`_e8_decode_kernel`.
@@ -854,7 +861,7 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
     q_tile = target - (tl.load(qsl_ptr + seq) // BLOCK_Q + seq)
     q_len, seq_len, ctx, qi, rvalid, head, tok = _query_rows(qsl_ptr, sl_ptr, seq, q_tile, kvh, BLOCK_Q, BLOCK_M,
                                                             NQ, NQ_PAD)
-    if q_tile * BLOCK_Q >= q_len:
+    if q_tile * BLOCK_Q >= q_len or (SKIP_DECODE and q_len == 1):
         return
     d = tl.arange(0, D)
     q, qb, sb = _query_operands(q_ptr, qb_ptr, sink_ptr, tok, head, rvalid, sq0, sq1, ss0, D, BLOCK_M, BIAS, SINK)
@@ -881,7 +888,7 @@ def _e8_reduce_kernel(o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_ptr, qsl_ptr, nu
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(qsl_ptr + seq)
-    if tl.load(qsl_ptr + seq + 1) - q_start < 1:
+    if tl.load(qsl_ptr + seq + 1) - q_start != 1:
         return
     tok = q_start.to(tl.int64)
     sg = tl.arange(0, NUM_SEGS)
@@ -954,7 +961,9 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             before decoding this one), ``maxnreg`` (0 or a register cap per thread) (default
             :data:`DECODE_CONFIG`).
         prefill: general-grid settings (batches with max_query_len > 1): ``kernel``, ``block_m``,
-            ``tile_n``, ``num_warps``, ``num_stages`` (default :data:`PREFILL_CONFIG`).
+            ``tile_n``, ``num_warps``, ``num_stages``, ``maxnreg``, ``split_decode`` (1: the batch's
+            one-token sequences take the decode grid with the ``decode`` settings) (default
+            :data:`PREFILL_CONFIG`).
         key_bias: optional ``reference.KeyBias`` (coef [T, H_q, D] with table [P, D], P > every
             position, float32 or fp16; first [T, H_q]): extra logit terms of position-dependent key
             centers (:mod:`e8vllm.calibration`).
@@ -999,7 +1008,20 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
     sets = dict(k_stab=c.k.scales, v_stab=c.v.scales, KS=c.k.sets, VS=c.v.sets, KGB=c.k.group_blocks,
                 VGB=c.v.group_blocks)
     strides = (words.stride(0), words.stride(1), words.stride(2))
-    if max_query_len <= 1:
+    o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
+    split = max_query_len > 1 and bool(pc["split_decode"])
+    if max_query_len > 1:
+        nq_pad = triton.next_power_of_2(nq)
+        block_m = max(pc["block_m"], nq_pad)
+        block_q = block_m // nq_pad
+        _e8_tile_attn_kernel[(t // block_q + b, h_kv)](
+            qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), words, *strides, *tabs, block_table,
+            block_table.stride(0), query_start_loc, seq_lens, b, qb, trig, sb, h_q, NQ=nq, NQ_PAD=nq_pad,
+            BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, BLOCK_SIZE=bs,
+            LUT=KERNELS[pc["kernel"]], BIAS=bias, SINK=sink, SKIP_DECODE=split, **sets, **_launch(pc))
+    if max_query_len <= 1 or split:
+        # the split-KV decode grid over the sequences with one query token (all of them in a decode
+        # batch; in a mixed batch the ones the tile grid skipped)
         ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=query.device)
         ws_l = torch.empty_like(ws_m)
         ws_o = torch.empty((t, h_q, segs, d), dtype=torch.float32, device=query.device)
@@ -1009,19 +1031,8 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits,
             BLOCK_SIZE=bs, NUM_SEGS=segs, LUT=KERNELS[dc["kernel"]], BIAS=bias, SINK=sink,
             PREFETCH=bool(dc["prefetch"]), **sets, **_launch(dc))
-        o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
         _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
                                     D=d, NUM_SEGS=segs, num_warps=4)
-    else:
-        o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)
-        nq_pad = triton.next_power_of_2(nq)
-        block_m = max(pc["block_m"], nq_pad)
-        block_q = block_m // nq_pad
-        _e8_tile_attn_kernel[(t // block_q + b, h_kv)](
-            qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), words, *strides, *tabs, block_table,
-            block_table.stride(0), query_start_loc, seq_lens, b, qb, trig, sb, h_q, NQ=nq, NQ_PAD=nq_pad,
-            BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, BLOCK_SIZE=bs,
-            LUT=KERNELS[pc["kernel"]], BIAS=bias, SINK=sink, **sets, **_launch(pc))
     res = torch.matmul(o.view(t * h_q, d), c.o_unrot).view(t, h_q, d)
     out[:t].copy_(res)
     return out
