@@ -582,6 +582,18 @@ def _value_index(w, ck, fix7, I: tl.constexpr, BITS: tl.constexpr, ASM: tl.const
 
 
 @triton.jit
+def _table_offset(w, sw, SHIFT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, SETS: tl.constexpr,
+                  GB: tl.constexpr):
+    """(set << 1 | c) << SHIFT of block words w [N, G]: the coset bit c (bit 7·BITS of w) and, with
+    SETS = 2, the block's table set ((sw >> (g // GB)) & 1 of switch bytes sw [N]), moved into place
+    without first isolating them (the first index bit above a value's or a pair's fields)."""
+    off = (w >> (7 * BITS - SHIFT)) & (1 << SHIFT)
+    if SETS == 2:
+        off = off | ((sw[:, None] >> (tl.arange(0, G)[None, :] // GB)) << (SHIFT + 1)) & (2 << SHIFT)
+    return off
+
+
+@triton.jit
 def _decode_tile(w, tab_ptr, pair_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr,
                  LUT: tl.constexpr, sw=None, SETS: tl.constexpr = 1, GB: tl.constexpr = 1):
     """Block words int32 [N, G] -> table values fp16 [N, 8·G], natural coordinate order.
@@ -598,10 +610,7 @@ def _decode_tile(w, tab_ptr, pair_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE
     par = _parity7(w, BITS)
     if LUT == 2 or LUT == 3 or LUT == 5:
         ASM: tl.constexpr = LUT == 5
-        # ck = (set << 1 | c) << BITS, built in place (c sits at bit 7·BITS of w)
-        ck = (w >> (6 * BITS)) & (1 << BITS)
-        if SETS == 2:
-            ck = ck | ((sw[:, None] >> (tl.arange(0, G)[None, :] // GB)) << (BITS + 1)) & (2 << BITS)
+        ck = _table_offset(w, sw, BITS, BITS, G, SETS, GB)
         fix7 = ck | par
         i0 = _value_index(w, ck, fix7, 0, BITS, ASM)
         i1 = _value_index(w, ck, fix7, 1, BITS, ASM)
@@ -619,10 +628,7 @@ def _decode_tile(w, tab_ptr, pair_ptr, BITS: tl.constexpr, G: tl.constexpr, TILE
             vals = tl.load(tab_ptr + tl.reshape(idx, [TILE_N * 8 * G]))
         return tl.reshape(vals, [TILE_N, 8 * G])
     else:
-        c = (w >> (7 * BITS)) & 1
-        if SETS == 2:
-            c = c | (((sw[:, None] >> (tl.arange(0, G)[None, :] // GB)) & 1) << 1)
-        ck2 = c << (2 * BITS)
+        ck2 = _table_offset(w, sw, 2 * BITS, BITS, G, SETS, GB)
         fix3 = ck2 | (par << BITS)
         p0 = _pair_index(w, ck2, fix3, 0, BITS)
         p1 = _pair_index(w, ck2, fix3, 1, BITS)
