@@ -220,12 +220,13 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
     # registers per thread uncapped (3 programs per SM), 128 with a small spill (4 programs); at tile
     # 128 / 8 warps 128 without spilling (2 programs, the same 16 warps per SM); 'values' at
     # 64 / 4 / 128 is session 9's default, timed here for the same-run comparison
-    decodes += [{"kernel": k, "tile_n": n, "num_warps": w, "num_stages": 1, "segs": 16, "prefetch": pf, "maxnreg": mr}
-                for k, n, w, pf, mr in (("values", 64, 4, 0, 128), ("values_asm", 64, 4, 0, 128),
-                                        ("values_asm", 64, 4, 0, 0), ("values_asm", 64, 4, 0, 112),
-                                        ("values_asm", 32, 4, 0, 0), ("values_asm", 32, 4, 0, 96),
-                                        ("values_asm", 128, 8, 0, 128), ("values_asm", 128, 8, 0, 0),
-                                        ("values_asm", 64, 4, 1, 128))]
+    decodes += [{"kernel": "values_asm", "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": 16, "prefetch": 0,
+                 "maxnreg": 128, "gluon": 0}]
+    # the Gluon kernel (one warp per program; 128 registers uncapped at tile 16, 168 at tile 32;
+    # offline, sm_90: 96 registers spill 60 bytes, 80 spill 184)
+    decodes += [{"gluon": 1, "gluon_tile": t, "gluon_kp": kp, "gluon_maxnreg": mr, "segs": sg}
+                for t, kp, mr, sg in ((16, 0, 0, 16), (16, 1, 0, 16), (32, 0, 0, 16), (16, 0, 96, 16), (16, 1, 96, 16),
+                                      (16, 0, 0, 8), (16, 0, 0, 32), (16, 0, 0, 64), (16, 1, 0, 32))]
     res = _e8_case(dtype, batch, ctx, decodes)
 
     def best_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -298,9 +299,10 @@ def tune_prefill(seq: int = 8192, dtype: str = "e8_k4v4") -> dict[str, Any]:
 PREFILL_KEYS = ("kernel", "block_m", "tile_n", "num_warps", "num_stages", "maxnreg")
 #: the settings other settings are checked against in ``tune`` (the pair-table kernel: a different
 #: table and lookup path than the default one-value-per-lookup kernel)
-REF_DECODE = {"kernel": "pairs", "tile_n": 64, "num_warps": 4, "num_stages": 1}
+REF_DECODE = {"kernel": "pairs", "tile_n": 64, "num_warps": 4, "num_stages": 1, "gluon": 0}
 REF_PREFILL = {"kernel": "pairs", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 2}
-DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs", "prefetch", "maxnreg")
+DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs", "prefetch", "maxnreg", "gluon", "gluon_tile",
+               "gluon_kp", "gluon_maxnreg")
 
 
 def _vllm_case(dtype: str, batch: int, ctx: int) -> dict[str, Any]:
@@ -691,7 +693,9 @@ def report(src: Path = RESULTS) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for v in sorted(t["variants"], key=lambda v: v.get("time_s", 1e9)):
             tm = f"{v['time_s'] * 1e6:.1f}" if "time_s" in v else "error"
-            lines.append(f"| {v['kernel']} | {v.get('block_m', '')} | {v.get('tile_n', '')} | {v.get('num_warps', '')} | "
+            kern = v.get("kernel") or ("gluon" + "".join(f" {k.removeprefix('gluon_')} {v[k]}" for k in
+                                                          ("gluon_tile", "gluon_kp", "gluon_maxnreg") if k in v))
+            lines.append(f"| {kern} | {v.get('block_m', '')} | {v.get('tile_n', '')} | {v.get('num_warps', '')} | "
                          f"{v.get('num_stages', '')} | {v.get('segs', '')} | {v.get('prefetch', '')} | "
                          f"{v.get('maxnreg', '')} | {tm} | "
                          f"{v.get('rel_diff_vs_ref', float('nan')):.1e} |")

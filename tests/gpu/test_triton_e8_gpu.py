@@ -9,7 +9,8 @@ Run on the device machine (pytest is not installed there, so the module also run
   instead of a butterfly, so a near-tie can flip): >= 99.5 % identical slots, MSE within 0.1 %;
 * attention at head size 128, GQA 4 (mixed prefill / chunked prefill / decode; decode grid with 16
   segments): error vs float64 ``reference_attention`` <= 4x the error of the float64 computation
-  with the kernel's fp16 operand roundings;
+  with the kernel's fp16 operand roundings; the same for the Gluon decode kernel over head sizes,
+  GQA groups, codecs and its settings, plus its distance to the Triton decode kernel;
 * a dummy-weight Llama (vLLM 0.26, CUSTOM backend, e8_k4v4): greedy tokens of the Triton path
   equal the PyTorch reference path's token for token (``scripts/gpu/tokens_check.py``).
 """
@@ -124,6 +125,42 @@ def test_asm_lookup_equals_plain_lookup_cuda():
             RESULTS[f"asm_equals_values_{name}_k{kb}v{vb}"] = same
             print(f"values_asm == values ({name}, k{kb}v{vb}): {same}")
             assert same
+
+
+def test_gluon_decode_cuda():
+    """The Gluon decode kernel (the default for 4-bit decode batches) against the float64 reference
+    (the same tolerance as the Triton kernels) and against the Triton decode kernel, over head sizes,
+    GQA groups (3, 4, 8, 16), both codec families, lengths around the 16-token tile, segment counts
+    (1, 16, more than tiles) and its settings (key pairs, 32-token tiles)."""
+    from e8vllm.kernels.triton import e8_kv
+
+    combos = [  # (head size, H_q, H_kv, codec variant, lengths, segments, block size, settings)
+        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {}),
+        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_kp": 1}),
+        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 32, {"gluon_tile": 32}),
+        (128, 32, 8, "search", [1500, 33, 800, 2], 16, 16, {}),
+        (128, 32, 8, "search", [1500, 33, 800, 2], 16, 16, {"gluon_kp": 1}),
+        (128, 24, 8, "", [700, 5, 64], 1, 16, {}),
+        (128, 64, 8, "", [700, 5, 64], 64, 16, {}),
+        (128, 16, 1, "", [300, 40], 16, 16, {}),
+        (64, 9, 3, "", [900, 31, 1], 16, 16, {}),
+        (64, 9, 3, "", [900, 31, 1], 16, 16, {"gluon_kp": 1}),
+    ]
+    for d, h_q, h_kv, variant, lens, segs, bs, settings in combos:
+        fmt = E8KVFormat.from_bits(d, 4, 4, variant)
+        case = random_case(fmt, lens, [1] * len(lens), h_q=h_q, h_kv=h_kv, block_size=bs, device="cuda", seed=21)
+        c = e8_kv.TritonE8Format.get(fmt, "cuda")
+        assert e8_kv._gluon.gluon_supported(c, bs, h_q // h_kv, settings.get("gluon_tile", 16))
+        name = (f"gluon_decode_d{d}_gqa{h_q // h_kv}_{variant or 'e8s'}_segs{segs}"
+                + "".join(f"_{k}{v}" for k, v in settings.items()))
+        _attention(case, name, num_segs=segs, decode={"gluon": 1, **settings})
+        outs = [triton_paged_attention(case.query, case.kv_cache, case.query_start_loc, case.seq_lens,
+                                       case.block_table, case.fmt, max_query_len=1, num_segs=segs,
+                                       decode={"gluon": g, **(settings if g else {})}) for g in (1, 0)]
+        diff = (outs[0] - outs[1]).abs().max().item()
+        RESULTS[name]["max_abs_diff_vs_triton_kernel"] = diff
+        print(f"{name}: max|gluon - triton kernel| {diff:.3g}")
+        assert diff <= 2 * RESULTS[name]["max_abs_err_fp16_operand_reference"] + 1e-6
 
 
 def _key_bias(case, table_dtype=torch.float16):

@@ -95,6 +95,12 @@ ASM_KERNELS = ("values_asm",)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 #: the default lookup: ``values_asm`` on GPUs, ``values`` (the same lookups) in the interpreter
 DEFAULT_KERNEL = "values" if INTERPRET else "values_asm"
+try:  # Triton's layout-explicit dialect (3.5+): the decode kernel of :mod:`.e8_gluon`
+    from . import e8_gluon as _gluon
+except ImportError:  # pragma: no cover - a Triton without Gluon
+    _gluon = None
+#: the Gluon decode kernel can run here (Gluon importable, not the CPU interpreter)
+GLUON = _gluon is not None and not INTERPRET
 #: settings that skip work and compute wrong values (timing floors for ``bench.gpu``): refused in
 #: ``E8VLLM_DECODE_CONFIG`` / ``E8VLLM_PREFILL_CONFIG``
 DIAGNOSTIC_KERNELS = ("nolut",)
@@ -105,8 +111,13 @@ DIAGNOSTIC_KERNELS = ("nolut",)
 #: (4 programs per SM instead of 3); prefetch 1 was slower (1,075 us; 950 us at 128 registers).
 #: ``values_asm``: session 10, same run: 714 us against 768 us for ``values`` (1,203 against 1,356 SASS
 #: instructions per 64-token tile); 112 registers 732 us, uncapped (168) 790 us, tile 128 / 8 warps 836 us
+#: ``gluon`` 1: decode batches of 4-bit codes run :mod:`.e8_gluon` (codes decoded straight into the
+#: tensor-core operand registers; ``gluon_tile`` tokens per step, ``gluon_kp`` 1 = key pairs looked
+#: up 32 bits at a time, ``gluon_maxnreg`` its register cap); other formats, and key centers, take
+#: the Triton kernel with the settings above.
 DECODE_CONFIG = {"kernel": DEFAULT_KERNEL, "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
-                 "prefetch": 0, "maxnreg": 128}
+                 "prefetch": 0, "maxnreg": 128, "gluon": int(GLUON), "gluon_tile": 16, "gluon_kp": 0,
+                 "gluon_maxnreg": 0}
 
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys. ``block_m`` 256
 #: (64 query tokens x 4 heads per tile): session 10, one 8,192-token prompt, 5.34 ms against 5.95 ms at 128.
@@ -147,12 +158,18 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
                 raise ValueError(f"{what}: {k} must be a power of two >= {lo}, not {v!r}")
     if type(cfg["num_stages"]) is not int or not 1 <= cfg["num_stages"] <= 4:
         raise ValueError(f"{what}: num_stages must be an integer in 1..4, not {cfg['num_stages']!r}")
-    for k in ("prefetch", "split_decode"):
+    for k in ("prefetch", "split_decode", "gluon", "gluon_kp"):
         if k in cfg and (type(cfg[k]) is not int or cfg[k] not in (0, 1)):
             raise ValueError(f"{what}: {k} must be 0 or 1, not {cfg[k]!r}")
-    mr = cfg.get("maxnreg", 0)
-    if type(mr) is not int or not (mr == 0 or 24 <= mr <= 255):
-        raise ValueError(f"{what}: maxnreg must be 0 (the compiler's choice) or a register cap in 24..255, not {mr!r}")
+    for k in ("maxnreg", "gluon_maxnreg"):
+        mr = cfg.get(k, 0)
+        if type(mr) is not int or not (mr == 0 or 24 <= mr <= 255):
+            raise ValueError(f"{what}: {k} must be 0 (the compiler's choice) or a register cap in 24..255, not {mr!r}")
+    if cfg.get("gluon") and not GLUON:
+        raise ValueError(f"{what}: gluon 1 needs Triton's Gluon dialect on a GPU"
+                         + (" (TRITON_INTERPRET=1 cannot run it)" if INTERPRET else " (not in this Triton)"))
+    if "gluon_tile" in cfg and cfg["gluon_tile"] not in (16, 32):
+        raise ValueError(f"{what}: gluon_tile must be 16 or 32, not {cfg['gluon_tile']!r}")
     return cfg
 
 
@@ -937,7 +954,31 @@ def prepare_device_constants(fmt, device: str, scale: float) -> None:  # noqa: A
     host-to-device copies are not allowed. ``device`` as ``str(kv_cache.device)`` will name it.
     Safe under a default-device context (vLLM builds models under ``torch.device("cuda")``): the
     constants are built on the host and copied to ``device`` explicitly."""
-    _q_matrix(TritonE8Format.get(fmt, device), float(scale))
+    c = TritonE8Format.get(fmt, device)
+    _q_matrix(c, float(scale))
+    if GLUON and c.k.bits == 4 and c.v.bits == 4:
+        for kp in (False, True):
+            _gluon.gluon_tables(c, kp)
+
+
+#: most KV segments the decode grid takes (the merge kernel holds segments x head size per program)
+MAX_SEGMENTS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _gluon_segs(num_seqs: int, h_kv: int, device: torch.device, base: int) -> int:
+    """Segments of the Gluon decode grid: ``base``, or more (a power of two, at most
+    :data:`MAX_SEGMENTS`) until the grid has 16 one-warp programs per SM. Depends on the batch shape
+    only (CUDA-graph capture)."""
+    want = 16 * _sm_count(device)
+    segs = base
+    while segs < MAX_SEGMENTS and num_seqs * h_kv * segs < want:
+        segs *= 2
+    return segs
 
 
 def _cache_words(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -991,7 +1032,6 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
     # settings validated once at import; an explicit (benchmark) setting is validated here
     dc = DECODE_CONFIG if decode is None else kernel_config(DECODE_CONFIG, decode, "decode settings", True)
     pc = PREFILL_CONFIG if prefill is None else kernel_config(PREFILL_CONFIG, prefill, "prefill settings", True)
-    segs = dc["segs"] if num_segs is None else num_segs
     qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale)).view(t, h_q, d)
     w, trig, first = key_bias if key_bias is not None else (None, None, None)
     bias, sink = w is not None, first is not None
@@ -1010,6 +1050,9 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         if first.shape != (t, h_q):
             raise ValueError(f"key_bias first {tuple(first.shape)} does not fit query {tuple(query.shape)}")
         sb = (first.to(torch.float32) * (scale * LOG2E)).contiguous()
+    use_gluon = bool(dc["gluon"]) and not (bias or sink) and _gluon.gluon_supported(c, bs, nq, dc["gluon_tile"])
+    segs = num_segs if num_segs is not None else (
+        _gluon_segs(b, h_kv, query.device, dc["segs"]) if use_gluon else dc["segs"])
     tabs = (c.k.table_h, c.v.table_h, c.k.pairs, c.v.pairs)
     sets = dict(k_stab=c.k.scales, v_stab=c.v.scales, KS=c.k.sets, VS=c.v.sets, KGB=c.k.group_blocks,
                 VGB=c.v.group_blocks)
@@ -1031,12 +1074,17 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=query.device)
         ws_l = torch.empty_like(ws_m)
         ws_o = torch.empty((t, h_q, segs, d), dtype=torch.float32, device=query.device)
-        _e8_decode_kernel[(b, h_kv, segs)](
-            qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, words, *strides, *tabs, block_table,
-            block_table.stride(0), query_start_loc, seq_lens, h_q, qb, trig, sb, h_q, NQ=nq,
-            BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits,
-            BLOCK_SIZE=bs, NUM_SEGS=segs, LUT=KERNELS[dc["kernel"]], BIAS=bias, SINK=sink,
-            PREFETCH=bool(dc["prefetch"]), **sets, **_launch(dc))
+        if use_gluon:
+            _gluon.gluon_decode(qr, words, c, block_table, query_start_loc, seq_lens, ws_m, ws_l, ws_o, num_seqs=b,
+                                num_kv_heads=h_kv, block_size=bs, segs=segs, maxnreg=dc["gluon_maxnreg"],
+                                tile=dc["gluon_tile"], key_pairs=bool(dc["gluon_kp"]))
+        else:
+            _e8_decode_kernel[(b, h_kv, segs)](
+                qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, words, *strides, *tabs, block_table,
+                block_table.stride(0), query_start_loc, seq_lens, h_q, qb, trig, sb, h_q, NQ=nq,
+                BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits,
+                BLOCK_SIZE=bs, NUM_SEGS=segs, LUT=KERNELS[dc["kernel"]], BIAS=bias, SINK=sink,
+                PREFETCH=bool(dc["prefetch"]), **sets, **_launch(dc))
         _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
                                     D=d, NUM_SEGS=segs, num_warps=4)
     res = torch.matmul(o.view(t * h_q, d), c.o_unrot).view(t, h_q, d)

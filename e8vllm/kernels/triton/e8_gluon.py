@@ -1,0 +1,317 @@
+r"""Decode attention over the packed E8 cache in Gluon: codes decoded straight into tensor-core registers.
+
+The Triton decode kernel (:func:`e8vllm.kernels.triton.e8_kv._e8_decode_kernel`) decodes a tile of
+codes into a blocked register layout and lets the compiler move it into the ``mma`` operand layout
+through shared memory (a store and an ``ldmatrix`` of every decoded value), and looks values up with
+``tl.gather``. On the H200 that kernel reads the cache at under 20 % of the copy bandwidth; its
+shared-memory traffic alone (two 16 KiB operand round trips per 64 tokens and head) bounds it. This
+kernel is written in Gluon (Triton's layout-explicit dialect) so that nothing but the 256-byte value
+table goes through shared memory:
+
+* **Coordinate order.** Attention is invariant to a permutation π of the rotated coordinates applied
+  to both q and k (and v's coordinates only have to be un-permuted in the output). Each thread of an
+  ``mma.m16n8k16`` operand holds a fixed set of k-indices; π is chosen so that every such set is a
+  union of whole 8-blocks (E8 words), i.e. each thread decodes exactly the words it needs:
+
+  - keys, A operand [16 tokens, D] of S^T = K·Q^T: lane (g, t) (g = lane // 4, t = lane % 4) holds
+    tokens g, g + 8 and the operand positions κ = i₀ + 2t + 8i₁ + 16i₂ + 32m of words t + 4m
+    (field i = i₀ + 2i₁ + 4i₂);
+  - values, A operand [D, 16 tokens] of O^T = V^T·P^T: lane (g, t) holds tokens 2t, 2t + 1, 2t + 8,
+    2t + 9 and κ = g + 8i₀ + 16i₁ + 32i₂ + 64x of words g + 8x.
+
+  The words are loaded in a linear layout whose join/permute/reshape into [16, D] (or [D, 16]) *is*
+  the operand layout, so the ``convert_layout`` to it is a register renaming (``assert_trivial``).
+* **Lookup.** The K and V tables (fp16, index (set << 5) | (c << 4) | v, 64 entries each) are stored
+  once per program in shared memory at offset 0; a value is one ``ld.shared.u16`` at byte offset
+  ``((w >> (4i - 1)) & 0x1E) | cb`` with the word's table base cb = table | c << 5 | set << 6
+  (inline PTX: shift, ``lop3``, load; the table is 128-byte aligned, so the base is or-ed in).
+* **Math** (per program = (sequence, kv head, KV segment), one warp): S^T = K̃·q̃^T per 16-token tile
+  with fp16 operands and float32 accumulation, scaled per key by its scale s_k, an online softmax in
+  base 2 per query head, P^T·s_v in fp16 moved to the B-operand layout (16 × N values, within the
+  warp), O^T += Ṽ^T·P^T. Partials (m, l, unnormalized o in the natural rotated order) go to the same
+  workspace as the Triton kernel's and are merged by its reduce kernel. The numbers are the Triton
+  kernel's (same operand precision), only summed in another order.
+
+Supported: 4-bit K and V codes of the pair-table E8 codecs (``e8-4``, ``e8s-4``), head size 64 or
+128, block size a multiple of 16, up to 16 query heads per kv head (:func:`gluon_supported`). Gluon
+kernels do not run in ``TRITON_INTERPRET``; CPU tests compile them for sm_90 instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+__all__ = ["gluon_supported", "gluon_decode", "gluon_tables", "decode_layouts", "key_order", "value_order", "TILE"]
+
+#: a CTA barrier: ``thread_barrier`` in Triton 3.6 (vLLM 0.26's), renamed ``barrier`` later
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+#: tokens per tile (one m16n8k16 M or K extent)
+TILE = 16
+#: bytes of one codec's value table in shared memory (64 fp16 entries: 2 sets x 2 cosets x 16 levels)
+TABLE_BYTES = gl.constexpr(128)
+#: bytes of a 4-bit pair table (2 sets x 2 cosets x 256 int32)
+PAIR_BYTES = gl.constexpr(4096)
+
+
+def gluon_supported(fmt, block_size: int, nq: int, tile: int = TILE) -> bool:  # noqa: ANN001 - TritonE8Format
+    """True when this kernel runs ``fmt`` (a ``TritonE8Format``) at this cache block size, GQA group
+    and tile (a tile must lie in one cache block)."""
+    return (fmt.head_size in (64, 128) and fmt.k.bits == 4 and fmt.v.bits == 4 and block_size % tile == 0
+            and 1 <= nq <= 16)
+
+
+def key_order(d: int) -> torch.Tensor:
+    """int64 [d]: natural rotated coordinate (8·word + field) of key operand position κ."""
+    k = torch.arange(d)
+    word = ((k >> 1) & 3) + 4 * (k >> 5)
+    field = (k & 1) + 2 * ((k >> 3) & 1) + 4 * ((k >> 4) & 1)
+    return 8 * word + field
+
+
+def value_order(d: int) -> torch.Tensor:
+    """int64 [d]: natural rotated coordinate of value operand position κ."""
+    k = torch.arange(d)
+    return 8 * ((k & 7) + 8 * (k >> 6)) + ((k >> 3) & 7)
+
+
+def _bits(n: int) -> int:
+    return n.bit_length() - 1
+
+
+@functools.lru_cache(maxsize=None)
+def decode_layouts(d: int, n_pad: int, tile: int = TILE) -> dict:
+    """The kernel's layouts for head size ``d``, ``n_pad`` (8 or 16) query-head columns and ``tile``
+    (16 or 32) tokens per step (token bit 4 in registers)."""
+    g = d // 8
+    extra = [[16, 0]] if tile == 32 else []
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    # key words [16 tokens, G]: registers token bit 3, then the word bits above t; lanes t (word bits
+    # 0, 1) and tokens 0..7
+    lk = gl.DistributedLinearLayout(reg_bases=[[8, 0]] + [[0, 4 << i] for i in range(_bits(g) - 2)] + extra,
+                                    lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+                                    warp_bases=[], block_bases=[], shape=[tile, g])
+    # value words [16 tokens, G]: registers token bits 0, 3 and the word bits above g; lanes token
+    # bits 1, 2 and word bits 0..2
+    lv = gl.DistributedLinearLayout(reg_bases=[[1, 0], [8, 0]] + [[0, 8 << i] for i in range(_bits(g) - 3)] + extra,
+                                    lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
+                                    warp_bases=[], block_bases=[], shape=[tile, g])
+    return dict(MMA=mma, LK=lk, LV=lv, OPA=gl.DotOperandLayout(0, mma, 2), OPB=gl.DotOperandLayout(1, mma, 2),
+                TABL=gl.BlockedLayout([4], [32], [1], [0]), SMEM=gl.SwizzledSharedLayout(1, 1, 1, [0]))
+
+
+@gluon.jit
+def _lookup(off):
+    """fp16 at byte ``off`` of the kernel's shared memory (the value tables sit at offset 0)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .u32 a; mov.u32 a, global_smem; add.u32 a, a, $1; ld.shared.b16 $0, [a]; }",
+        "=h,r", [off], dtype=gl.float16, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _lookup_pair(off):
+    """The two fp16 halves (low, high) of the int32 at byte ``off`` of the kernel's shared memory."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .u32 a; .reg .b32 x; mov.u32 a, global_smem; add.u32 a, a, $2; ld.shared.b32 x, [a]; "
+        "mov.b32 {$0, $1}, x; }",
+        "=h,=h,r", [off], dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+
+
+@gluon.jit
+def _word_pairs(w, sw, SETS: gl.constexpr, GB: gl.constexpr, G: gl.constexpr, L: gl.constexpr):
+    """As :func:`_word_values` through the pair table at shared-memory offset 0 (int32 (set·2 + c)·256 +
+    (f_{2j+1} << 4 | f_{2j}) = fp16 T[f_{2j}] | T[f_{2j+1}] << 16): one 32-bit load per two fields."""
+    LOW: gl.constexpr = 0x1111111
+    par = (((w & LOW) * LOW) >> 24) & 1
+    cb = (w >> 18) & 0x400  # coset bit (bit 28) -> byte bit 10
+    if SETS == 2:
+        wi = gl.arange(0, G, gl.SliceLayout(0, L))
+        cb = cb | (((sw[:, None] >> (wi // GB)[None, :]) & 1) << 11)
+    v0, v1 = _lookup_pair(((w << 2) & 0x3FC) | cb)
+    v2, v3 = _lookup_pair(((w >> 6) & 0x3FC) | cb)
+    v4, v5 = _lookup_pair(((w >> 14) & 0x3FC) | cb)
+    v6, v7 = _lookup_pair(((w >> 22) & 0x3BC) | cb | (par << 6))  # v_7 = (f_7 & ~1) | parity
+    return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
+
+
+@gluon.jit
+def _word_values(w, sw, TOFF: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr, G: gl.constexpr,
+                 L: gl.constexpr):
+    """Block words int32 [16, G] (layout L) of 4-bit codes -> the 8 field values fp16 [16, G, 2, 2, 2]
+    (trailing dims: field bits 0, 1, 2). ``sw`` [16]: switch bytes (SETS = 2), ``TOFF``: the table's
+    byte offset in shared memory."""
+    LOW: gl.constexpr = 0x1111111
+    par = (((w & LOW) * LOW) >> 24) & 1  # parity of fields 0..6 (their low bits summed into bit 24)
+    cb = ((w >> 23) & 0x20) | TOFF  # coset bit (bit 28) -> table byte bit 5
+    if SETS == 2:
+        wi = gl.arange(0, G, gl.SliceLayout(0, L))
+        cb = cb | (((sw[:, None] >> (wi // GB)[None, :]) & 1) << 6)
+    v0 = _lookup(((w << 1) & 0x1E) | cb)
+    v1 = _lookup(((w >> 3) & 0x1E) | cb)
+    v2 = _lookup(((w >> 7) & 0x1E) | cb)
+    v3 = _lookup(((w >> 11) & 0x1E) | cb)
+    v4 = _lookup(((w >> 15) & 0x1E) | cb)
+    v5 = _lookup(((w >> 19) & 0x1E) | cb)
+    v6 = _lookup(((w >> 23) & 0x1E) | cb)
+    v7 = _lookup(((w >> 27) & 0x1C) | cb | (par << 1))  # v_7 = (f_7 & ~1) | parity
+    return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
+
+
+@gluon.jit
+def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, cs0, cs1, cs2, tab_ptr,
+                      k_stab, v_stab, bt_ptr, sbt0, qsl_ptr, sl_ptr, num_heads,
+                      NQ: gl.constexpr, NP: gl.constexpr, D: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+                      NUM_SEGS: gl.constexpr, TN: gl.constexpr, KP: gl.constexpr, TABN: gl.constexpr,
+                      KS: gl.constexpr, VS: gl.constexpr, KGB: gl.constexpr,
+                      VGB: gl.constexpr, MMA: gl.constexpr, LK: gl.constexpr, LV: gl.constexpr,
+                      OPA: gl.constexpr, OPB: gl.constexpr, TABL: gl.constexpr, SMEM: gl.constexpr):
+    """Flash-decoding partials of one (sequence, kv head, segment) with one warp (module docstring).
+
+    q: float32 [T, H_q, D] rotated (natural order), scaled by scale·log2(e); cache_ptr: the cache as
+    int32 words (strides cs0, cs1, cs2); tab_ptr: fp16 [128] (K table, V table); k_stab / v_stab:
+    float32 [256] scale tables (e8s) or unread. Writes ws_m / ws_l [T, H_q, S], ws_o [T, H_q, S, D].
+    """
+    G: gl.constexpr = D // 8
+    S_OFF: gl.constexpr = 2 * G  # int32 word of the two tails (after the K and V fields, G words each)
+    seq = gl.program_id(0)
+    kvh = gl.program_id(1)
+    seg = gl.program_id(2)
+    q_start = gl.load(qsl_ptr + seq)
+    if gl.load(qsl_ptr + seq + 1) - q_start != 1:  # not a decode row (mixed batch: the tile grid's)
+        return
+    seq_len = gl.load(sl_ptr + seq)
+    tok = q_start.to(gl.int64)
+
+    # value tables at shared-memory offset 0 (the only allocation): int32 [TABN] (:func:`_tables`)
+    tables = gl.allocate_shared_memory(gl.int32, [TABN], SMEM, gl.load(tab_ptr + gl.arange(0, TABN, TABL)))
+    _cta_barrier()
+
+    # query operand [D, NP] in key operand order
+    kk = gl.arange(0, D, gl.SliceLayout(1, OPB))
+    hh = gl.arange(0, NP, gl.SliceLayout(0, OPB))
+    dn = 8 * (((kk >> 1) & 3) + 4 * (kk >> 5)) + (kk & 1) + 2 * ((kk >> 3) & 1) + 4 * ((kk >> 4) & 1)
+    q = gl.load(q_ptr + tok * sq0 + (kvh * NQ + hh)[None, :].to(gl.int64) * sq1 + dn[:, None],
+                mask=(hh < NQ)[None, :], other=0.0).to(gl.float16)
+
+    n_tiles = gl.cdiv(seq_len, TN)
+    per = gl.cdiv(n_tiles, NUM_SEGS)
+    j0 = seg * per
+    j1 = gl.minimum(j0 + per, n_tiles)
+    m_i = gl.full([NP], -1.0e30, gl.float32, gl.SliceLayout(0, MMA))
+    l_i = gl.zeros([NP], gl.float32, gl.SliceLayout(0, MMA))
+    acc = gl.zeros([D, NP], gl.float32, MMA)
+    bt_row = bt_ptr + seq.to(gl.int64) * sbt0
+    kvh_off = kvh.to(gl.int64) * cs1
+    tk = gl.arange(0, TN, gl.SliceLayout(1, LK))
+    wk = gl.arange(0, G, gl.SliceLayout(0, LK))
+    tv = gl.arange(0, TN, gl.SliceLayout(1, LV))
+    wv = gl.arange(0, G, gl.SliceLayout(0, LV))
+    ts = gl.arange(0, TN, gl.SliceLayout(1, MMA))
+    for j in range(j0, j1):
+        n0 = j * TN
+        page = gl.load(bt_row + n0 // BLOCK_SIZE).to(gl.int64) * cs0 + kvh_off + (n0 % BLOCK_SIZE) * cs2
+        base = cache_ptr + page
+        mk = (n0 + tk) < seq_len
+        wkk = gl.load(base + (tk * cs2)[:, None] + wk[None, :], mask=mk[:, None], other=0)
+        sck = gl.load(base + tk * cs2 + S_OFF, mask=mk, other=0)
+        mv = (n0 + tv) < seq_len
+        wvv = gl.load(base + (tv * cs2)[:, None] + (G + wv)[None, :], mask=mv[:, None], other=0)
+        scv = gl.load(base + tv * cs2 + S_OFF, mask=mv, other=0)
+        if KS == 2:
+            swk = sck & 255
+        else:
+            swk = sck
+        if VS == 2:
+            swv = (scv >> 16) & 255
+        else:
+            swv = scv
+        if KP:
+            xk = _word_pairs(wkk, swk, KS, KGB, G, LK)  # [TN, G, 2, 2, 2]
+        else:
+            xk = _word_values(wkk, swk, 0, KS, KGB, G, LK)
+        xk = gl.permute(gl.reshape(xk, [TN, G // 4, 4, 2, 2, 2]), [0, 1, 5, 4, 2, 3])
+        ka = gl.convert_layout(gl.reshape(xk, [TN, D]), OPA, assert_trivial=True)
+        s = mma_v2(ka, q, gl.zeros([TN, NP], gl.float32, MMA))
+        sc = gl.convert_layout(sck, gl.SliceLayout(1, MMA))
+        if KS == 2:
+            sk = gl.load(k_stab + ((sc >> 8) & 255))
+        else:
+            sk = sc.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+        if VS == 2:
+            sv = gl.load(v_stab + ((sc >> 24) & 255))
+        else:
+            sv = (sc >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+        s = gl.where(((n0 + ts) < seq_len)[:, None], s * sk[:, None], float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=0))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + gl.sum(p, axis=0)
+        pb = gl.convert_layout((p * sv[:, None]).to(gl.float16), OPB)
+        xv = _word_values(wvv, swv, PAIR_BYTES if KP else TABLE_BYTES, VS, VGB, G, LV)  # [TN, G, 2, 2, 2]
+        xv = gl.permute(gl.reshape(xv, [TN, G // 8, 8, 2, 2, 2]), [1, 5, 4, 3, 2, 0])
+        va = gl.convert_layout(gl.reshape(xv, [D, TN]), OPA, assert_trivial=True)
+        acc = mma_v2(va, pb, acc * alpha[None, :])
+        m_i = m_new
+    tables._keep_alive()
+    hm = gl.arange(0, NP, gl.SliceLayout(0, MMA))
+    wi = (tok * num_heads + kvh * NQ + hm) * NUM_SEGS + seg
+    gl.store(ws_m_ptr + wi, m_i, mask=hm < NQ)
+    gl.store(ws_l_ptr + wi, l_i, mask=hm < NQ)
+    ko = gl.arange(0, D, gl.SliceLayout(1, MMA))
+    do = 8 * ((ko & 7) + 8 * (ko >> 6)) + ((ko >> 3) & 7)
+    gl.store(ws_o_ptr + (wi * D)[None, :] + do[:, None], acc, mask=(hm < NQ)[None, :])
+
+
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    if t.numel() > n:
+        raise ValueError(f"e8vllm: a {t.numel()}-entry table does not fit the Gluon kernel's {n}")
+    return torch.cat([t, t.new_zeros(n - t.numel())])
+
+
+def _tables(fmt, key_pairs: bool) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
+    """The shared-memory image as int32 on the format's device: the K value table (fp16, 64 entries)
+    or with ``key_pairs`` the K pair table (int32, 1,024 entries), then the V value table; [64] or
+    [2048] (a power of two)."""
+    v = _pad(fmt.v.table_h, 64).view(torch.int32)
+    if key_pairs:
+        img = torch.cat([_pad(fmt.k.pairs, 1024), v])
+        return _pad(img, 2048).contiguous()
+    return torch.cat([_pad(fmt.k.table_h, 64).view(torch.int32), v]).contiguous()
+
+
+_TABLES: dict[tuple[int, bool], torch.Tensor] = {}
+
+
+def gluon_tables(fmt, key_pairs: bool) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
+    """:func:`_tables`, built once per format (``e8_kv.prepare_device_constants`` builds them before any
+    CUDA-graph capture)."""
+    key = (id(fmt), key_pairs)
+    tabs = _TABLES.get(key)
+    if tabs is None:
+        tabs = _TABLES[key] = _tables(fmt, key_pairs)
+    return tabs
+
+
+def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.Tensor,  # noqa: ANN001
+                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor, ws_m: torch.Tensor, ws_l: torch.Tensor,
+                 ws_o: torch.Tensor, *, num_seqs: int, num_kv_heads: int, block_size: int, segs: int,
+                 maxnreg: int = 0, tile: int = TILE, key_pairs: bool = False) -> None:
+    """Launch the decode grid (num_seqs, H_kv, segs) writing the workspaces of
+    ``e8_kv._e8_reduce_kernel``. qr: float32 [T, H_q, D] rotated and scaled (natural order)."""
+    t, h_q, d = qr.shape
+    nq = h_q // num_kv_heads
+    n_pad = 8 if nq <= 8 else 16
+    tabs = gluon_tables(fmt, key_pairs)
+    opts = {"num_warps": 1}
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    _gl_decode_kernel[(num_seqs, num_kv_heads, segs)](
+        qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, words, words.stride(0), words.stride(1), words.stride(2),
+        tabs, fmt.k.scales, fmt.v.scales, block_table, block_table.stride(0), query_start_loc, seq_lens, h_q,
+        NQ=nq, NP=n_pad, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=key_pairs, TABN=tabs.numel(), KS=fmt.k.sets, VS=fmt.v.sets,
+        KGB=fmt.k.group_blocks, VGB=fmt.v.group_blocks, **decode_layouts(d, n_pad, tile), **opts)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On the device machine (after .gpu-bundle/part2/device-setup.sh): the Gluon decode kernel's GPU
+# tests first, then the decode tune at 64 x 8k, the remaining GPU tests and the kernel benchmark.
+set -u
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" E8_BENCH_OUT="$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
+timeout ${G_TIMEOUT:-150} python tests/gpu/test_triton_e8_gpu.py test_gluon_decode_cuda > "$OUT/gluon_tests.log" 2>&1
+echo "gluon tests exit $?"; cp "$OUT/gpu_tests.json" "$OUT/gluon_tests.json" 2>/dev/null
+grep -E "^(PASS|FAIL)|max\||Error|error" "$OUT/gluon_tests.log" | cut -c1-260 | head -40
+timeout ${TUNE_TIMEOUT:-200} python -m e8vllm.bench.gpu tune --what decode ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
+echo "tune exit $?"; grep -E "^  \{|BEST" "$OUT/tune.log" | cut -c1-300
+if [ -n "${TESTS_ALL:-}" ]; then
+  timeout ${TESTS_TIMEOUT:-150} python tests/gpu/test_triton_e8_gpu.py $TESTS_ALL > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?"
+  grep -E "^(PASS|FAIL)|identical|max\||tokens_check" "$OUT/gpu_tests.log" | cut -c1-300 | head -30
+fi
+if [ -n "${KERNEL_ARGS:-}" ]; then
+  timeout ${KERNEL_TIMEOUT:-170} python -m e8vllm.bench.gpu kernel $KERNEL_ARGS > "$OUT/kernel.log" 2>&1; echo "kernel exit $?"
+  grep -E "^B=|copy bandwidth" "$OUT/kernel.log" | cut -c1-200
+fi
+true
