@@ -222,15 +222,19 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
     # 64 / 4 / 128 is session 9's default, timed here for the same-run comparison
     decodes += [{"kernel": "values_asm", "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": 16, "prefetch": 0,
                  "maxnreg": 128, "gluon": 0}]
-    # the Gluon kernel (one warp per program; 128 registers uncapped at tile 16, 168 at tile 32;
-    # offline, sm_90: 96 registers spill 60 bytes, 80 spill 184)
-    decodes += [{"gluon": 1, "gluon_tile": t, "gluon_kp": kp, "gluon_maxnreg": mr, "segs": sg}
-                for t, kp, mr, sg in ((16, 0, 0, 16), (16, 1, 0, 16), (32, 0, 0, 16), (16, 0, 96, 16), (16, 1, 96, 16),
-                                      (16, 0, 0, 8), (16, 0, 0, 32), (16, 0, 0, 64), (16, 1, 0, 32))]
+    # the Gluon kernel (one warp per program; offline, sm_90: 128 registers at tile 16, 168 at tile 32
+    # or with the register prefetch, 161 with the lazy rescale); gluon_diag: timing floors without the
+    # code loads (1), without the lookups (2), without both (3)
+    g = {"gluon": 1, "gluon_tile": 16, "gluon_kp": 0, "gluon_maxnreg": 0, "segs": 16, "gluon_prefetch": 0,
+         "gluon_lazy": 0, "gluon_order": 0, "gluon_diag": 0}
+    decodes += [{**g, **x} for x in ({}, {"gluon_kp": 1}, {"gluon_prefetch": 1}, {"gluon_prefetch": 1, "gluon_maxnreg": 128},
+                                     {"gluon_lazy": 1}, {"gluon_order": 1}, {"gluon_order": 1, "gluon_kp": 1},
+                                     {"gluon_maxnreg": 112}, {"gluon_diag": 1}, {"gluon_diag": 2}, {"gluon_diag": 3},
+                                     {"segs": 32}, {"gluon_tile": 32})]
     res = _e8_case(dtype, batch, ctx, decodes)
 
     def best_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        ok = [v for v in rows if "time_s" in v and v["rel_diff_vs_ref"] < 1e-2]
+        ok = [v for v in rows if "time_s" in v and v["rel_diff_vs_ref"] < 1e-2 and not v.get("gluon_diag")]
         return min(ok, key=lambda v: v["time_s"])
 
     best = best_of(res["variants"])
@@ -302,7 +306,7 @@ PREFILL_KEYS = ("kernel", "block_m", "tile_n", "num_warps", "num_stages", "maxnr
 REF_DECODE = {"kernel": "pairs", "tile_n": 64, "num_warps": 4, "num_stages": 1, "gluon": 0}
 REF_PREFILL = {"kernel": "pairs", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 2}
 DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs", "prefetch", "maxnreg", "gluon", "gluon_tile",
-               "gluon_kp", "gluon_maxnreg")
+               "gluon_kp", "gluon_maxnreg", "gluon_prefetch", "gluon_lazy", "gluon_order", "gluon_diag")
 
 
 def _vllm_case(dtype: str, batch: int, ctx: int) -> dict[str, Any]:
@@ -399,10 +403,10 @@ def run_kernel(batches: list[int], contexts: list[int], dtypes: list[str]) -> di
 
 def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
     """The write op (rotate + encode + pack + scatter of K and V, H_kv 8, D 128) for ``tokens`` new
-    tokens (a decode step of that many sequences, or a prefill chunk), with 2, 4 and 16 (the tl.dot
+    tokens (a decode step of that many sequences, or a prefill chunk), with 1, 2, 4 and 16 (the tl.dot
     rotation) rows per program (``E8VLLM_SMALL_WRITE_ROWS``; the default,
-    :func:`e8vllm.kernels.triton.e8_kv.write_block_rows`, is marked), each in a CUDA graph; saves
-    ``write.json``."""
+    :func:`e8vllm.kernels.triton.e8_kv.write_block_rows`, is marked) and the scale candidates side by
+    side ('parallel', 1 or 2 rows) or in a loop, each in a CUDA graph; saves ``write.json``."""
     import torch
 
     from e8vllm.kernels.triton import triton_write_kv_cache
@@ -418,14 +422,15 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
             k = torch.randn(n, H_KV, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
             slots = torch.randperm(cache.shape[0] * BS, device="cuda")[:n]
-            for br in (2, 4, 16):
-                fn = lambda br=br: triton_write_kv_cache(k, v, cache, slots, fmt, block_rows=br)  # noqa: E731
+            for br, par in ((1, True), (2, True), (2, False), (4, False), (16, False)):
+                fn = lambda br=br, par=par: triton_write_kv_cache(k, v, cache, slots, fmt,  # noqa: E731
+                                                                  block_rows=br, parallel=par)
                 t, graphed = _time_graph(fn)
-                r = {"dtype": dt, "tokens": n, "block_rows": br, "default": br == write_block_rows(n * H_KV),
-                     "time_s": t, "graph": graphed}
+                r = {"dtype": dt, "tokens": n, "block_rows": br, "parallel_scales": par,
+                     "default": br == write_block_rows(n * H_KV) and par == (br == 1), "time_s": t, "graph": graphed}
                 rows.append(r)
-                print(f"write {dt:10s} {n:6d} tokens  block_rows {br:2d}{' (default)' if r['default'] else '          '}"
-                      f"  {t * 1e6:9.1f} us", flush=True)
+                print(f"write {dt:10s} {n:6d} tokens  block_rows {br:2d} {'parallel' if par else 'loop    '}"
+                      f"{' (default)' if r['default'] else '          '}  {t * 1e6:9.1f} us", flush=True)
             del cache
     res = {"device": torch.cuda.get_device_name(), "rows": rows}
     (_out_dir() / "write.json").write_text(json.dumps(res, indent=1))
@@ -693,8 +698,10 @@ def report(src: Path = RESULTS) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for v in sorted(t["variants"], key=lambda v: v.get("time_s", 1e9)):
             tm = f"{v['time_s'] * 1e6:.1f}" if "time_s" in v else "error"
-            kern = v.get("kernel") or ("gluon" + "".join(f" {k.removeprefix('gluon_')} {v[k]}" for k in
-                                                          ("gluon_tile", "gluon_kp", "gluon_maxnreg") if k in v))
+            kern = v.get("kernel") or ("gluon" + "".join(
+                f" {k.removeprefix('gluon_')} {v[k]}" for k in ("gluon_tile", "gluon_kp", "gluon_maxnreg", "gluon_prefetch",
+                                                               "gluon_lazy", "gluon_order", "gluon_diag")
+                if k in v and (v[k] or k in ("gluon_tile", "gluon_kp", "gluon_maxnreg"))))
             lines.append(f"| {kern} | {v.get('block_m', '')} | {v.get('tile_n', '')} | {v.get('num_warps', '')} | "
                          f"{v.get('num_stages', '')} | {v.get('segs', '')} | {v.get('prefetch', '')} | "
                          f"{v.get('maxnreg', '')} | {tm} | "
@@ -740,13 +747,20 @@ def report(src: Path = RESULTS) -> str:
         rows = json.loads(wj.read_text())["rows"]
         lines += [f"Write op ({wj.name}): rotate + encode + pack + scatter of K and V (H_kv 8, D 128) for n new "
                   "tokens, by rows per program, in a CUDA graph (us; * = the default then).", "",
-                  "| dtype | tokens | 2 rows | 4 rows | 16 rows |", "|---|---:|---:|---:|---:|"]
-        by: dict[tuple[str, int], dict[int, str]] = {}
+                  ]
+        # columns: (rows per program, scale candidates side by side) in the order first seen
+        cols: list[tuple[int, bool]] = []
+        by: dict[tuple[str, int], dict[tuple[int, bool], str]] = {}
         for r in rows:
-            by.setdefault((r["dtype"], r["tokens"]), {})[r["block_rows"]] = (
+            key = (r["block_rows"], bool(r.get("parallel_scales", False)))
+            if key not in cols:
+                cols.append(key)
+            by.setdefault((r["dtype"], r["tokens"]), {})[key] = (
                 f"{r['time_s'] * 1e6:.1f}{'*' if r.get('default') else ''}")
+        names = [f"{br} row{'s' if br > 1 else ''}{' (parallel scales)' if par else ''}" for br, par in cols]
+        lines += ["| dtype | tokens | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(cols)]
         for (dt, n), t in by.items():
-            lines.append(f"| {dt} | {n} | {t.get(2, '')} | {t.get(4, '')} | {t.get(16, '')} |")
+            lines.append(f"| {dt} | {n} | " + " | ".join(t.get(c, "") for c in cols) + " |")
         lines.append("")
     md = "\n".join(lines)
     (src / "gpu.md").write_text(md)

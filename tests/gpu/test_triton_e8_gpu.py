@@ -42,11 +42,12 @@ RESULTS: dict = {}
 
 def test_write_codes_cuda():
     """Both write paths: 3,048 tokens x 8 heads (16 rows per program, the tl.dot rotation) and a
-    decode step's 64 tokens with 16, 4 and 2 rows per program (the small-write path: x P summed
-    from 16-column products)."""
+    decode step's 64 tokens with 16, 4, 2 and 1 rows per program (the small-write path: x P summed
+    from 16-column products; with 1 row the scale candidates are searched side by side)."""
     for kb, vb, toks, rows in ((4, 4, [2048, 1000], 16), (3, 3, [2048, 1000], 16), (2, 2, [2048, 1000], 16),
                                (4, 4, [40, 24], 16), (3, 3, [40, 24], 16), (4, 4, [40, 24], 4), (4, 4, [40, 24], 2),
-                               (3, 3, [40, 24], 2), (2, 2, [40, 24], 2)):
+                               (3, 3, [40, 24], 2), (2, 2, [40, 24], 2), (4, 4, [40, 24], 1),
+                               (2, 2, [40, 24], 1)):
         fmt = E8KVFormat.from_bits(128, kb, vb)
         case = random_case(fmt, toks, [1] * len(toks), h_q=32, h_kv=8, write=False, device="cuda")
         ref = torch.zeros_like(case.kv_cache)

@@ -42,5 +42,5 @@ def test_report_renders_engine_sweep_and_write_results(tmp_path) -> None:
     assert "| e8_k4v4 | CUSTOM | 3,880 | 3.88 | 12.5 | 0.80 | 160.0 | 0.80 |" in md
     assert "| e8_k4v4 | 512 | 3,880 | 113.2 | 578.8 | 14470.0 | 494.1 | 604.1 | 0 |" in md
     assert "CUDA graphs" in md.split("Concurrency sweep")[1]
-    assert "| e8_k4v4 | 8 | 31.7 |  | 56.1* |" in md
+    assert "| dtype | tokens | 2 rows | 16 rows |" in md and "| e8_k4v4 | 8 | 31.7 | 56.1* |" in md
     assert (tmp_path / "gpu.md").read_text() == md

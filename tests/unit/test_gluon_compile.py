@@ -39,7 +39,7 @@ def _compile(d: int, nq: int, key_pairs: bool, sets: int = 2, tile: int = 16):
     n_pad = 8 if nq <= 8 else 16
     gb = 2 if d == 128 else 1
     const = dict(NQ=nq, NP=n_pad, D=d, BLOCK_SIZE=16, NUM_SEGS=16, TN=tile, KP=int(key_pairs),
-                 TABN=2048 if key_pairs else 64, KS=sets, VS=sets, KGB=gb, VGB=gb,
+                 TABN=2048 if key_pairs else 64, PF=0, LAZY=0, ORDER=0, DIAG=0, KS=sets, VS=sets, KGB=gb, VGB=gb,
                  **gluon_mod.decode_layouts(d, n_pad, tile))
     fn = gluon_mod._gl_decode_kernel
     sig = {a: ("constexpr" if a in const else TYPES[a]) for a in fn.arg_names}
@@ -109,3 +109,15 @@ def test_gluon_setting_needs_a_gpu_target():
         e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_tile": 8}, "x")
     with pytest.raises(ValueError, match="gluon_kp"):
         e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_kp": 2}, "x")
+
+
+def test_decode_segments_grow_for_small_batches(monkeypatch):
+    """The Gluon decode grid takes more KV segments for small batches (16 one-warp programs per SM,
+    at most MAX_SEGMENTS), a function of the batch shape only (CUDA graphs)."""
+    monkeypatch.setattr(e8_kv, "_sm_count", lambda device: 132)
+    dev = torch.device("cpu")
+    assert e8_kv._gluon_segs(64, 8, dev, 16) == 16  # 8,192 programs already
+    assert e8_kv._gluon_segs(16, 8, dev, 16) == 32  # 16 x 8 x 16 = 2,048 < 2,112 programs
+    assert e8_kv._gluon_segs(8, 8, dev, 16) == 64
+    assert e8_kv._gluon_segs(1, 8, dev, 16) == e8_kv.MAX_SEGMENTS
+    assert e8_kv._gluon_segs(1, 8, dev, 128) == 128  # an explicit larger base stays

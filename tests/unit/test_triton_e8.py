@@ -27,22 +27,28 @@ from e8vllm.kernels.triton.cases import random_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
-def _write_both(case, slots=None, block_rows=None):
+def _write_both(case, slots=None, block_rows=None, parallel=None):
     """The reference writer's cache and the kernel's for ``case`` (K/V not yet written)."""
     slots = case.slots if slots is None else slots
     ref = torch.zeros_like(case.kv_cache)
     write_kv_cache(case.key, case.value, ref, slots, case.fmt)
     got = torch.zeros_like(case.kv_cache).to(DEV)
-    triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, slots.to(DEV), case.fmt, block_rows=block_rows)
+    triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, slots.to(DEV), case.fmt, block_rows=block_rows,
+                          parallel=parallel)
     return ref, got.cpu()
 
 
 def test_write_rows_per_program(monkeypatch):
-    """16 rows per program (the tl.dot rotation) unless E8VLLM_SMALL_WRITE_ROWS opts small writes
-    (decode steps) into fewer rows per program."""
+    """Small writes (decode steps) take E8VLLM_SMALL_WRITE_ROWS rows per program (default 1), larger
+    ones 16 (the tl.dot rotation); 0 turns the small-write path off."""
     from e8vllm.kernels.triton import e8_kv
 
-    assert e8_kv.write_block_rows(8 * 8) == e8_kv.write_block_rows(8192 * 8) == 16  # default: off
+    assert e8_kv._small_write_rows("1") == 1 and e8_kv._small_write_rows("0") == 0
+    monkeypatch.setattr(e8_kv, "SMALL_WRITE_ROWS", e8_kv._small_write_rows("1"))
+    assert e8_kv.write_block_rows(64 * 8) == e8_kv.write_block_rows(e8_kv.SMALL_WRITE_LIMIT - 1) == 1
+    assert e8_kv.write_block_rows(e8_kv.SMALL_WRITE_LIMIT) == e8_kv.write_block_rows(8192 * 8) == 16
+    monkeypatch.setattr(e8_kv, "SMALL_WRITE_ROWS", e8_kv._small_write_rows("0"))
+    assert e8_kv.write_block_rows(8 * 8) == 16
     monkeypatch.setattr(e8_kv, "SMALL_WRITE_ROWS", e8_kv._small_write_rows("2"))
     assert e8_kv.write_block_rows(8 * 8) == e8_kv.write_block_rows(e8_kv.SMALL_WRITE_LIMIT - 1) == 2
     assert e8_kv.write_block_rows(e8_kv.SMALL_WRITE_LIMIT) == 16
@@ -54,14 +60,18 @@ def test_write_rows_per_program(monkeypatch):
         _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), block_rows=3)
 
 
-@pytest.mark.parametrize("block_rows", [2, 16], ids=["small-write-path", "dot-path"])
-@pytest.mark.parametrize("bits", [(4, 4), (3, 2)])
-def test_write_matches_reference_codes(bits, block_rows, one_thread):
-    fmt = E8KVFormat.from_bits(64, *bits)
+@pytest.mark.parametrize("block_rows,parallel", [(2, True), (2, None), (1, None), (16, None)],
+                         ids=["two-rows-parallel-scales", "two-rows-scale-loop", "one-row-parallel-scales", "dot-path"])
+@pytest.mark.parametrize("bits,variant", [((4, 4), ""), ((3, 2), ""), ((4, 4), "search")])
+def test_write_matches_reference_codes(bits, variant, block_rows, parallel, one_thread):
+    """Every write path gives the reference's codes: 16 rows per program (tl.dot rotation, scale
+    candidates in a loop), 2 or 1 rows (16-column rotation products) with the candidates side by
+    side (1 row: the small-write default) or in the loop; e8s (scale table) and e8 (fp16 scales)."""
+    fmt = E8KVFormat.from_bits(64, *bits, variant)
     case = random_case(fmt, [37, 21], [1, 1], h_q=4, h_kv=2, write=False)
     slots = case.slots.clone()
     slots[5] = -1  # skipped token
-    ref, got = _write_both(case, slots, block_rows)
+    ref, got = _write_both(case, slots, block_rows, parallel)
     assert torch.equal(got, ref)
     blk, off = int(case.slots[5]) // 16, int(case.slots[5]) % 16
     assert int(got[blk, :, off].cpu().abs().sum()) == 0  # -1 was not written

@@ -32,9 +32,16 @@ table goes through shared memory:
   workspace as the Triton kernel's and are merged by its reduce kernel. The numbers are the Triton
   kernel's (same operand precision), only summed in another order.
 
+Settings (``e8_kv.DECODE_CONFIG``, keys ``gluon_*``; timed on the H200 in session 11, 64 x 8k):
+16-token steps (32: 719 us against 431 us), key lookups by value (``kp`` 1: pairs, 32 bits per two
+keys, 8 % fewer instructions, as fast), no register prefetch (``prefetch`` 1: the next step's codes in
+flight during this one, 168 registers, as fast), rescaling every step (``lazy`` 1: only when a maximum
+grows, 441 us), no forced ordering (``order`` 1: value lookups after the softmax, 450 us); ``diag``
+(benchmarks only) drops the code loads (1) or the lookups (2) for timing floors.
+
 Supported: 4-bit K and V codes of the pair-table E8 codecs (``e8-4``, ``e8s-4``), head size 64 or
-128, block size a multiple of 16, up to 16 query heads per kv head (:func:`gluon_supported`). Gluon
-kernels do not run in ``TRITON_INTERPRET``; CPU tests compile them for sm_90 instead.
+128, block size a multiple of the step, up to 16 query heads per kv head (:func:`gluon_supported`).
+Gluon kernels do not run in ``TRITON_INTERPRET``; CPU tests compile them for sm_90 instead.
 """
 
 from __future__ import annotations
@@ -140,8 +147,15 @@ def _word_pairs(w, sw, SETS: gl.constexpr, GB: gl.constexpr, G: gl.constexpr, L:
 
 
 @gluon.jit
+def _lookup_d(off, DIAG: gl.constexpr):
+    if DIAG & 2:  # a timing diagnostic: no lookup (wrong values)
+        return off.to(gl.float16)
+    return _lookup(off)
+
+
+@gluon.jit
 def _word_values(w, sw, TOFF: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr, G: gl.constexpr,
-                 L: gl.constexpr):
+                 L: gl.constexpr, DIAG: gl.constexpr = 0):
     """Block words int32 [16, G] (layout L) of 4-bit codes -> the 8 field values fp16 [16, G, 2, 2, 2]
     (trailing dims: field bits 0, 1, 2). ``sw`` [16]: switch bytes (SETS = 2), ``TOFF``: the table's
     byte offset in shared memory."""
@@ -151,15 +165,40 @@ def _word_values(w, sw, TOFF: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr
     if SETS == 2:
         wi = gl.arange(0, G, gl.SliceLayout(0, L))
         cb = cb | (((sw[:, None] >> (wi // GB)[None, :]) & 1) << 6)
-    v0 = _lookup(((w << 1) & 0x1E) | cb)
-    v1 = _lookup(((w >> 3) & 0x1E) | cb)
-    v2 = _lookup(((w >> 7) & 0x1E) | cb)
-    v3 = _lookup(((w >> 11) & 0x1E) | cb)
-    v4 = _lookup(((w >> 15) & 0x1E) | cb)
-    v5 = _lookup(((w >> 19) & 0x1E) | cb)
-    v6 = _lookup(((w >> 23) & 0x1E) | cb)
-    v7 = _lookup(((w >> 27) & 0x1C) | cb | (par << 1))  # v_7 = (f_7 & ~1) | parity
+    v0 = _lookup_d(((w << 1) & 0x1E) | cb, DIAG)
+    v1 = _lookup_d(((w >> 3) & 0x1E) | cb, DIAG)
+    v2 = _lookup_d(((w >> 7) & 0x1E) | cb, DIAG)
+    v3 = _lookup_d(((w >> 11) & 0x1E) | cb, DIAG)
+    v4 = _lookup_d(((w >> 15) & 0x1E) | cb, DIAG)
+    v5 = _lookup_d(((w >> 19) & 0x1E) | cb, DIAG)
+    v6 = _lookup_d(((w >> 23) & 0x1E) | cb, DIAG)
+    v7 = _lookup_d(((w >> 27) & 0x1C) | cb | (par << 1), DIAG)  # v_7 = (f_7 & ~1) | parity
     return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
+
+
+@gluon.jit
+def _tile_words(cache_ptr, bt_row, kvh_off, cs0, cs2, j, seg_end, tk, wk, tv, wv, TN: gl.constexpr,
+                BLOCK_SIZE: gl.constexpr, G: gl.constexpr, DIAG: gl.constexpr = 0):
+    """The codes of tile j (tokens j·TN + [0, TN), those >= seg_end masked): key words [TN, G] and
+    tails [TN] in the key layout, value words and tails in the value layout. DIAG & 1 (a timing
+    diagnostic): no loads, synthetic words."""
+    n0 = j * TN
+    if DIAG & 1:
+        h = n0 * 0x2E3779B1
+        wkk = (tk[:, None] * 0x01234567 + wk[None, :] * 0x2545F491 + h) ^ (h >> 7)
+        wvv = (tv[:, None] * 0x01234567 + wv[None, :] * 0x2545F491 + h) ^ (h >> 9)
+        sck = (tk * 0x11 + h) & 0x7F7F7F7F | 0x40004000
+        scv = (tv * 0x11 + h) & 0x7F7F7F7F | 0x40004000
+        return wkk, sck, wvv, scv
+    blk = gl.load(bt_row + n0 // BLOCK_SIZE, mask=n0 < seg_end, other=0)
+    base = cache_ptr + (blk.to(gl.int64) * cs0 + kvh_off + (n0 % BLOCK_SIZE) * cs2)
+    mk = (n0 + tk) < seg_end
+    wkk = gl.load(base + (tk * cs2)[:, None] + wk[None, :], mask=mk[:, None], other=0)
+    sck = gl.load(base + tk * cs2 + 2 * G, mask=mk, other=0)
+    mv = (n0 + tv) < seg_end
+    wvv = gl.load(base + (tv * cs2)[:, None] + (G + wv)[None, :], mask=mv[:, None], other=0)
+    scv = gl.load(base + tv * cs2 + 2 * G, mask=mv, other=0)
+    return wkk, sck, wvv, scv
 
 
 @gluon.jit
@@ -167,6 +206,7 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
                       k_stab, v_stab, bt_ptr, sbt0, qsl_ptr, sl_ptr, num_heads,
                       NQ: gl.constexpr, NP: gl.constexpr, D: gl.constexpr, BLOCK_SIZE: gl.constexpr,
                       NUM_SEGS: gl.constexpr, TN: gl.constexpr, KP: gl.constexpr, TABN: gl.constexpr,
+                      PF: gl.constexpr, LAZY: gl.constexpr, ORDER: gl.constexpr, DIAG: gl.constexpr,
                       KS: gl.constexpr, VS: gl.constexpr, KGB: gl.constexpr,
                       VGB: gl.constexpr, MMA: gl.constexpr, LK: gl.constexpr, LV: gl.constexpr,
                       OPA: gl.constexpr, OPB: gl.constexpr, TABL: gl.constexpr, SMEM: gl.constexpr):
@@ -174,10 +214,9 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
 
     q: float32 [T, H_q, D] rotated (natural order), scaled by scale·log2(e); cache_ptr: the cache as
     int32 words (strides cs0, cs1, cs2); tab_ptr: fp16 [128] (K table, V table); k_stab / v_stab:
-    float32 [256] scale tables (e8s) or unread. Writes ws_m / ws_l [T, H_q, S], ws_o [T, H_q, S, D].
+    float32 [256] scale tables (e8s) or unread. Writes ws_m / ws_l [B, H_q, S], ws_o [B, H_q, S, D].
     """
     G: gl.constexpr = D // 8
-    S_OFF: gl.constexpr = 2 * G  # int32 word of the two tails (after the K and V fields, G words each)
     seq = gl.program_id(0)
     kvh = gl.program_id(1)
     seg = gl.program_id(2)
@@ -212,16 +251,18 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
     tv = gl.arange(0, TN, gl.SliceLayout(1, LV))
     wv = gl.arange(0, G, gl.SliceLayout(0, LV))
     ts = gl.arange(0, TN, gl.SliceLayout(1, MMA))
+    seg_end = gl.minimum(seq_len, j1 * TN)  # a prefetched tile past the segment loads nothing
+    if PF:
+        wkk, sck, wvv, scv = _tile_words(cache_ptr, bt_row, kvh_off, cs0, cs2, j0, seg_end, tk, wk, tv, wv, TN,
+                                         BLOCK_SIZE, G, DIAG)
     for j in range(j0, j1):
+        if PF:
+            nk, nsk, nv, nsv = _tile_words(cache_ptr, bt_row, kvh_off, cs0, cs2, j + 1, seg_end, tk, wk, tv, wv, TN,
+                                           BLOCK_SIZE, G, DIAG)
+        else:
+            wkk, sck, wvv, scv = _tile_words(cache_ptr, bt_row, kvh_off, cs0, cs2, j, seg_end, tk, wk, tv, wv, TN,
+                                             BLOCK_SIZE, G, DIAG)
         n0 = j * TN
-        page = gl.load(bt_row + n0 // BLOCK_SIZE).to(gl.int64) * cs0 + kvh_off + (n0 % BLOCK_SIZE) * cs2
-        base = cache_ptr + page
-        mk = (n0 + tk) < seq_len
-        wkk = gl.load(base + (tk * cs2)[:, None] + wk[None, :], mask=mk[:, None], other=0)
-        sck = gl.load(base + tk * cs2 + S_OFF, mask=mk, other=0)
-        mv = (n0 + tv) < seq_len
-        wvv = gl.load(base + (tv * cs2)[:, None] + (G + wv)[None, :], mask=mv[:, None], other=0)
-        scv = gl.load(base + tv * cs2 + S_OFF, mask=mv, other=0)
         if KS == 2:
             swk = sck & 255
         else:
@@ -233,7 +274,7 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
         if KP:
             xk = _word_pairs(wkk, swk, KS, KGB, G, LK)  # [TN, G, 2, 2, 2]
         else:
-            xk = _word_values(wkk, swk, 0, KS, KGB, G, LK)
+            xk = _word_values(wkk, swk, 0, KS, KGB, G, LK, DIAG)
         xk = gl.permute(gl.reshape(xk, [TN, G // 4, 4, 2, 2, 2]), [0, 1, 5, 4, 2, 3])
         ka = gl.convert_layout(gl.reshape(xk, [TN, D]), OPA, assert_trivial=True)
         s = mma_v2(ka, q, gl.zeros([TN, NP], gl.float32, MMA))
@@ -248,18 +289,30 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
             sv = (sc >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
         s = gl.where(((n0 + ts) < seq_len)[:, None], s * sk[:, None], float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=0))
-        alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s - m_new[None, :])
-        l_i = l_i * alpha + gl.sum(p, axis=0)
         pb = gl.convert_layout((p * sv[:, None]).to(gl.float16), OPB)
-        xv = _word_values(wvv, swv, PAIR_BYTES if KP else TABLE_BYTES, VS, VGB, G, LV)  # [TN, G, 2, 2, 2]
+        if ORDER:  # the value lookups wait for the softmax (Σp <= TN·NP never exceeds 1e9): fewer live registers
+            swv = swv | (gl.sum(gl.sum(p, axis=1), axis=0) > 1.0e9).to(gl.int32)
+        xv = _word_values(wvv, swv, PAIR_BYTES if KP else TABLE_BYTES, VS, VGB, G, LV, DIAG)  # [TN, G, 2, 2, 2]
         xv = gl.permute(gl.reshape(xv, [TN, G // 8, 8, 2, 2, 2]), [1, 5, 4, 3, 2, 0])
         va = gl.convert_layout(gl.reshape(xv, [D, TN]), OPA, assert_trivial=True)
-        acc = mma_v2(va, pb, acc * alpha[None, :])
+        if LAZY:  # rescale only when a running maximum grew (warp-uniform branch)
+            if gl.max(m_new - m_i, axis=0) > 0.0:
+                alpha = gl.exp2(m_i - m_new)
+                acc = acc * alpha[None, :]
+                l_i = l_i * alpha
+            l_i = l_i + gl.sum(p, axis=0)
+            acc = mma_v2(va, pb, acc)
+        else:
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, axis=0)
+            acc = mma_v2(va, pb, acc * alpha[None, :])
         m_i = m_new
+        if PF:
+            wkk, sck, wvv, scv = nk, nsk, nv, nsv
     tables._keep_alive()
     hm = gl.arange(0, NP, gl.SliceLayout(0, MMA))
-    wi = (tok * num_heads + kvh * NQ + hm) * NUM_SEGS + seg
+    wi = (seq.to(gl.int64) * num_heads + kvh * NQ + hm) * NUM_SEGS + seg  # workspaces are per sequence
     gl.store(ws_m_ptr + wi, m_i, mask=hm < NQ)
     gl.store(ws_l_ptr + wi, l_i, mask=hm < NQ)
     ko = gl.arange(0, D, gl.SliceLayout(1, MMA))
@@ -300,7 +353,8 @@ def gluon_tables(fmt, key_pairs: bool) -> torch.Tensor:  # noqa: ANN001 - Triton
 def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.Tensor,  # noqa: ANN001
                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, ws_m: torch.Tensor, ws_l: torch.Tensor,
                  ws_o: torch.Tensor, *, num_seqs: int, num_kv_heads: int, block_size: int, segs: int,
-                 maxnreg: int = 0, tile: int = TILE, key_pairs: bool = False) -> None:
+                 maxnreg: int = 0, tile: int = TILE, key_pairs: bool = False, prefetch: bool = False,
+                 lazy: bool = False, order: bool = False, diag: int = 0) -> None:
     """Launch the decode grid (num_seqs, H_kv, segs) writing the workspaces of
     ``e8_kv._e8_reduce_kernel``. qr: float32 [T, H_q, D] rotated and scaled (natural order)."""
     t, h_q, d = qr.shape
@@ -313,5 +367,6 @@ def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.
     _gl_decode_kernel[(num_seqs, num_kv_heads, segs)](
         qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, words, words.stride(0), words.stride(1), words.stride(2),
         tabs, fmt.k.scales, fmt.v.scales, block_table, block_table.stride(0), query_start_loc, seq_lens, h_q,
-        NQ=nq, NP=n_pad, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=key_pairs, TABN=tabs.numel(), KS=fmt.k.sets, VS=fmt.v.sets,
+        NQ=nq, NP=n_pad, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=key_pairs, TABN=tabs.numel(),
+        PF=prefetch, LAZY=lazy, ORDER=order, DIAG=diag, KS=fmt.k.sets, VS=fmt.v.sets,
         KGB=fmt.k.group_blocks, VGB=fmt.v.group_blocks, **decode_layouts(d, n_pad, tile), **opts)

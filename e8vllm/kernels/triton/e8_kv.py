@@ -51,7 +51,9 @@ Kernels:
   default on GPUs) the same with each index built by one inline-PTX ``lop3`` (the compiler would
   otherwise add the coset's table offset to every value's address with a separate multiply-add).
   :func:`_e8_decode_kernel`: flash-decoding (one query token per sequence, the context split in
-  ``segs`` segments, partials merged by :func:`_e8_reduce_kernel`); :func:`_e8_tile_attn_kernel`: the
+  ``segs`` segments, partials merged by :func:`_e8_reduce_kernel`); for 4-bit codes without key
+  centers the decode grid is :mod:`.e8_gluon`'s kernel instead (``gluon`` setting; the same
+  partials, the same merge); :func:`_e8_tile_attn_kernel`: the
   general grid (prefill, chunked prefill, mixed batches; query tiles found by a binary search over
   ``query_start_loc`` like vLLM's ``triton_unified_attention``). The query tile holds ``BLOCK_Q``
   query tokens × the query heads of one kv head, so every code is decoded once per tile for all
@@ -117,7 +119,7 @@ DIAGNOSTIC_KERNELS = ("nolut",)
 #: the Triton kernel with the settings above.
 DECODE_CONFIG = {"kernel": DEFAULT_KERNEL, "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
                  "prefetch": 0, "maxnreg": 128, "gluon": int(GLUON), "gluon_tile": 16, "gluon_kp": 0,
-                 "gluon_maxnreg": 0}
+                 "gluon_maxnreg": 0, "gluon_prefetch": 0, "gluon_lazy": 0, "gluon_order": 0, "gluon_diag": 0}
 
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys. ``block_m`` 256
 #: (64 query tokens x 4 heads per tile): session 10, one 8,192-token prompt, 5.34 ms against 5.95 ms at 128.
@@ -158,7 +160,7 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
                 raise ValueError(f"{what}: {k} must be a power of two >= {lo}, not {v!r}")
     if type(cfg["num_stages"]) is not int or not 1 <= cfg["num_stages"] <= 4:
         raise ValueError(f"{what}: num_stages must be an integer in 1..4, not {cfg['num_stages']!r}")
-    for k in ("prefetch", "split_decode", "gluon", "gluon_kp"):
+    for k in ("prefetch", "split_decode", "gluon", "gluon_kp", "gluon_prefetch", "gluon_lazy", "gluon_order"):
         if k in cfg and (type(cfg[k]) is not int or cfg[k] not in (0, 1)):
             raise ValueError(f"{what}: {k} must be 0 or 1, not {cfg[k]!r}")
     for k in ("maxnreg", "gluon_maxnreg"):
@@ -168,6 +170,9 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
     if cfg.get("gluon") and not GLUON:
         raise ValueError(f"{what}: gluon 1 needs Triton's Gluon dialect on a GPU"
                          + (" (TRITON_INTERPRET=1 cannot run it)" if INTERPRET else " (not in this Triton)"))
+    if cfg.get("gluon_diag", 0) not in (0, 1, 2, 3) or (cfg.get("gluon_diag") and not diagnostic):
+        raise ValueError(f"{what}: gluon_diag {cfg.get('gluon_diag')!r} skips loads (1) or lookups (2) and computes wrong "
+                         "values (a timing diagnostic); only benchmarks may select it")
     if "gluon_tile" in cfg and cfg["gluon_tile"] not in (16, 32):
         raise ValueError(f"{what}: gluon_tile must be 16 or 32, not {cfg['gluon_tile']!r}")
     return cfg
@@ -367,10 +372,13 @@ def _best_of_sets(u, tab_ptr, mid_ptr, K: tl.constexpr, i8, BLOCK_R: tl.constexp
 def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_off, scale_off,
                 pm1_ptr, inv_sqrt_b, tab_ptr, mid_ptr, fac_ptr, stab_ptr, n_rows, H, block_size,
                 D: tl.constexpr, BITS: tl.constexpr, NS: tl.constexpr, BLOCK_R: tl.constexpr,
-                SETS: tl.constexpr, GB: tl.constexpr):
+                SETS: tl.constexpr, GB: tl.constexpr, PAR: tl.constexpr = False, NC: tl.constexpr = 1):
     """Rows r = pid·BLOCK_R ... of x [T, H, D] (r = t*H + h; last dim contiguous) -> codes into the
     cache slots: fields at byte ``code_off`` of the slot, the 2-byte tail at ``scale_off`` (SETS 1:
-    the fp16 scale; SETS 2: the switch byte, then the exponent byte of the scale table ``stab``)."""
+    the fp16 scale; SETS 2: the switch byte, then the exponent byte of the scale table ``stab``).
+    With PAR the NS scale candidates are searched side by side (NC = NS rounded up to a power of two)
+    instead of one after another: the same errors and the same winner (the first of equal ones), a
+    shorter dependency chain for small writes."""
     G: tl.constexpr = D // 8
     K: tl.constexpr = 1 << BITS
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -407,23 +415,42 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
         e0 = tl.minimum(tl.maximum(tl.where(rms > 0, e0, 0.0), 0.0), 256.0 - NS).to(tl.int32)
     else:  # fp16 scales: no exponent
         e0 = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for si in range(NS):  # a runtime loop: unrolling 9 candidates made a 28k-instruction kernel (2 min to compile)
+    if PAR:  # the NS candidates side by side: (row, candidate) pairs are the rows of one search
+        ci = tl.arange(0, NC)
         if SETS == 2:
-            s = tl.load(stab_ptr + e0 + si)
+            sc = tl.load(stab_ptr + e0[:, None] + ci[None, :], mask=ci[None, :] < NS, other=1.0)  # [R, NC]
         else:
-            f = tl.load(fac_ptr + si)
-            s = tl.minimum(tl.maximum(rms * f, -_FP16_MAX), _FP16_MAX).to(tl.float16).to(tl.float32)
-            s = tl.where(s > 0, s, 1.0)
-        u = tl.math.div_rn(y3, s[:, None, None])
-        v, c, sw, err = _best_of_sets(u, tab_ptr, mid_ptr, K, i8, BLOCK_R, G, SETS, GB)
-        err = err * (s * s)
-        better = err < best_err
-        best_err = tl.where(better, err, best_err)
-        best_v = tl.where(better[:, None, None], v, best_v)
-        best_c = tl.where(better[:, None], c, best_c)
-        best_s = tl.where(better, s, best_s)
-        best_sw = tl.where(better, sw, best_sw)
-        best_e = tl.where(better, e0 + si, best_e)
+            f = tl.load(fac_ptr + ci, mask=ci < NS, other=1.0)
+            sc = tl.minimum(tl.maximum(rms[:, None] * f[None, :], -_FP16_MAX), _FP16_MAX).to(tl.float16).to(tl.float32)
+            sc = tl.where(sc > 0, sc, 1.0)
+        u = tl.reshape(tl.math.div_rn(y3[:, None, :, :], sc[:, :, None, None]), [BLOCK_R * NC, G, 8])
+        v, c, sw, err = _best_of_sets(u, tab_ptr, mid_ptr, K, i8, BLOCK_R * NC, G, SETS, GB)
+        err = tl.where(ci[None, :] < NS, tl.reshape(err, [BLOCK_R, NC]) * (sc * sc), float("inf"))
+        best = tl.argmin(err, axis=1)  # the first of equal errors, as the loop's strict '<'
+        pick = ci[None, :] == best[:, None]  # [R, NC]
+        best_v = tl.sum(tl.where(pick[:, :, None, None], tl.reshape(v, [BLOCK_R, NC, G, 8]), 0), axis=1)
+        best_c = tl.sum(tl.where(pick[:, :, None], tl.reshape(c, [BLOCK_R, NC, G]), 0), axis=1)
+        best_s = tl.sum(tl.where(pick, sc, 0.0), axis=1)
+        best_sw = tl.sum(tl.where(pick, tl.reshape(sw, [BLOCK_R, NC]), 0), axis=1)
+        best_e = e0 + best.to(tl.int32)
+    else:
+        for si in range(NS):  # a runtime loop: unrolling 9 candidates made a 28k-instruction kernel (2 min to compile)
+            if SETS == 2:
+                s = tl.load(stab_ptr + e0 + si)
+            else:
+                f = tl.load(fac_ptr + si)
+                s = tl.minimum(tl.maximum(rms * f, -_FP16_MAX), _FP16_MAX).to(tl.float16).to(tl.float32)
+                s = tl.where(s > 0, s, 1.0)
+            u = tl.math.div_rn(y3, s[:, None, None])
+            v, c, sw, err = _best_of_sets(u, tab_ptr, mid_ptr, K, i8, BLOCK_R, G, SETS, GB)
+            err = err * (s * s)
+            better = err < best_err
+            best_err = tl.where(better, err, best_err)
+            best_v = tl.where(better[:, None, None], v, best_v)
+            best_c = tl.where(better[:, None], c, best_c)
+            best_s = tl.where(better, s, best_s)
+            best_sw = tl.where(better, sw, best_sw)
+            best_e = tl.where(better, e0 + si, best_e)
     fields = tl.where(i8 == 7, ((best_v >> 1) << 1) | best_c[:, :, None], best_v).to(tl.int64)
     word = tl.sum(fields << (i8.to(tl.int64) * BITS), axis=2)  # [R, G], disjoint bits
     blk = slot // block_size
@@ -448,24 +475,26 @@ def _e8_write_kernel(k_ptr, sk0, sk1, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0,
                      v_pm1, v_isb, v_tab, v_mid, v_fac, v_stab, n_rows, H, block_size,
                      D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, KNS: tl.constexpr, VNS: tl.constexpr,
                      BLOCK_R: tl.constexpr, KS: tl.constexpr = 1, VS: tl.constexpr = 1, KGB: tl.constexpr = 1,
-                     VGB: tl.constexpr = 1):
+                     VGB: tl.constexpr = 1, PAR: tl.constexpr = False, KNC: tl.constexpr = 1,
+                     VNC: tl.constexpr = 1):
     """K (program axis 1 = 0) and V (= 1) of one write in one launch: :func:`_write_rows` each, so a
     decode step's few rows of K and V are encoded side by side on different SMs."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
         _write_rows(pid, k_ptr, sk0, sk1, slot_ptr, cache_ptr, cs0, cs1, cs2, k_off, k_soff, k_pm1, k_isb, k_tab,
-                    k_mid, k_fac, k_stab, n_rows, H, block_size, D, KB, KNS, BLOCK_R, KS, KGB)
+                    k_mid, k_fac, k_stab, n_rows, H, block_size, D, KB, KNS, BLOCK_R, KS, KGB, PAR, KNC)
     else:
         _write_rows(pid, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0, cs1, cs2, v_off, v_soff, v_pm1, v_isb, v_tab,
-                    v_mid, v_fac, v_stab, n_rows, H, block_size, D, VB, VNS, BLOCK_R, VS, VGB)
+                    v_mid, v_fac, v_stab, n_rows, H, block_size, D, VB, VNS, BLOCK_R, VS, VGB, PAR, VNC)
 
 
-#: with ``E8VLLM_SMALL_WRITE_ROWS`` = r (a power of two below 16; 0, the default, = off), writes of
-#: fewer (token, head) rows than this (decode steps, small chunks) take r rows per program instead of
-#: 16, so that a decode step's few rows spread over many SMs (each program searches all scale
-#: candidates of its rows one after another; with 16 rows per program a decode step of 8 sequences
-#: runs 8 programs: 96 us per layer, session 6). Off until it is timed on the H200 (``bench.gpu write``).
-SMALL_WRITE_LIMIT = 4096
+#: writes of fewer (token, head) rows than SMALL_WRITE_LIMIT (decode steps, small chunks) take
+#: ``E8VLLM_SMALL_WRITE_ROWS`` = r rows per program (a power of two below 16; 0 = off: 16 rows) instead
+#: of 16, so that a decode step's few rows spread over many SMs; with 1 row the scale candidates are
+#: searched side by side. Default 1: session 11, H200, e8_k4v4 K and V of H_kv 8 (``bench.gpu
+#: write``): 1 token 13.2 us (16 rows: 63.4), 8 tokens 15.1 (57.2), 64 tokens 50.2 (57.9); at 256
+#: tokens 16 rows win (111.6 against 189.5), hence the limit of 1,024 rows.
+SMALL_WRITE_LIMIT = 1024
 
 
 def _small_write_rows(text: str) -> int:
@@ -478,7 +507,7 @@ def _small_write_rows(text: str) -> int:
     return r
 
 
-SMALL_WRITE_ROWS = _small_write_rows(os.environ.get("E8VLLM_SMALL_WRITE_ROWS", "0"))
+SMALL_WRITE_ROWS = _small_write_rows(os.environ.get("E8VLLM_SMALL_WRITE_ROWS", "1"))
 
 
 def write_block_rows(n_rows: int) -> int:
@@ -487,7 +516,8 @@ def write_block_rows(n_rows: int) -> int:
 
 
 def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                          slot_mapping: torch.Tensor, fmt, *, block_rows: int | None = None) -> None:  # noqa: ANN001
+                          slot_mapping: torch.Tensor, fmt, *, block_rows: int | None = None,  # noqa: ANN001
+                          parallel: bool | None = None) -> None:
     """Fused rotate + E8 encode + pack + scatter (same contract as ``reference.write_kv_cache``).
 
     Args:
@@ -498,6 +528,9 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         block_rows: rows per program, a power of two (default :func:`write_block_rows`: 16 with the
             rotation as one ``tl.dot``; fewer, rotated by 16-column products, for small writes with
             ``E8VLLM_SMALL_WRITE_ROWS``).
+        parallel: search the scale candidates side by side instead of in a loop (default: with one
+            row per program; at most 2 rows per program. H200, one token: 13.2 us with 1 row side by
+            side, 33.9 us with 2 rows side by side, 31.8 us with 2 rows in the loop).
     """
     t = slot_mapping.shape[0]
     if t == 0:
@@ -509,15 +542,20 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
     block_rows = write_block_rows(n_rows) if block_rows is None else block_rows
     if block_rows < 1 or block_rows & (block_rows - 1):
         raise ValueError(f"block_rows must be a power of two, not {block_rows}")
+    par = block_rows == 1 if parallel is None else bool(parallel)
+    if par and block_rows > 2:
+        raise ValueError(f"parallel scale search takes at most 2 rows per program, not {block_rows}")
     key = key if key.stride(2) == 1 else key.contiguous()
     value = value if value.stride(2) == 1 else value.contiguous()
+    kns, vns = c.k.factors.shape[0], c.v.factors.shape[0]
     _e8_write_kernel[(triton.cdiv(n_rows, block_rows), 2)](
         key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1), slot_mapping, kv_cache,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 0, c.scales_off, c.v_fields_off,
         c.scales_off + 2, c.k.pm1, c.k.inv_sqrt_b, c.k.table, c.k.mids, c.k.factors, c.k.scales, c.v.pm1,
         c.v.inv_sqrt_b, c.v.table, c.v.mids, c.v.factors, c.v.scales, n_rows, h, bs, D=d, KB=c.k.bits, VB=c.v.bits,
-        KNS=c.k.factors.shape[0], VNS=c.v.factors.shape[0], BLOCK_R=block_rows, KS=c.k.sets, VS=c.v.sets,
-        KGB=c.k.group_blocks, VGB=c.v.group_blocks, num_warps=8 if block_rows >= 16 else 4, num_stages=1)
+        KNS=kns, VNS=vns, BLOCK_R=block_rows, KS=c.k.sets, VS=c.v.sets,
+        KGB=c.k.group_blocks, VGB=c.v.group_blocks, PAR=par, KNC=triton.next_power_of_2(kns),
+        VNC=triton.next_power_of_2(vns), num_warps=8 if block_rows >= 16 else 4, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -798,7 +836,7 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
     logit of position n; with SINK, sink float32 [T, H_q] (row stride ss0) adds to position 0's
     (:func:`_tile_step`). With PREFETCH, the next tile's codes are loaded into registers before the
     current tile is decoded (its loads are in flight while this tile computes).
-    Writes unnormalized partials to ws_o [T, H_q, S, D] and ws_m / ws_l [T, H_q, S].
+    Writes unnormalized partials to ws_o [B, H_q, S, D] and ws_m / ws_l [B, H_q, S] (per sequence).
     """
     G: tl.constexpr = D // 8
     seq = tl.program_id(0)
@@ -840,7 +878,7 @@ def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
             m_i, l_i, acc = _tile_step(q, cache_ptr, slot, n, nmask, n, k_tab, v_tab, k_pairs, v_pairs, m_i, l_i,
                                        acc, qb, trig_ptr, sb, KB, VB, G, TILE_N, LUT, False, BIAS, SINK, k_stab,
                                        v_stab, KS, VS, KGB, VGB)
-    wi = (tok * num_heads + head) * NUM_SEGS + seg
+    wi = (seq.to(tl.int64) * num_heads + head) * NUM_SEGS + seg  # workspaces are per sequence
     tl.store(ws_m_ptr + wi, m_i, mask=rvalid)
     tl.store(ws_l_ptr + wi, l_i, mask=rvalid)
     tl.store(ws_o_ptr + (wi * D)[:, None] + d[None, :], acc, mask=rvalid[:, None])
@@ -916,7 +954,7 @@ def _e8_reduce_kernel(o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_ptr, qsl_ptr, nu
     tok = q_start.to(tl.int64)
     sg = tl.arange(0, NUM_SEGS)
     d = tl.arange(0, D)
-    wi = (tok * num_heads + head) * NUM_SEGS + sg
+    wi = (seq.to(tl.int64) * num_heads + head) * NUM_SEGS + sg
     m = tl.load(ws_m_ptr + wi)
     l_ = tl.load(ws_l_ptr + wi)
     mx = tl.max(m, axis=0)
@@ -1071,13 +1109,16 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
     if max_query_len <= 1 or split:
         # the split-KV decode grid over the sequences with one query token (all of them in a decode
         # batch; in a mixed batch the ones the tile grid skipped)
-        ws_m = torch.empty((t, h_q, segs), dtype=torch.float32, device=query.device)
+        # per sequence (not per query token: a mixed batch has a prefill chunk's tokens as well)
+        ws_m = torch.empty((b, h_q, segs), dtype=torch.float32, device=query.device)
         ws_l = torch.empty_like(ws_m)
-        ws_o = torch.empty((t, h_q, segs, d), dtype=torch.float32, device=query.device)
+        ws_o = torch.empty((b, h_q, segs, d), dtype=torch.float32, device=query.device)
         if use_gluon:
             _gluon.gluon_decode(qr, words, c, block_table, query_start_loc, seq_lens, ws_m, ws_l, ws_o, num_seqs=b,
                                 num_kv_heads=h_kv, block_size=bs, segs=segs, maxnreg=dc["gluon_maxnreg"],
-                                tile=dc["gluon_tile"], key_pairs=bool(dc["gluon_kp"]))
+                                tile=dc["gluon_tile"], key_pairs=bool(dc["gluon_kp"]),
+                                prefetch=bool(dc["gluon_prefetch"]), lazy=bool(dc["gluon_lazy"]),
+                                order=bool(dc["gluon_order"]), diag=dc["gluon_diag"])
         else:
             _e8_decode_kernel[(b, h_kv, segs)](
                 qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, words, *strides, *tabs, block_table,
