@@ -21,6 +21,8 @@ import torch
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("Gluon kernels compile for a GPU target; the interpreter cannot trace them", allow_module_level=True)
 
+# Triton 3.9 warns unless the fp-fusion default is explicit; 1 = the default of the Triton vLLM runs with
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 triton = pytest.importorskip("triton")
 gluon_mod = pytest.importorskip("e8vllm.kernels.triton.e8_gluon")
 

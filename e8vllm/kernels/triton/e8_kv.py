@@ -1008,6 +1008,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _mma_v2_capable(device: torch.device) -> bool:
+    """The Gluon decode kernel's ``mma.m16n8k16`` needs sm_80 or newer; older GPUs take the Triton kernel."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _gluon_segs(num_seqs: int, h_kv: int, device: torch.device, base: int) -> int:
     """Segments of the Gluon decode grid: ``base``, or more (a power of two, at most
     :data:`MAX_SEGMENTS`) until the grid has 16 one-warp programs per SM. Depends on the batch shape
@@ -1088,7 +1094,8 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         if first.shape != (t, h_q):
             raise ValueError(f"key_bias first {tuple(first.shape)} does not fit query {tuple(query.shape)}")
         sb = (first.to(torch.float32) * (scale * LOG2E)).contiguous()
-    use_gluon = bool(dc["gluon"]) and not (bias or sink) and _gluon.gluon_supported(c, bs, nq, dc["gluon_tile"])
+    use_gluon = (bool(dc["gluon"]) and not (bias or sink) and _gluon.gluon_supported(c, bs, nq, dc["gluon_tile"])
+                 and _mma_v2_capable(query.device))
     segs = num_segs if num_segs is not None else (
         _gluon_segs(b, h_kv, query.device, dc["segs"]) if use_gluon else dc["segs"])
     tabs = (c.k.table_h, c.v.table_h, c.k.pairs, c.v.pairs)
