@@ -216,10 +216,8 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
 
     torch.manual_seed(0)
     decodes: list[dict[str, Any]] = [{**REF_DECODE, "segs": 16}]
-    # register caps (sm_90 has 64K registers per SM): 'values_asm' at tile 64 / 4 warps takes 168
-    # registers per thread uncapped (3 programs per SM), 128 with a small spill (4 programs); at tile
-    # 128 / 8 warps 128 without spilling (2 programs, the same 16 warps per SM); 'values' at
-    # 64 / 4 / 128 is session 9's default, timed here for the same-run comparison
+    # the Triton decode kernel's default (still the decode kernel of 2- and 3-bit codes), for the
+    # same-run comparison
     decodes += [{"kernel": "values_asm", "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": 16, "prefetch": 0,
                  "maxnreg": 128, "gluon": 0}]
     # the Gluon kernel (one warp per program; offline, sm_90: 128 registers at tile 16, 168 at tile 32

@@ -49,7 +49,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -130,15 +129,24 @@ def _lookup_pair(off):
 
 
 @gluon.jit
+def _word_bits(w, sw, SHIFT: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr, G: gl.constexpr, L: gl.constexpr):
+    """(parity of fields 0..6, the table bits of block words w [16, G] (layout L)): the coset bit
+    (bit 28) at byte-offset bit SHIFT and, with SETS = 2, the block's table set ((sw >> (g // GB)) & 1
+    of switch bytes sw [16]) at bit SHIFT + 1."""
+    LOW: gl.constexpr = 0x1111111
+    par = (((w & LOW) * LOW) >> 24) & 1  # the low bits of fields 0..6 summed into bit 24
+    cb = (w >> (28 - SHIFT)) & (1 << SHIFT)
+    if SETS == 2:
+        wi = gl.arange(0, G, gl.SliceLayout(0, L))
+        cb = cb | (((sw[:, None] >> (wi // GB)[None, :]) & 1) << (SHIFT + 1))
+    return par, cb
+
+
+@gluon.jit
 def _word_pairs(w, sw, SETS: gl.constexpr, GB: gl.constexpr, G: gl.constexpr, L: gl.constexpr):
     """As :func:`_word_values` through the pair table at shared-memory offset 0 (int32 (set·2 + c)·256 +
     (f_{2j+1} << 4 | f_{2j}) = fp16 T[f_{2j}] | T[f_{2j+1}] << 16): one 32-bit load per two fields."""
-    LOW: gl.constexpr = 0x1111111
-    par = (((w & LOW) * LOW) >> 24) & 1
-    cb = (w >> 18) & 0x400  # coset bit (bit 28) -> byte bit 10
-    if SETS == 2:
-        wi = gl.arange(0, G, gl.SliceLayout(0, L))
-        cb = cb | (((sw[:, None] >> (wi // GB)[None, :]) & 1) << 11)
+    par, cb = _word_bits(w, sw, 10, SETS, GB, G, L)
     v0, v1 = _lookup_pair(((w << 2) & 0x3FC) | cb)
     v2, v3 = _lookup_pair(((w >> 6) & 0x3FC) | cb)
     v4, v5 = _lookup_pair(((w >> 14) & 0x3FC) | cb)
@@ -159,12 +167,8 @@ def _word_values(w, sw, TOFF: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr
     """Block words int32 [16, G] (layout L) of 4-bit codes -> the 8 field values fp16 [16, G, 2, 2, 2]
     (trailing dims: field bits 0, 1, 2). ``sw`` [16]: switch bytes (SETS = 2), ``TOFF``: the table's
     byte offset in shared memory."""
-    LOW: gl.constexpr = 0x1111111
-    par = (((w & LOW) * LOW) >> 24) & 1  # parity of fields 0..6 (their low bits summed into bit 24)
-    cb = ((w >> 23) & 0x20) | TOFF  # coset bit (bit 28) -> table byte bit 5
-    if SETS == 2:
-        wi = gl.arange(0, G, gl.SliceLayout(0, L))
-        cb = cb | (((sw[:, None] >> (wi // GB)[None, :]) & 1) << 6)
+    par, cb = _word_bits(w, sw, 5, SETS, GB, G, L)
+    cb = cb | TOFF
     v0 = _lookup_d(((w << 1) & 0x1E) | cb, DIAG)
     v1 = _lookup_d(((w >> 3) & 0x1E) | cb, DIAG)
     v2 = _lookup_d(((w >> 7) & 0x1E) | cb, DIAG)
@@ -213,8 +217,8 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
     """Flash-decoding partials of one (sequence, kv head, segment) with one warp (module docstring).
 
     q: float32 [T, H_q, D] rotated (natural order), scaled by scale·log2(e); cache_ptr: the cache as
-    int32 words (strides cs0, cs1, cs2); tab_ptr: fp16 [128] (K table, V table); k_stab / v_stab:
-    float32 [256] scale tables (e8s) or unread. Writes ws_m / ws_l [B, H_q, S], ws_o [B, H_q, S, D].
+    int32 words (strides cs0, cs1, cs2); tab_ptr: the shared-memory image int32 [TABN] (:func:`_tables`);
+    k_stab / v_stab: float32 [256] scale tables (e8s) or unread. Writes ws_m / ws_l [B, H_q, S], ws_o [B, H_q, S, D].
     """
     G: gl.constexpr = D // 8
     seq = gl.program_id(0)
@@ -357,7 +361,7 @@ def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.
                  lazy: bool = False, order: bool = False, diag: int = 0) -> None:
     """Launch the decode grid (num_seqs, H_kv, segs) writing the workspaces of
     ``e8_kv._e8_reduce_kernel``. qr: float32 [T, H_q, D] rotated and scaled (natural order)."""
-    t, h_q, d = qr.shape
+    h_q, d = qr.shape[1], qr.shape[2]
     nq = h_q // num_kv_heads
     n_pad = 8 if nq <= 8 else 16
     tabs = gluon_tables(fmt, key_pairs)

@@ -171,8 +171,8 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
         raise ValueError(f"{what}: gluon 1 needs Triton's Gluon dialect on a GPU"
                          + (" (TRITON_INTERPRET=1 cannot run it)" if INTERPRET else " (not in this Triton)"))
     if cfg.get("gluon_diag", 0) not in (0, 1, 2, 3) or (cfg.get("gluon_diag") and not diagnostic):
-        raise ValueError(f"{what}: gluon_diag {cfg.get('gluon_diag')!r} skips loads (1) or lookups (2) and computes wrong "
-                         "values (a timing diagnostic); only benchmarks may select it")
+        raise ValueError(f"{what}: gluon_diag {cfg.get('gluon_diag')!r} skips loads (1) or lookups (2) and computes "
+                         "wrong values (a timing diagnostic); only benchmarks may select it")
     if "gluon_tile" in cfg and cfg["gluon_tile"] not in (16, 32):
         raise ValueError(f"{what}: gluon_tile must be 16 or 32, not {cfg['gluon_tile']!r}")
     return cfg
@@ -404,12 +404,6 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
     rms = tl.sqrt(tl.sum(y * y, axis=1) / D)
     y3 = tl.reshape(y, [BLOCK_R, G, 8])
     i8 = tl.arange(0, 8)[None, None, :]
-    best_err = tl.full([BLOCK_R], float("inf"), tl.float32)
-    best_v = tl.zeros([BLOCK_R, G, 8], dtype=tl.int32)
-    best_c = tl.zeros([BLOCK_R, G], dtype=tl.int32)
-    best_s = tl.zeros([BLOCK_R], dtype=tl.float32)
-    best_sw = tl.zeros([BLOCK_R], dtype=tl.int32)
-    best_e = tl.zeros([BLOCK_R], dtype=tl.int32)
     if SETS == 2:  # the first candidate exponent floor(10·log2(0.75·RMS)) + 130 (``codecs.e8s.scale_candidates``)
         e0 = tl.floor(tl.log2(tl.maximum(rms * LOW_FACTOR, 1e-30)) * STEPS_PER_OCTAVE) + EXP_BIAS
         e0 = tl.minimum(tl.maximum(tl.where(rms > 0, e0, 0.0), 0.0), 256.0 - NS).to(tl.int32)
@@ -434,6 +428,12 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
         best_sw = tl.sum(tl.where(pick, tl.reshape(sw, [BLOCK_R, NC]), 0), axis=1)
         best_e = e0 + best.to(tl.int32)
     else:
+        best_err = tl.full([BLOCK_R], float("inf"), tl.float32)
+        best_v = tl.zeros([BLOCK_R, G, 8], dtype=tl.int32)
+        best_c = tl.zeros([BLOCK_R, G], dtype=tl.int32)
+        best_s = tl.zeros([BLOCK_R], dtype=tl.float32)
+        best_sw = tl.zeros([BLOCK_R], dtype=tl.int32)
+        best_e = tl.zeros([BLOCK_R], dtype=tl.int32)
         for si in range(NS):  # a runtime loop: unrolling 9 candidates made a 28k-instruction kernel (2 min to compile)
             if SETS == 2:
                 s = tl.load(stab_ptr + e0 + si)
@@ -994,9 +994,8 @@ def prepare_device_constants(fmt, device: str, scale: float) -> None:  # noqa: A
     constants are built on the host and copied to ``device`` explicitly."""
     c = TritonE8Format.get(fmt, device)
     _q_matrix(c, float(scale))
-    if GLUON and c.k.bits == 4 and c.v.bits == 4:
-        for kp in (False, True):
-            _gluon.gluon_tables(c, kp)
+    if GLUON and c.k.bits == 4 and c.v.bits == 4:  # the table image of the configured key lookup
+        _gluon.gluon_tables(c, bool(DECODE_CONFIG["gluon_kp"]))
 
 
 #: most KV segments the decode grid takes (the merge kernel holds segments x head size per program)
@@ -1115,8 +1114,8 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             LUT=KERNELS[pc["kernel"]], BIAS=bias, SINK=sink, SKIP_DECODE=split, **sets, **_launch(pc))
     if max_query_len <= 1 or split:
         # the split-KV decode grid over the sequences with one query token (all of them in a decode
-        # batch; in a mixed batch the ones the tile grid skipped)
-        # per sequence (not per query token: a mixed batch has a prefill chunk's tokens as well)
+        # batch; in a mixed batch the ones the tile grid skipped); workspaces per sequence, not per
+        # query token (a mixed batch holds a prefill chunk's tokens as well)
         ws_m = torch.empty((b, h_q, segs), dtype=torch.float32, device=query.device)
         ws_l = torch.empty_like(ws_m)
         ws_o = torch.empty((b, h_q, segs, d), dtype=torch.float32, device=query.device)
