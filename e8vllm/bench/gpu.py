@@ -220,15 +220,17 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
     # same-run comparison
     decodes += [{"kernel": "values_asm", "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": 16, "prefetch": 0,
                  "maxnreg": 128, "gluon": 0}]
-    # the Gluon kernel (one warp per program; offline, sm_90: 128 registers at tile 16, 168 at tile 32
-    # or with the register prefetch, 161 with the lazy rescale); gluon_diag: timing floors without the
-    # code loads (1), without the lookups (2), without both (3)
+    # the Gluon kernel (one warp per program; offline, sm_90: 128 registers at tile 16, 168 with the
+    # register prefetch of the codes); lut 1: the byte-layout tables (one shift per byte of a word);
+    # prefetch 2: the next tile's block id; gluon_diag 1: a timing floor without the code loads.
+    # (Session 11 timed tile 32, lazy rescaling and forced ordering: all slower.)
     g = {"gluon": 1, "gluon_tile": 16, "gluon_kp": 0, "gluon_maxnreg": 0, "segs": 16, "gluon_prefetch": 0,
-         "gluon_lazy": 0, "gluon_order": 0, "gluon_diag": 0}
-    decodes += [{**g, **x} for x in ({}, {"gluon_kp": 1}, {"gluon_prefetch": 1}, {"gluon_prefetch": 1, "gluon_maxnreg": 128},
-                                     {"gluon_lazy": 1}, {"gluon_order": 1}, {"gluon_order": 1, "gluon_kp": 1},
-                                     {"gluon_maxnreg": 112}, {"gluon_diag": 1}, {"gluon_diag": 2}, {"gluon_diag": 3},
-                                     {"segs": 32}, {"gluon_tile": 32})]
+         "gluon_lut": 0, "gluon_lazy": 0, "gluon_order": 0, "gluon_diag": 0}
+    decodes += [{**g, **x} for x in (
+        {}, {"gluon_lut": 1}, {"gluon_prefetch": 2}, {"gluon_lut": 1, "gluon_prefetch": 2}, {"gluon_kp": 1},
+        {"gluon_kp": 1, "gluon_lut": 1}, {"gluon_kp": 1, "gluon_lut": 1, "gluon_prefetch": 2},
+        {"gluon_prefetch": 1}, {"gluon_prefetch": 1, "gluon_maxnreg": 144}, {"gluon_prefetch": 2, "gluon_maxnreg": 112},
+        {"gluon_diag": 1})]
     res = _e8_case(dtype, batch, ctx, decodes)
 
     def best_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -304,7 +306,7 @@ PREFILL_KEYS = ("kernel", "block_m", "tile_n", "num_warps", "num_stages", "maxnr
 REF_DECODE = {"kernel": "pairs", "tile_n": 64, "num_warps": 4, "num_stages": 1, "gluon": 0}
 REF_PREFILL = {"kernel": "pairs", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 2}
 DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs", "prefetch", "maxnreg", "gluon", "gluon_tile",
-               "gluon_kp", "gluon_maxnreg", "gluon_prefetch", "gluon_lazy", "gluon_order", "gluon_diag")
+               "gluon_kp", "gluon_maxnreg", "gluon_prefetch", "gluon_lut", "gluon_lazy", "gluon_order", "gluon_diag")
 
 
 def _vllm_case(dtype: str, batch: int, ctx: int) -> dict[str, Any]:
@@ -408,7 +410,7 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
     import torch
 
     from e8vllm.kernels.triton import triton_write_kv_cache
-    from e8vllm.kernels.triton.e8_kv import write_block_rows
+    from e8vllm.kernels.triton.e8_kv import PAR_CANDIDATES, write_block_rows
 
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
@@ -420,14 +422,16 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
             k = torch.randn(n, H_KV, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
             slots = torch.randperm(cache.shape[0] * BS, device="cuda")[:n]
-            for br, par in ((1, True), (2, True), (2, False), (4, False), (16, False)):
-                fn = lambda br=br, par=par: triton_write_kv_cache(k, v, cache, slots, fmt,  # noqa: E731
-                                                                  block_rows=br, parallel=par)
+            for br, par, how in ((1, True, "floor"), (1, True, "ceil"), (2, True, "floor"), (2, False, None),
+                                 (4, False, None), (16, False, None)):
+                fn = lambda br=br, par=par, how=how: triton_write_kv_cache(  # noqa: E731
+                    k, v, cache, slots, fmt, block_rows=br, parallel=par, candidates=how)
                 t, graphed = _time_graph(fn)
-                r = {"dtype": dt, "tokens": n, "block_rows": br, "parallel_scales": par,
-                     "default": br == write_block_rows(n * H_KV) and par == (br == 1), "time_s": t, "graph": graphed}
+                r = {"dtype": dt, "tokens": n, "block_rows": br, "parallel_scales": par, "candidates": how,
+                     "default": br == write_block_rows(n * H_KV) and par == (br == 1) and how in (None, PAR_CANDIDATES),
+                     "time_s": t, "graph": graphed}
                 rows.append(r)
-                print(f"write {dt:10s} {n:6d} tokens  block_rows {br:2d} {'parallel' if par else 'loop    '}"
+                print(f"write {dt:10s} {n:6d} tokens  block_rows {br:2d} {'parallel ' + how if par else 'loop':14s}"
                       f"{' (default)' if r['default'] else '          '}  {t * 1e6:9.1f} us", flush=True)
             del cache
     res = {"device": torch.cuda.get_device_name(), "rows": rows}
@@ -698,7 +702,7 @@ def report(src: Path = RESULTS) -> str:
             tm = f"{v['time_s'] * 1e6:.1f}" if "time_s" in v else "error"
             kern = v.get("kernel") or ("gluon" + "".join(
                 f" {k.removeprefix('gluon_')} {v[k]}" for k in ("gluon_tile", "gluon_kp", "gluon_maxnreg", "gluon_prefetch",
-                                                               "gluon_lazy", "gluon_order", "gluon_diag")
+                                                               "gluon_lut", "gluon_lazy", "gluon_order", "gluon_diag")
                 if k in v and (v[k] or k in ("gluon_tile", "gluon_kp", "gluon_maxnreg"))))
             lines.append(f"| {kern} | {v.get('block_m', '')} | {v.get('tile_n', '')} | {v.get('num_warps', '')} | "
                          f"{v.get('num_stages', '')} | {v.get('segs', '')} | {v.get('prefetch', '')} | "
@@ -747,15 +751,16 @@ def report(src: Path = RESULTS) -> str:
                   "tokens, by rows per program, in a CUDA graph (us; * = the default then).", "",
                   ]
         # columns: (rows per program, scale candidates side by side) in the order first seen
-        cols: list[tuple[int, bool]] = []
-        by: dict[tuple[str, int], dict[tuple[int, bool], str]] = {}
+        cols: list[tuple[int, bool, str]] = []
+        by: dict[tuple[str, int], dict[tuple[int, bool, str], str]] = {}
         for r in rows:
-            key = (r["block_rows"], bool(r.get("parallel_scales", False)))
+            par = bool(r.get("parallel_scales", False))
+            key = (r["block_rows"], par, (r.get("candidates") or "ceil") if par else "")
             if key not in cols:
                 cols.append(key)
             by.setdefault((r["dtype"], r["tokens"]), {})[key] = (
                 f"{r['time_s'] * 1e6:.1f}{'*' if r.get('default') else ''}")
-        names = [f"{br} row{'s' if br > 1 else ''}{' (parallel scales)' if par else ''}" for br, par in cols]
+        names = [f"{br} row{'s' if br > 1 else ''}{f' (parallel scales, {how})' if par else ''}" for br, par, how in cols]
         lines += ["| dtype | tokens | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(cols)]
         for (dt, n), t in by.items():
             lines.append(f"| {dt} | {n} | " + " | ".join(t.get(c, "") for c in cols) + " |")

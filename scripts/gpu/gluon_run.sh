@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On the device machine (after .gpu-bundle/part2/device-setup.sh): the Gluon decode kernel's GPU
-# tests first, then the decode tune at 64 x 8k, the remaining GPU tests and the kernel benchmark.
+# tests first, then the decode tune at 64 x 8k (its best setting also goes to
+# /tmp/e8_decode_config.json for a later call's E8VLLM_DECODE_CONFIG), then optionally more GPU tests
+# (TESTS_ALL), the write benchmark (WRITE_ARGS) and the kernel benchmark (KERNEL_ARGS).
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" E8_BENCH_OUT="$OUT"
@@ -10,9 +12,14 @@ echo "gluon tests exit $?"; cp "$OUT/gpu_tests.json" "$OUT/gluon_tests.json" 2>/
 grep -E "^(PASS|FAIL)|max\||Error|error" "$OUT/gluon_tests.log" | cut -c1-260 | head -40
 timeout ${TUNE_TIMEOUT:-200} python -m e8vllm.bench.gpu tune --what decode ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
 echo "tune exit $?"; grep -E "^  \{|BEST" "$OUT/tune.log" | cut -c1-300
+[ -f "$OUT/decode_config.json" ] && cp "$OUT/decode_config.json" /tmp/e8_decode_config.json
 if [ -n "${TESTS_ALL:-}" ]; then
   timeout ${TESTS_TIMEOUT:-150} python tests/gpu/test_triton_e8_gpu.py $TESTS_ALL > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?"
   grep -E "^(PASS|FAIL)|identical|max\||tokens_check" "$OUT/gpu_tests.log" | cut -c1-300 | head -30
+fi
+if [ -n "${WRITE_ARGS:-}" ]; then
+  timeout ${WRITE_TIMEOUT:-100} python -m e8vllm.bench.gpu write $WRITE_ARGS > "$OUT/write.log" 2>&1; echo "write exit $?"
+  grep -E "^write" "$OUT/write.log" | cut -c1-200
 fi
 if [ -n "${KERNEL_ARGS:-}" ]; then
   timeout ${KERNEL_TIMEOUT:-170} python -m e8vllm.bench.gpu kernel $KERNEL_ARGS > "$OUT/kernel.log" 2>&1; echo "kernel exit $?"

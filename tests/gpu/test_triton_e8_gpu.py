@@ -43,18 +43,21 @@ RESULTS: dict = {}
 def test_write_codes_cuda():
     """Both write paths: 3,048 tokens x 8 heads (16 rows per program, the tl.dot rotation) and a
     decode step's 64 tokens with 16, 4, 2 and 1 rows per program (the small-write path: x P summed
-    from 16-column products; with 1 row the scale candidates are searched side by side)."""
-    for kb, vb, toks, rows in ((4, 4, [2048, 1000], 16), (3, 3, [2048, 1000], 16), (2, 2, [2048, 1000], 16),
-                               (4, 4, [40, 24], 16), (3, 3, [40, 24], 16), (4, 4, [40, 24], 4), (4, 4, [40, 24], 2),
-                               (3, 3, [40, 24], 2), (2, 2, [40, 24], 2), (4, 4, [40, 24], 1),
-                               (2, 2, [40, 24], 1)):
+    from 16-column products; with 1 row the scale candidates are searched side by side: 8 + 1 by
+    default, all 9 padded to 16 with ``ceil``)."""
+    for kb, vb, toks, rows, how in ((4, 4, [2048, 1000], 16, None), (3, 3, [2048, 1000], 16, None),
+                                    (2, 2, [2048, 1000], 16, None), (4, 4, [40, 24], 16, None),
+                                    (3, 3, [40, 24], 16, None), (4, 4, [40, 24], 4, None), (4, 4, [40, 24], 2, None),
+                                    (3, 3, [40, 24], 2, None), (2, 2, [40, 24], 2, None), (4, 4, [40, 24], 1, None),
+                                    (4, 4, [40, 24], 1, "ceil"), (2, 2, [40, 24], 1, None)):
         fmt = E8KVFormat.from_bits(128, kb, vb)
         case = random_case(fmt, toks, [1] * len(toks), h_q=32, h_kv=8, write=False, device="cuda")
         ref = torch.zeros_like(case.kv_cache)
         write_kv_cache(case.key, case.value, ref, case.slots, fmt)
         got = torch.zeros_like(case.kv_cache)
-        triton_write_kv_cache(case.key, case.value, got, case.slots, fmt, block_rows=rows)
-        name = f"write_k{kb}v{vb}" + (f"_{sum(toks)}_tokens_{rows}_rows" if sum(toks) < 1000 else "")
+        triton_write_kv_cache(case.key, case.value, got, case.slots, fmt, block_rows=rows, candidates=how)
+        name = (f"write_k{kb}v{vb}" + (f"_{sum(toks)}_tokens_{rows}_rows" if sum(toks) < 1000 else "")
+                + (f"_{how}" if how else ""))
         used = case.slots
         r = ref.permute(0, 2, 1, 3).reshape(-1, 8, fmt.slot_bytes)[used]
         g = got.permute(0, 2, 1, 3).reshape(-1, 8, fmt.slot_bytes)[used]
@@ -132,7 +135,8 @@ def test_gluon_decode_cuda():
     """The Gluon decode kernel (the default for 4-bit decode batches) against the float64 reference
     (the same tolerance as the Triton kernels) and against the Triton decode kernel, over head sizes,
     GQA groups (3, 4, 8, 16), both codec families, lengths around the 16-token tile, segment counts
-    (1, 16, more than tiles) and its settings (key pairs, 32-token tiles)."""
+    (1, 16, more than tiles) and its settings (key pairs, 32-token tiles, byte-layout tables, both
+    prefetches)."""
     from e8vllm.kernels.triton import e8_kv
 
     combos = [  # (head size, H_q, H_kv, codec variant, lengths, segments, block size, settings)
@@ -146,6 +150,12 @@ def test_gluon_decode_cuda():
         (128, 16, 1, "", [300, 40], 16, 16, {}),
         (64, 9, 3, "", [900, 31, 1], 16, 16, {}),
         (64, 9, 3, "", [900, 31, 1], 16, 16, {"gluon_kp": 1}),
+        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_lut": 1}),
+        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_lut": 1, "gluon_kp": 1, "gluon_prefetch": 2}),
+        (128, 32, 8, "search", [1500, 33, 800, 2], 16, 16, {"gluon_lut": 1}),
+        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_prefetch": 2}),
+        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 3, 16, {"gluon_prefetch": 1}),
+        (64, 9, 3, "", [900, 31, 1], 16, 16, {"gluon_lut": 1, "gluon_prefetch": 2}),
     ]
     for d, h_q, h_kv, variant, lens, segs, bs, settings in combos:
         fmt = E8KVFormat.from_bits(d, 4, 4, variant)

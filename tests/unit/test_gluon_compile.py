@@ -34,14 +34,18 @@ TYPES = dict(q_ptr="*fp32", sq0="i32", sq1="i32", ws_m_ptr="*fp32", ws_l_ptr="*f
              bt_ptr="*i32", sbt0="i32", qsl_ptr="*i32", sl_ptr="*i32", num_heads="i32")
 
 
-def _compile(d: int, nq: int, key_pairs: bool, sets: int = 2, tile: int = 16):
+def _image_words(key_pairs: bool, lut: int) -> int:
+    return 2048 if key_pairs else (128 if lut else 64)
+
+
+def _compile(d: int, nq: int, key_pairs: bool, sets: int = 2, tile: int = 16, lut: int = 0, pf: int = 0):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     n_pad = 8 if nq <= 8 else 16
     gb = 2 if d == 128 else 1
     const = dict(NQ=nq, NP=n_pad, D=d, BLOCK_SIZE=16, NUM_SEGS=16, TN=tile, KP=int(key_pairs),
-                 TABN=2048 if key_pairs else 64, PF=0, LAZY=0, ORDER=0, DIAG=0, KS=sets, VS=sets, KGB=gb, VGB=gb,
+                 TABN=_image_words(key_pairs, lut), PF=pf, LUT=lut, LAZY=0, ORDER=0, DIAG=0, KS=sets, VS=sets, KGB=gb, VGB=gb,
                  **gluon_mod.decode_layouts(d, n_pad, tile))
     fn = gluon_mod._gl_decode_kernel
     sig = {a: ("constexpr" if a in const else TYPES[a]) for a in fn.arg_names}
@@ -49,16 +53,17 @@ def _compile(d: int, nq: int, key_pairs: bool, sets: int = 2, tile: int = 16):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 
 
-@pytest.mark.parametrize("d,nq,key_pairs,sets", [(128, 4, False, 2), (128, 4, True, 2), (64, 3, False, 2),
-                                                 (128, 16, False, 1), (128, 8, True, 1)])
-def test_gluon_decode_compiles_with_only_the_table_in_shared_memory(d, nq, key_pairs, sets):
+@pytest.mark.parametrize("d,nq,key_pairs,sets,lut,pf", [
+    (128, 4, False, 2, 0, 0), (128, 4, True, 2, 0, 0), (64, 3, False, 2, 0, 0), (128, 16, False, 1, 0, 0),
+    (128, 8, True, 1, 0, 0), (128, 4, False, 2, 1, 2), (128, 4, True, 2, 1, 0), (64, 3, False, 1, 1, 1)])
+def test_gluon_decode_compiles_with_only_the_table_in_shared_memory(d, nq, key_pairs, sets, lut, pf):
     try:
-        k = _compile(d, nq, key_pairs, sets)
+        k = _compile(d, nq, key_pairs, sets, lut=lut, pf=pf)
     except RuntimeError as e:  # pragma: no cover - no ptxas for this platform
         if "ptxas" in str(e):
             pytest.skip(f"no ptxas: {e}")
         raise
-    image = (2048 if key_pairs else 64) * 4
+    image = _image_words(key_pairs, lut) * 4
     assert k.metadata.shared == image
     ptx = k.asm["ptx"]
     assert ptx.count("ld.shared.b32" if key_pairs else "ld.shared.b16") > 0
@@ -100,6 +105,87 @@ def test_table_image_layout():
         assert torch.equal(pairs[sc * 256 + (hi << 4 | lo)], torch.stack([tab[sc, lo], tab[sc, hi]]))
 
 
+def _run_ptx(asm: str, args: dict[str, int], smem: torch.Tensor) -> dict[str, int]:
+    """Run the inline PTX of :data:`e8_gluon._BYTE_LOOKUP_ASM` on the host: its few instructions
+    (mov of ``global_smem`` = 0, shl, shr, lop3, add, ld.shared.b16) over 32-bit registers, loads
+    from ``smem`` (bytes); returns the registers ($0.. the outputs)."""
+    reg = dict(args)
+    m32 = 0xFFFFFFFF
+
+    def val(x: str) -> int:
+        x = x.strip()
+        return reg[x] if x in reg else int(x, 0)
+
+    for ins in asm.strip().strip("{}").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        ops = [o.strip() for o in rest.split(",")]
+        if op == "mov.u32":
+            assert ops[1] == "global_smem"
+            reg[ops[0]] = 0
+        elif op == "shl.b32":
+            reg[ops[0]] = (val(ops[1]) << val(ops[2])) & m32
+        elif op == "shr.u32":
+            reg[ops[0]] = (val(ops[1]) & m32) >> val(ops[2])
+        elif op == "add.u32":
+            reg[ops[0]] = (val(ops[1]) + val(ops[2])) & m32
+        elif op == "lop3.b32":
+            a, b, c, lut = (val(o) for o in ops[1:])
+            r = 0
+            for i in range(8):  # truth table bit i: a = bit 2, b = bit 1, c = bit 0 of i
+                if lut >> i & 1:
+                    r |= (a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c)
+            reg[ops[0]] = r & m32
+        elif op == "ld.shared.b16":
+            addr = val(ops[1].strip("[]"))
+            assert addr % 2 == 0 and addr + 2 <= smem.numel(), f"load at {addr} outside the {smem.numel()}-byte image"
+            reg[ops[0]] = int(smem[addr:addr + 2].view(torch.int16)[0]) & 0xFFFF
+        else:
+            raise AssertionError(f"unexpected PTX instruction {ins!r}")
+    return reg
+
+
+def _byte_layout_values(img: torch.Tensor, w: int, st: int, isv: int, base: int) -> list[float]:
+    """The 8 values :func:`e8_gluon._word_values_b` loads for word ``w`` (table set ``st``, K or V):
+    its table bases (the same arithmetic as the kernel's) and its inline PTX run on the image."""
+    raw = img.view(torch.uint8)
+    par = sum((w >> (4 * i)) & 1 for i in range(7)) & 1
+    cb = (((w >> 28) & 1) << 1) | (st << 2)
+    cbo, cbe = cb | (base + isv * 8), cb * 16 + base + 256 + isv * 128
+    reg = _run_ptx(gluon_mod._BYTE_LOOKUP_ASM.value, {"$8": w, "$9": cbe, "$10": cbo, "$11": cbo | (par << 4)}, raw)
+    return [float(torch.tensor([reg[f"${i}"]], dtype=torch.int32).to(torch.int16).view(torch.float16)[0])
+            for i in range(8)]
+
+
+@pytest.mark.parametrize("key_pairs", [False, True])
+def test_byte_layout_lookups_give_the_field_values(key_pairs):
+    """The byte-layout tables (``gluon_lut`` 1) with the kernel's index arithmetic give, for every
+    field of random words, T[set][coset][v_i] with v_7 = (f_7 & ~1) | parity of fields 0..6 (the
+    decode the other lookups and the reference use), for K and V and both table sets."""
+    fmt = E8KVFormat.from_bits(128, 4, 4)
+    c = e8_kv.TritonE8Format.get(fmt, "cpu")
+    img = gluon_mod._tables(c, key_pairs=key_pairs, lut=1)
+    assert img.numel() == _image_words(key_pairs, 1)
+    g = torch.Generator().manual_seed(3)
+    words = torch.randint(0, 1 << 32, (300,), generator=g, dtype=torch.int64).tolist()
+    for isv, tab in ((0, c.k.table_h), (1, c.v.table_h)):
+        if key_pairs and not isv:
+            continue  # keys take the pair table there
+        base = 4096 if key_pairs else 0
+        for st in (0, 1):
+            for w in words:
+                f = [(w >> (4 * i)) & 15 for i in range(8)]
+                par = sum(x & 1 for x in f[:7]) & 1
+                v = f[:7] + [(f[7] & ~1) | par]
+                cbit = (w >> 28) & 1
+                want = [float(tab[(st << 5) | (cbit << 4) | x]) for x in v]
+                assert _byte_layout_values(img, w, st, isv, base) == want, (hex(w), st, isv)
+    if key_pairs:
+        assert torch.equal(img[:1024], c.k.pairs)
+
+
 def test_gluon_setting_needs_a_gpu_target():
     if e8_kv.GLUON:
         cfg = e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon": 1}, "x")
@@ -111,6 +197,11 @@ def test_gluon_setting_needs_a_gpu_target():
         e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_tile": 8}, "x")
     with pytest.raises(ValueError, match="gluon_kp"):
         e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_kp": 2}, "x")
+    with pytest.raises(ValueError, match="gluon_lut"):
+        e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_lut": 2}, "x")
+    with pytest.raises(ValueError, match="gluon_prefetch"):
+        e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_prefetch": 3}, "x")
+    assert e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_prefetch": 2}, "x")["gluon_prefetch"] == 2
 
 
 def test_decode_segments_grow_for_small_batches(monkeypatch):

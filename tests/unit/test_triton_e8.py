@@ -27,14 +27,14 @@ from e8vllm.kernels.triton.cases import random_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
-def _write_both(case, slots=None, block_rows=None, parallel=None):
+def _write_both(case, slots=None, block_rows=None, parallel=None, candidates=None):
     """The reference writer's cache and the kernel's for ``case`` (K/V not yet written)."""
     slots = case.slots if slots is None else slots
     ref = torch.zeros_like(case.kv_cache)
     write_kv_cache(case.key, case.value, ref, slots, case.fmt)
     got = torch.zeros_like(case.kv_cache).to(DEV)
     triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, slots.to(DEV), case.fmt, block_rows=block_rows,
-                          parallel=parallel)
+                          parallel=parallel, candidates=candidates)
     return ref, got.cpu()
 
 
@@ -60,18 +60,21 @@ def test_write_rows_per_program(monkeypatch):
         _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), block_rows=3)
 
 
-@pytest.mark.parametrize("block_rows,parallel", [(2, True), (2, None), (1, None), (16, None)],
-                         ids=["two-rows-parallel-scales", "two-rows-scale-loop", "one-row-parallel-scales", "dot-path"])
+@pytest.mark.parametrize("block_rows,parallel,candidates",
+                         [(2, True, None), (2, None, None), (1, None, None), (1, None, "ceil"), (16, None, None)],
+                         ids=["two-rows-parallel-scales", "two-rows-scale-loop", "one-row-parallel-scales",
+                              "one-row-parallel-scales-ceil", "dot-path"])
 @pytest.mark.parametrize("bits,variant", [((4, 4), ""), ((3, 2), ""), ((4, 4), "search")])
-def test_write_matches_reference_codes(bits, variant, block_rows, parallel, one_thread):
+def test_write_matches_reference_codes(bits, variant, block_rows, parallel, candidates, one_thread):
     """Every write path gives the reference's codes: 16 rows per program (tl.dot rotation, scale
     candidates in a loop), 2 or 1 rows (16-column rotation products) with the candidates side by
-    side (1 row: the small-write default) or in the loop; e8s (scale table) and e8 (fp16 scales)."""
+    side (1 row: the small-write default; the first 8 of 9 side by side and the 9th after them, or
+    all 9 padded to 16 with ``ceil``) or in the loop; e8s (scale table) and e8 (fp16 scales)."""
     fmt = E8KVFormat.from_bits(64, *bits, variant)
     case = random_case(fmt, [37, 21], [1, 1], h_q=4, h_kv=2, write=False)
     slots = case.slots.clone()
     slots[5] = -1  # skipped token
-    ref, got = _write_both(case, slots, block_rows, parallel)
+    ref, got = _write_both(case, slots, block_rows, parallel, candidates)
     assert torch.equal(got, ref)
     blk, off = int(case.slots[5]) // 16, int(case.slots[5]) % 16
     assert int(got[blk, :, off].cpu().abs().sum()) == 0  # -1 was not written

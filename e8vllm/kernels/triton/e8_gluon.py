@@ -129,12 +129,13 @@ def _lookup_pair(off):
 
 
 @gluon.jit
-def _word_bits(w, sw, SHIFT: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr, G: gl.constexpr, L: gl.constexpr):
-    """(parity of fields 0..6, the table bits of block words w [16, G] (layout L)): the coset bit
-    (bit 28) at byte-offset bit SHIFT and, with SETS = 2, the block's table set ((sw >> (g // GB)) & 1
-    of switch bytes sw [16]) at bit SHIFT + 1."""
+def _word_bits(w, sw, SHIFT: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr, G: gl.constexpr, L: gl.constexpr,
+               PSHIFT: gl.constexpr):
+    """(parity of fields 0..6 at bit PSHIFT, the table bits of block words w [16, G] (layout L)): the
+    coset bit (bit 28) at byte-offset bit SHIFT and, with SETS = 2, the block's table set
+    ((sw >> (g // GB)) & 1 of switch bytes sw [16]) at bit SHIFT + 1."""
     LOW: gl.constexpr = 0x1111111
-    par = (((w & LOW) * LOW) >> 24) & 1  # the low bits of fields 0..6 summed into bit 24
+    par = (((w & LOW) * LOW) >> (24 - PSHIFT)) & (1 << PSHIFT)  # the low bits of fields 0..6 summed into bit 24
     cb = (w >> (28 - SHIFT)) & (1 << SHIFT)
     if SETS == 2:
         wi = gl.arange(0, G, gl.SliceLayout(0, L))
@@ -146,11 +147,11 @@ def _word_bits(w, sw, SHIFT: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr,
 def _word_pairs(w, sw, SETS: gl.constexpr, GB: gl.constexpr, G: gl.constexpr, L: gl.constexpr):
     """As :func:`_word_values` through the pair table at shared-memory offset 0 (int32 (set·2 + c)·256 +
     (f_{2j+1} << 4 | f_{2j}) = fp16 T[f_{2j}] | T[f_{2j+1}] << 16): one 32-bit load per two fields."""
-    par, cb = _word_bits(w, sw, 10, SETS, GB, G, L)
+    par, cb = _word_bits(w, sw, 10, SETS, GB, G, L, 6)
     v0, v1 = _lookup_pair(((w << 2) & 0x3FC) | cb)
     v2, v3 = _lookup_pair(((w >> 6) & 0x3FC) | cb)
     v4, v5 = _lookup_pair(((w >> 14) & 0x3FC) | cb)
-    v6, v7 = _lookup_pair(((w >> 22) & 0x3BC) | cb | (par << 6))  # v_7 = (f_7 & ~1) | parity
+    v6, v7 = _lookup_pair(((w >> 22) & 0x3BC) | cb | par)  # v_7 = (f_7 & ~1) | parity
     return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
 
 
@@ -167,7 +168,7 @@ def _word_values(w, sw, TOFF: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr
     """Block words int32 [16, G] (layout L) of 4-bit codes -> the 8 field values fp16 [16, G, 2, 2, 2]
     (trailing dims: field bits 0, 1, 2). ``sw`` [16]: switch bytes (SETS = 2), ``TOFF``: the table's
     byte offset in shared memory."""
-    par, cb = _word_bits(w, sw, 5, SETS, GB, G, L)
+    par, cb = _word_bits(w, sw, 5, SETS, GB, G, L, 1)
     cb = cb | TOFF
     v0 = _lookup_d(((w << 1) & 0x1E) | cb, DIAG)
     v1 = _lookup_d(((w >> 3) & 0x1E) | cb, DIAG)
@@ -176,25 +177,65 @@ def _word_values(w, sw, TOFF: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr
     v4 = _lookup_d(((w >> 15) & 0x1E) | cb, DIAG)
     v5 = _lookup_d(((w >> 19) & 0x1E) | cb, DIAG)
     v6 = _lookup_d(((w >> 23) & 0x1E) | cb, DIAG)
-    v7 = _lookup_d(((w >> 27) & 0x1C) | cb | (par << 1), DIAG)  # v_7 = (f_7 & ~1) | parity
+    v7 = _lookup_d(((w >> 27) & 0x1C) | cb | par, DIAG)  # v_7 = (f_7 & ~1) | parity
+    return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
+
+
+#: one word's 8 lookups in the byte layout (:func:`_word_values_b`): $8 the word, $9 / $10 the even /
+#: odd field table bases, $11 the odd base with the parity bit; one shift per byte of the word
+_BYTE_LOOKUP_ASM = gl.constexpr(
+    "{ .reg .u32 b, s, t, i; mov.u32 b, global_smem; "
+    "shl.b32 t, $8, 1; lop3.b32 i, t, 30, $9, 0xEA; add.u32 i, i, b; ld.shared.b16 $0, [i]; "
+    "lop3.b32 i, $8, 240, $10, 0xEA; add.u32 i, i, b; ld.shared.b16 $1, [i]; "
+    "shr.u32 s, $8, 8; "
+    "shl.b32 t, s, 1; lop3.b32 i, t, 30, $9, 0xEA; add.u32 i, i, b; ld.shared.b16 $2, [i]; "
+    "lop3.b32 i, s, 240, $10, 0xEA; add.u32 i, i, b; ld.shared.b16 $3, [i]; "
+    "shr.u32 s, $8, 16; "
+    "shl.b32 t, s, 1; lop3.b32 i, t, 30, $9, 0xEA; add.u32 i, i, b; ld.shared.b16 $4, [i]; "
+    "lop3.b32 i, s, 240, $10, 0xEA; add.u32 i, i, b; ld.shared.b16 $5, [i]; "
+    "shr.u32 s, $8, 24; "
+    "shl.b32 t, s, 1; lop3.b32 i, t, 30, $9, 0xEA; add.u32 i, i, b; ld.shared.b16 $6, [i]; "
+    "lop3.b32 i, s, 224, $11, 0xEA; add.u32 i, i, b; ld.shared.b16 $7, [i]; }")
+
+
+@gluon.jit
+def _word_values_b(w, sw, BASE: gl.constexpr, ISV: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr,
+                   G: gl.constexpr, L: gl.constexpr):
+    """As :func:`_word_values` through the byte layout of the tables (:func:`_byte_tables`, at byte
+    ``BASE`` of shared memory; ISV 1 = the value tables): the table of slot σ = c + 2·set + 4·ISV holds
+    the odd fields' values at (f << 4) | (σ << 1) and the even fields' at 256 + (σ << 5) + (f << 1), so
+    a byte of the word shifted once serves both of its fields: the odd one masked in place (& 0xF0),
+    the even one after a left shift (which the compiler gives the FMA pipe, not the integer ALU)."""
+    par, cb = _word_bits(w, sw, 1, SETS, GB, G, L, 4)
+    cbo = cb | (BASE + ISV * 8)
+    cbe = cb * 16 + (BASE + 256 + ISV * 128)
+    v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
+        _BYTE_LOOKUP_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [w, cbe, cbo, cbo | par],
+        dtype=(gl.float16,) * 8, is_pure=True, pack=1)
     return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
 
 
 @gluon.jit
-def _tile_words(cache_ptr, bt_row, kvh_off, cs0, cs2, j, seg_end, tk, wk, tv, wv, TN: gl.constexpr,
+def _tile_block(bt_row, j, seg_end, TN: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+    """The cache block of tile j (0 past ``seg_end``: a prefetch loads nothing there)."""
+    n0 = j * TN
+    return gl.load(bt_row + n0 // BLOCK_SIZE, mask=n0 < seg_end, other=0)
+
+
+@gluon.jit
+def _tile_words(cache_ptr, blk, kvh_off, cs0, cs2, j, seg_end, tk, wk, tv, wv, TN: gl.constexpr,
                 BLOCK_SIZE: gl.constexpr, G: gl.constexpr, DIAG: gl.constexpr = 0):
-    """The codes of tile j (tokens j·TN + [0, TN), those >= seg_end masked): key words [TN, G] and
-    tails [TN] in the key layout, value words and tails in the value layout. DIAG & 1 (a timing
-    diagnostic): no loads, synthetic words."""
+    """The codes of tile j in cache block ``blk`` (tokens j·TN + [0, TN), those >= seg_end masked):
+    key words [TN, G] and tails [TN] in the key layout, value words and tails in the value layout.
+    DIAG & 1 (a timing diagnostic): no loads, synthetic words."""
     n0 = j * TN
     if DIAG & 1:
-        h = n0 * 0x2E3779B1
+        h = n0 * 0x2E3779B1 + blk
         wkk = (tk[:, None] * 0x01234567 + wk[None, :] * 0x2545F491 + h) ^ (h >> 7)
         wvv = (tv[:, None] * 0x01234567 + wv[None, :] * 0x2545F491 + h) ^ (h >> 9)
         sck = (tk * 0x11 + h) & 0x7F7F7F7F | 0x40004000
         scv = (tv * 0x11 + h) & 0x7F7F7F7F | 0x40004000
         return wkk, sck, wvv, scv
-    blk = gl.load(bt_row + n0 // BLOCK_SIZE, mask=n0 < seg_end, other=0)
     base = cache_ptr + (blk.to(gl.int64) * cs0 + kvh_off + (n0 % BLOCK_SIZE) * cs2)
     mk = (n0 + tk) < seg_end
     wkk = gl.load(base + (tk * cs2)[:, None] + wk[None, :], mask=mk[:, None], other=0)
@@ -210,7 +251,7 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
                       k_stab, v_stab, bt_ptr, sbt0, qsl_ptr, sl_ptr, num_heads,
                       NQ: gl.constexpr, NP: gl.constexpr, D: gl.constexpr, BLOCK_SIZE: gl.constexpr,
                       NUM_SEGS: gl.constexpr, TN: gl.constexpr, KP: gl.constexpr, TABN: gl.constexpr,
-                      PF: gl.constexpr, LAZY: gl.constexpr, ORDER: gl.constexpr, DIAG: gl.constexpr,
+                      PF: gl.constexpr, LUT: gl.constexpr, LAZY: gl.constexpr, ORDER: gl.constexpr, DIAG: gl.constexpr,
                       KS: gl.constexpr, VS: gl.constexpr, KGB: gl.constexpr,
                       VGB: gl.constexpr, MMA: gl.constexpr, LK: gl.constexpr, LV: gl.constexpr,
                       OPA: gl.constexpr, OPB: gl.constexpr, TABL: gl.constexpr, SMEM: gl.constexpr):
@@ -256,16 +297,22 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
     wv = gl.arange(0, G, gl.SliceLayout(0, LV))
     ts = gl.arange(0, TN, gl.SliceLayout(1, MMA))
     seg_end = gl.minimum(seq_len, j1 * TN)  # a prefetched tile past the segment loads nothing
-    if PF:
-        wkk, sck, wvv, scv = _tile_words(cache_ptr, bt_row, kvh_off, cs0, cs2, j0, seg_end, tk, wk, tv, wv, TN,
-                                         BLOCK_SIZE, G, DIAG)
+    if PF == 1:  # the next tile's words in flight during this one
+        wkk, sck, wvv, scv = _tile_words(cache_ptr, _tile_block(bt_row, j0, seg_end, TN, BLOCK_SIZE), kvh_off, cs0,
+                                         cs2, j0, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
+    if PF == 2:  # the next tile's block id in flight during this one (one register)
+        blk = _tile_block(bt_row, j0, seg_end, TN, BLOCK_SIZE)
     for j in range(j0, j1):
-        if PF:
-            nk, nsk, nv, nsv = _tile_words(cache_ptr, bt_row, kvh_off, cs0, cs2, j + 1, seg_end, tk, wk, tv, wv, TN,
-                                           BLOCK_SIZE, G, DIAG)
-        else:
-            wkk, sck, wvv, scv = _tile_words(cache_ptr, bt_row, kvh_off, cs0, cs2, j, seg_end, tk, wk, tv, wv, TN,
+        if PF == 1:
+            nk, nsk, nv, nsv = _tile_words(cache_ptr, _tile_block(bt_row, j + 1, seg_end, TN, BLOCK_SIZE), kvh_off,
+                                           cs0, cs2, j + 1, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
+        elif PF == 2:
+            wkk, sck, wvv, scv = _tile_words(cache_ptr, blk, kvh_off, cs0, cs2, j, seg_end, tk, wk, tv, wv, TN,
                                              BLOCK_SIZE, G, DIAG)
+            blk = _tile_block(bt_row, j + 1, seg_end, TN, BLOCK_SIZE)
+        else:
+            wkk, sck, wvv, scv = _tile_words(cache_ptr, _tile_block(bt_row, j, seg_end, TN, BLOCK_SIZE), kvh_off, cs0,
+                                             cs2, j, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
         n0 = j * TN
         if KS == 2:
             swk = sck & 255
@@ -277,6 +324,8 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
             swv = scv
         if KP:
             xk = _word_pairs(wkk, swk, KS, KGB, G, LK)  # [TN, G, 2, 2, 2]
+        elif LUT:
+            xk = _word_values_b(wkk, swk, 0, 0, KS, KGB, G, LK)
         else:
             xk = _word_values(wkk, swk, 0, KS, KGB, G, LK, DIAG)
         xk = gl.permute(gl.reshape(xk, [TN, G // 4, 4, 2, 2, 2]), [0, 1, 5, 4, 2, 3])
@@ -297,7 +346,10 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
         pb = gl.convert_layout((p * sv[:, None]).to(gl.float16), OPB)
         if ORDER:  # the value lookups wait for the softmax (Σp <= TN·NP never exceeds 1e9): fewer live registers
             swv = swv | (gl.sum(gl.sum(p, axis=1), axis=0) > 1.0e9).to(gl.int32)
-        xv = _word_values(wvv, swv, PAIR_BYTES if KP else TABLE_BYTES, VS, VGB, G, LV, DIAG)  # [TN, G, 2, 2, 2]
+        if LUT:
+            xv = _word_values_b(wvv, swv, PAIR_BYTES if KP else 0, 1, VS, VGB, G, LV)  # [TN, G, 2, 2, 2]
+        else:
+            xv = _word_values(wvv, swv, PAIR_BYTES if KP else TABLE_BYTES, VS, VGB, G, LV, DIAG)
         xv = gl.permute(gl.reshape(xv, [TN, G // 8, 8, 2, 2, 2]), [1, 5, 4, 3, 2, 0])
         va = gl.convert_layout(gl.reshape(xv, [D, TN]), OPA, assert_trivial=True)
         if LAZY:  # rescale only when a running maximum grew (warp-uniform branch)
@@ -312,7 +364,7 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
             l_i = l_i * alpha + gl.sum(p, axis=0)
             acc = mma_v2(va, pb, acc * alpha[None, :])
         m_i = m_new
-        if PF:
+        if PF == 1:
             wkk, sck, wvv, scv = nk, nsk, nv, nsv
     tables._keep_alive()
     hm = gl.arange(0, NP, gl.SliceLayout(0, MMA))
@@ -330,10 +382,32 @@ def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(n - t.numel())])
 
 
-def _tables(fmt, key_pairs: bool) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
+def _byte_tables(fmt) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
+    """The K and V value tables in the byte layout of :func:`_word_values_b`: fp16 [256] (512 bytes);
+    slot σ = c + 2·set + 4·(V) holds T_σ[f] at byte (f << 4) | (σ << 1) (odd fields) and at
+    256 + (σ << 5) + (f << 1) (even fields)."""
+    out = torch.zeros(256, dtype=torch.float16, device=fmt.k.table_h.device)
+    f = torch.arange(16, device=out.device)
+    for isv, tab in ((0, fmt.k.table_h), (1, fmt.v.table_h)):
+        t = _pad(tab, 64)  # index (set << 5) | (c << 4) | f
+        for st in range(2):
+            for c in range(2):
+                sigma = c + 2 * st + 4 * isv
+                vals = t[(st << 5) | (c << 4) | f]
+                out[((f << 4) | (sigma << 1)) // 2] = vals
+                out[(256 + (sigma << 5) + (f << 1)) // 2] = vals
+    return out
+
+
+def _tables(fmt, key_pairs: bool, lut: int = 0) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
     """The shared-memory image as int32 on the format's device: the K value table (fp16, 64 entries)
-    or with ``key_pairs`` the K pair table (int32, 1,024 entries), then the V value table; [64] or
-    [2048] (a power of two)."""
+    or with ``key_pairs`` the K pair table (int32, 1,024 entries), then the V value table; with
+    ``lut`` 1 the value tables in the byte layout (:func:`_byte_tables`, 128 int32) instead of both
+    value tables (after the pair table with ``key_pairs``). Padded to a power of two."""
+    if lut:
+        b = _byte_tables(fmt).view(torch.int32)
+        img = torch.cat([_pad(fmt.k.pairs, 1024), b]) if key_pairs else b
+        return _pad(img, 1 << (img.numel() - 1).bit_length()).contiguous()
     v = _pad(fmt.v.table_h, 64).view(torch.int32)
     if key_pairs:
         img = torch.cat([_pad(fmt.k.pairs, 1024), v])
@@ -341,30 +415,30 @@ def _tables(fmt, key_pairs: bool) -> torch.Tensor:  # noqa: ANN001 - TritonE8For
     return torch.cat([_pad(fmt.k.table_h, 64).view(torch.int32), v]).contiguous()
 
 
-_TABLES: dict[tuple[int, bool], torch.Tensor] = {}
+_TABLES: dict[tuple[int, bool, int], torch.Tensor] = {}
 
 
-def gluon_tables(fmt, key_pairs: bool) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
+def gluon_tables(fmt, key_pairs: bool, lut: int = 0) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
     """:func:`_tables`, built once per format (``e8_kv.prepare_device_constants`` builds them before any
     CUDA-graph capture)."""
-    key = (id(fmt), key_pairs)
+    key = (id(fmt), key_pairs, lut)
     tabs = _TABLES.get(key)
     if tabs is None:
-        tabs = _TABLES[key] = _tables(fmt, key_pairs)
+        tabs = _TABLES[key] = _tables(fmt, key_pairs, lut)
     return tabs
 
 
 def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.Tensor,  # noqa: ANN001
                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, ws_m: torch.Tensor, ws_l: torch.Tensor,
                  ws_o: torch.Tensor, *, num_seqs: int, num_kv_heads: int, block_size: int, segs: int,
-                 maxnreg: int = 0, tile: int = TILE, key_pairs: bool = False, prefetch: bool = False,
+                 maxnreg: int = 0, tile: int = TILE, key_pairs: bool = False, prefetch: int = 0, lut: int = 0,
                  lazy: bool = False, order: bool = False, diag: int = 0) -> None:
     """Launch the decode grid (num_seqs, H_kv, segs) writing the workspaces of
     ``e8_kv._e8_reduce_kernel``. qr: float32 [T, H_q, D] rotated and scaled (natural order)."""
     h_q, d = qr.shape[1], qr.shape[2]
     nq = h_q // num_kv_heads
     n_pad = 8 if nq <= 8 else 16
-    tabs = gluon_tables(fmt, key_pairs)
+    tabs = gluon_tables(fmt, key_pairs, lut)
     opts = {"num_warps": 1}
     if maxnreg:
         opts["maxnreg"] = maxnreg
@@ -372,5 +446,5 @@ def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.
         qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, words, words.stride(0), words.stride(1), words.stride(2),
         tabs, fmt.k.scales, fmt.v.scales, block_table, block_table.stride(0), query_start_loc, seq_lens, h_q,
         NQ=nq, NP=n_pad, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=key_pairs, TABN=tabs.numel(),
-        PF=prefetch, LAZY=lazy, ORDER=order, DIAG=diag, KS=fmt.k.sets, VS=fmt.v.sets,
+        PF=int(prefetch), LUT=int(lut), LAZY=lazy, ORDER=order, DIAG=diag, KS=fmt.k.sets, VS=fmt.v.sets,
         KGB=fmt.k.group_blocks, VGB=fmt.v.group_blocks, **decode_layouts(d, n_pad, tile), **opts)

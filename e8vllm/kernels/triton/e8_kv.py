@@ -119,7 +119,8 @@ DIAGNOSTIC_KERNELS = ("nolut",)
 #: the Triton kernel with the settings above.
 DECODE_CONFIG = {"kernel": DEFAULT_KERNEL, "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
                  "prefetch": 0, "maxnreg": 128, "gluon": int(GLUON), "gluon_tile": 16, "gluon_kp": 0,
-                 "gluon_maxnreg": 0, "gluon_prefetch": 0, "gluon_lazy": 0, "gluon_order": 0, "gluon_diag": 0}
+                 "gluon_maxnreg": 0, "gluon_prefetch": 0, "gluon_lut": 0, "gluon_lazy": 0, "gluon_order": 0,
+                 "gluon_diag": 0}
 
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys. ``block_m`` 256
 #: (64 query tokens x 4 heads per tile): session 10, one 8,192-token prompt, 5.34 ms against 5.95 ms at 128.
@@ -160,9 +161,12 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
                 raise ValueError(f"{what}: {k} must be a power of two >= {lo}, not {v!r}")
     if type(cfg["num_stages"]) is not int or not 1 <= cfg["num_stages"] <= 4:
         raise ValueError(f"{what}: num_stages must be an integer in 1..4, not {cfg['num_stages']!r}")
-    for k in ("prefetch", "split_decode", "gluon", "gluon_kp", "gluon_prefetch", "gluon_lazy", "gluon_order"):
+    for k in ("prefetch", "split_decode", "gluon", "gluon_kp", "gluon_lut", "gluon_lazy", "gluon_order"):
         if k in cfg and (type(cfg[k]) is not int or cfg[k] not in (0, 1)):
             raise ValueError(f"{what}: {k} must be 0 or 1, not {cfg[k]!r}")
+    if "gluon_prefetch" in cfg and (type(cfg["gluon_prefetch"]) is not int or cfg["gluon_prefetch"] not in (0, 1, 2)):
+        raise ValueError(f"{what}: gluon_prefetch must be 0 (none), 1 (the next tile's codes) or 2 (the next tile's "
+                         f"block id), not {cfg['gluon_prefetch']!r}")
     for k in ("maxnreg", "gluon_maxnreg"):
         mr = cfg.get(k, 0)
         if type(mr) is not int or not (mr == 0 or 24 <= mr <= 255):
@@ -376,9 +380,9 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
     """Rows r = pid·BLOCK_R ... of x [T, H, D] (r = t*H + h; last dim contiguous) -> codes into the
     cache slots: fields at byte ``code_off`` of the slot, the 2-byte tail at ``scale_off`` (SETS 1:
     the fp16 scale; SETS 2: the switch byte, then the exponent byte of the scale table ``stab``).
-    With PAR the NS scale candidates are searched side by side (NC = NS rounded up to a power of two)
-    instead of one after another: the same errors and the same winner (the first of equal ones), a
-    shorter dependency chain for small writes."""
+    With PAR the first NC scale candidates (NC: a power of two <= NS, :func:`par_candidates`) are
+    searched side by side, the rest one after another: the same errors and the same winner (the first
+    of equal ones) as the loop over all NS, a shorter dependency chain for small writes."""
     G: tl.constexpr = D // 8
     K: tl.constexpr = 1 << BITS
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -409,7 +413,13 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
         e0 = tl.minimum(tl.maximum(tl.where(rms > 0, e0, 0.0), 0.0), 256.0 - NS).to(tl.int32)
     else:  # fp16 scales: no exponent
         e0 = tl.zeros([BLOCK_R], dtype=tl.int32)
-    if PAR:  # the NS candidates side by side: (row, candidate) pairs are the rows of one search
+    best_err = tl.full([BLOCK_R], float("inf"), tl.float32)
+    best_v = tl.zeros([BLOCK_R, G, 8], dtype=tl.int32)
+    best_c = tl.zeros([BLOCK_R, G], dtype=tl.int32)
+    best_s = tl.zeros([BLOCK_R], dtype=tl.float32)
+    best_sw = tl.zeros([BLOCK_R], dtype=tl.int32)
+    best_e = tl.zeros([BLOCK_R], dtype=tl.int32)
+    if PAR:  # the first NC candidates side by side: (row, candidate) pairs are the rows of one search
         ci = tl.arange(0, NC)
         if SETS == 2:
             sc = tl.load(stab_ptr + e0[:, None] + ci[None, :], mask=ci[None, :] < NS, other=1.0)  # [R, NC]
@@ -422,35 +432,31 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
         err = tl.where(ci[None, :] < NS, tl.reshape(err, [BLOCK_R, NC]) * (sc * sc), float("inf"))
         best = tl.argmin(err, axis=1)  # the first of equal errors, as the loop's strict '<'
         pick = ci[None, :] == best[:, None]  # [R, NC]
+        best_err = tl.min(err, axis=1)
         best_v = tl.sum(tl.where(pick[:, :, None, None], tl.reshape(v, [BLOCK_R, NC, G, 8]), 0), axis=1)
         best_c = tl.sum(tl.where(pick[:, :, None], tl.reshape(c, [BLOCK_R, NC, G]), 0), axis=1)
         best_s = tl.sum(tl.where(pick, sc, 0.0), axis=1)
         best_sw = tl.sum(tl.where(pick, tl.reshape(sw, [BLOCK_R, NC]), 0), axis=1)
         best_e = e0 + best.to(tl.int32)
-    else:
-        best_err = tl.full([BLOCK_R], float("inf"), tl.float32)
-        best_v = tl.zeros([BLOCK_R, G, 8], dtype=tl.int32)
-        best_c = tl.zeros([BLOCK_R, G], dtype=tl.int32)
-        best_s = tl.zeros([BLOCK_R], dtype=tl.float32)
-        best_sw = tl.zeros([BLOCK_R], dtype=tl.int32)
-        best_e = tl.zeros([BLOCK_R], dtype=tl.int32)
-        for si in range(NS):  # a runtime loop: unrolling 9 candidates made a 28k-instruction kernel (2 min to compile)
-            if SETS == 2:
-                s = tl.load(stab_ptr + e0 + si)
-            else:
-                f = tl.load(fac_ptr + si)
-                s = tl.minimum(tl.maximum(rms * f, -_FP16_MAX), _FP16_MAX).to(tl.float16).to(tl.float32)
-                s = tl.where(s > 0, s, 1.0)
-            u = tl.math.div_rn(y3, s[:, None, None])
-            v, c, sw, err = _best_of_sets(u, tab_ptr, mid_ptr, K, i8, BLOCK_R, G, SETS, GB)
-            err = err * (s * s)
-            better = err < best_err
-            best_err = tl.where(better, err, best_err)
-            best_v = tl.where(better[:, None, None], v, best_v)
-            best_c = tl.where(better[:, None], c, best_c)
-            best_s = tl.where(better, s, best_s)
-            best_sw = tl.where(better, sw, best_sw)
-            best_e = tl.where(better, e0 + si, best_e)
+    # the candidates not searched side by side, one after another (all of them without PAR);
+    # a runtime loop: unrolling 9 candidates made a 28k-instruction kernel (2 min to compile)
+    for si in range(NC if PAR else 0, NS):
+        if SETS == 2:
+            s = tl.load(stab_ptr + e0 + si)
+        else:
+            f = tl.load(fac_ptr + si)
+            s = tl.minimum(tl.maximum(rms * f, -_FP16_MAX), _FP16_MAX).to(tl.float16).to(tl.float32)
+            s = tl.where(s > 0, s, 1.0)
+        u1 = tl.math.div_rn(y3, s[:, None, None])  # (names apart from the side-by-side search's: other shapes)
+        v1, c1, sw1, err1 = _best_of_sets(u1, tab_ptr, mid_ptr, K, i8, BLOCK_R, G, SETS, GB)
+        err1 = err1 * (s * s)
+        better = err1 < best_err
+        best_err = tl.where(better, err1, best_err)
+        best_v = tl.where(better[:, None, None], v1, best_v)
+        best_c = tl.where(better[:, None], c1, best_c)
+        best_s = tl.where(better, s, best_s)
+        best_sw = tl.where(better, sw1, best_sw)
+        best_e = tl.where(better, e0 + si, best_e)
     fields = tl.where(i8 == 7, ((best_v >> 1) << 1) | best_c[:, :, None], best_v).to(tl.int64)
     word = tl.sum(fields << (i8.to(tl.int64) * BITS), axis=2)  # [R, G], disjoint bits
     blk = slot // block_size
@@ -510,6 +516,21 @@ def _small_write_rows(text: str) -> int:
 SMALL_WRITE_ROWS = _small_write_rows(os.environ.get("E8VLLM_SMALL_WRITE_ROWS", "1"))
 
 
+#: ``E8VLLM_PAR_CANDIDATES`` "floor" (default): the parallel scale search takes the largest power of
+#: two <= NS candidates side by side and the rest in the loop (9 = 8 + 1: 1,152 searched values per
+#: row); "ceil": all NS side by side, padded to the next power of two (9 -> 16: 2,048 values)
+PAR_CANDIDATES = os.environ.get("E8VLLM_PAR_CANDIDATES", "floor")
+if PAR_CANDIDATES not in ("floor", "ceil"):
+    raise ValueError(f"E8VLLM_PAR_CANDIDATES must be 'floor' or 'ceil', not {PAR_CANDIDATES!r}")
+
+
+def par_candidates(ns: int, how: str | None = None) -> int:
+    """Scale candidates searched side by side by the parallel write (``how``: :data:`PAR_CANDIDATES`)."""
+    if (how or PAR_CANDIDATES) == "ceil":
+        return triton.next_power_of_2(ns)
+    return 1 << (ns.bit_length() - 1)
+
+
 def write_block_rows(n_rows: int) -> int:
     """(token, head) rows per program of the write kernel for a write of ``n_rows`` rows of K (and of V)."""
     return SMALL_WRITE_ROWS if SMALL_WRITE_ROWS and n_rows < SMALL_WRITE_LIMIT else 16
@@ -517,7 +538,7 @@ def write_block_rows(n_rows: int) -> int:
 
 def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                           slot_mapping: torch.Tensor, fmt, *, block_rows: int | None = None,  # noqa: ANN001
-                          parallel: bool | None = None) -> None:
+                          parallel: bool | None = None, candidates: str | None = None) -> None:
     """Fused rotate + E8 encode + pack + scatter (same contract as ``reference.write_kv_cache``).
 
     Args:
@@ -531,6 +552,8 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         parallel: search the scale candidates side by side instead of in a loop (default: with one
             row per program; at most 2 rows per program. H200, one token: 13.2 us with 1 row side by
             side, 33.9 us with 2 rows side by side, 31.8 us with 2 rows in the loop).
+        candidates: with ``parallel``, "floor" or "ceil" (:func:`par_candidates`; default
+            :data:`PAR_CANDIDATES`).
     """
     t = slot_mapping.shape[0]
     if t == 0:
@@ -545,6 +568,8 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
     par = block_rows == 1 if parallel is None else bool(parallel)
     if par and block_rows > 2:
         raise ValueError(f"parallel scale search takes at most 2 rows per program, not {block_rows}")
+    if candidates not in (None, "floor", "ceil"):
+        raise ValueError(f"candidates must be 'floor' or 'ceil', not {candidates!r}")
     key = key if key.stride(2) == 1 else key.contiguous()
     value = value if value.stride(2) == 1 else value.contiguous()
     kns, vns = c.k.factors.shape[0], c.v.factors.shape[0]
@@ -554,8 +579,9 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         c.scales_off + 2, c.k.pm1, c.k.inv_sqrt_b, c.k.table, c.k.mids, c.k.factors, c.k.scales, c.v.pm1,
         c.v.inv_sqrt_b, c.v.table, c.v.mids, c.v.factors, c.v.scales, n_rows, h, bs, D=d, KB=c.k.bits, VB=c.v.bits,
         KNS=kns, VNS=vns, BLOCK_R=block_rows, KS=c.k.sets, VS=c.v.sets,
-        KGB=c.k.group_blocks, VGB=c.v.group_blocks, PAR=par, KNC=triton.next_power_of_2(kns),
-        VNC=triton.next_power_of_2(vns), num_warps=8 if block_rows >= 16 else 4, num_stages=1)
+        KGB=c.k.group_blocks, VGB=c.v.group_blocks, PAR=par, KNC=par_candidates(kns, candidates),
+        VNC=par_candidates(vns, candidates),
+        num_warps=8 if block_rows >= 16 else 4, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -995,7 +1021,7 @@ def prepare_device_constants(fmt, device: str, scale: float) -> None:  # noqa: A
     c = TritonE8Format.get(fmt, device)
     _q_matrix(c, float(scale))
     if GLUON and c.k.bits == 4 and c.v.bits == 4:  # the table image of the configured key lookup
-        _gluon.gluon_tables(c, bool(DECODE_CONFIG["gluon_kp"]))
+        _gluon.gluon_tables(c, bool(DECODE_CONFIG["gluon_kp"]), DECODE_CONFIG["gluon_lut"])
 
 
 #: most KV segments the decode grid takes (the merge kernel holds segments x head size per program)
@@ -1123,7 +1149,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             _gluon.gluon_decode(qr, words, c, block_table, query_start_loc, seq_lens, ws_m, ws_l, ws_o, num_seqs=b,
                                 num_kv_heads=h_kv, block_size=bs, segs=segs, maxnreg=dc["gluon_maxnreg"],
                                 tile=dc["gluon_tile"], key_pairs=bool(dc["gluon_kp"]),
-                                prefetch=bool(dc["gluon_prefetch"]), lazy=bool(dc["gluon_lazy"]),
+                                prefetch=dc["gluon_prefetch"], lut=dc["gluon_lut"], lazy=bool(dc["gluon_lazy"]),
                                 order=bool(dc["gluon_order"]), diag=dc["gluon_diag"])
         else:
             _e8_decode_kernel[(b, h_kv, segs)](

@@ -1,0 +1,45 @@
+"""The write kernel (:func:`e8vllm.kernels.triton.e8_kv._e8_write_kernel`) compiled for sm_90 on a
+machine without a GPU.
+
+The interpreter tests (``test_triton_e8.py``) run its arithmetic, but ``TRITON_INTERPRET`` does not
+type-check the kernel as the compiler does (a loop-carried variable that changes shape passes there
+and fails to compile on a GPU). Compiling the small-write settings here catches that before the H200.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("compiles for a GPU target; the interpreter cannot", allow_module_level=True)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+triton = pytest.importorskip("triton")
+
+from e8vllm.kernels.triton import e8_kv  # noqa: E402
+
+PTRS = {"k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64", "cache_ptr": "*u8", "k_isb": "fp32", "v_isb": "fp32",
+        **{f"{p}_{t}": "*fp32" for p in "kv" for t in ("pm1", "tab", "mid", "fac", "stab")}}
+
+
+@pytest.mark.parametrize("block_rows,par,how", [(1, True, "floor"), (1, True, "ceil"), (2, False, None)],
+                         ids=["one-row-parallel-8+1", "one-row-parallel-16", "two-rows-loop"])
+def test_write_kernel_compiles_for_sm90(block_rows, par, how):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = e8_kv._e8_write_kernel
+    nc = e8_kv.par_candidates(9, how) if par else 1
+    assert nc == {"floor": 8, "ceil": 16, None: 1}[how]
+    const = dict(D=128, KB=4, VB=4, KNS=9, VNS=9, BLOCK_R=block_rows, KS=2, VS=2, KGB=2, VGB=2, PAR=par, KNC=nc,
+                 VNC=nc)
+    sig = {a: ("constexpr" if a in const else PTRS.get(a, "i32")) for a in fn.arg_names}
+    try:
+        k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 4, "num_stages": 1})
+    except RuntimeError as e:  # pragma: no cover - no ptxas for this platform
+        if "ptxas" in str(e):
+            pytest.skip(f"no ptxas: {e}")
+        raise
+    assert "st.global" in k.asm["ptx"]
