@@ -154,9 +154,12 @@ def test_gluon_decode_cuda():
         (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_lut": 1, "gluon_kp": 1, "gluon_prefetch": 2}),
         (128, 32, 8, "search", [1500, 33, 800, 2], 16, 16, {"gluon_lut": 1}),
         (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_prefetch": 2}),
-        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 3, 16, {"gluon_prefetch": 1}),
+        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 4, 16, {"gluon_prefetch": 1}),
         (64, 9, 3, "", [900, 31, 1], 16, 16, {"gluon_lut": 1, "gluon_prefetch": 2}),
     ]
+    pick = os.environ.get("E8_GLUON_CASES")  # a re-run of some cases: their indices, comma-separated
+    if pick:
+        combos = [combos[int(i)] for i in pick.split(",")]
     for d, h_q, h_kv, variant, lens, segs, bs, settings in combos:
         fmt = E8KVFormat.from_bits(d, 4, 4, variant)
         case = random_case(fmt, lens, [1] * len(lens), h_q=h_q, h_kv=h_kv, block_size=bs, device="cuda", seed=21)

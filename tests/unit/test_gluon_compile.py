@@ -38,19 +38,37 @@ def _image_words(key_pairs: bool, lut: int) -> int:
     return 2048 if key_pairs else (128 if lut else 64)
 
 
+def _fmt(d: int, sets: int):
+    return e8_kv.TritonE8Format.get(E8KVFormat.from_bits(d, 4, 4, "" if sets == 2 else "search"), "cpu")
+
+
 def _compile(d: int, nq: int, key_pairs: bool, sets: int = 2, tile: int = 16, lut: int = 0, pf: int = 0):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    n_pad = 8 if nq <= 8 else 16
-    gb = 2 if d == 128 else 1
-    const = dict(NQ=nq, NP=n_pad, D=d, BLOCK_SIZE=16, NUM_SEGS=16, TN=tile, KP=int(key_pairs),
-                 TABN=_image_words(key_pairs, lut), PF=pf, LUT=lut, LAZY=0, ORDER=0, DIAG=0, KS=sets, VS=sets, KGB=gb, VGB=gb,
-                 **gluon_mod.decode_layouts(d, n_pad, tile))
+    c = _fmt(d, sets)
+    assert c.k.sets == sets
+    const = gluon_mod.launch_constexprs(c, nq=nq, d=d, block_size=16, segs=16, tile=tile, key_pairs=key_pairs,
+                                        prefetch=pf, lut=lut)
     fn = gluon_mod._gl_decode_kernel
     sig = {a: ("constexpr" if a in const else TYPES[a]) for a in fn.arg_names}
     src = GluonASTSource(fn, sig, constexprs=const)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+
+
+def test_launch_arguments_serialize_for_jit_hooks():
+    """A launch's compile-time arguments are plain ints: Triton's JIT hooks serialize them as JSON
+    (vLLM 0.26's JIT monitor installs one; with layout objects among them, a kernel compiled during
+    inference raised TypeError inside vLLM, seen on the H200 in session 12). Every kernel argument
+    is either one of these or a runtime argument."""
+    import json
+
+    for d, sets, kp, lut in ((128, 2, False, 0), (128, 1, True, 1), (64, 2, False, 1)):
+        const = gluon_mod.launch_constexprs(_fmt(d, sets), nq=4, d=d, block_size=16, segs=16, key_pairs=kp, lut=lut)
+        assert json.loads(json.dumps(const)) == const
+        assert all(type(v) is int for v in const.values())
+        assert set(gluon_mod._gl_decode_kernel.arg_names) == set(const) | set(TYPES)
+        assert const["TABN"] == gluon_mod._tables(_fmt(d, sets), kp, lut).numel()
 
 
 @pytest.mark.parametrize("d,nq,key_pairs,sets,lut,pf", [

@@ -46,14 +46,12 @@ Gluon kernels do not run in ``TRITON_INTERPRET``; CPU tests compile them for sm_
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-__all__ = ["gluon_supported", "gluon_decode", "gluon_tables", "decode_layouts", "key_order", "value_order", "TILE"]
+__all__ = ["gluon_supported", "gluon_decode", "gluon_tables", "launch_constexprs", "decode_layouts", "key_order", "value_order", "TILE"]
 
 #: a CTA barrier: ``thread_barrier`` in Triton 3.6 (vLLM 0.26's), renamed ``barrier`` later
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -86,29 +84,40 @@ def value_order(d: int) -> torch.Tensor:
     return 8 * ((k & 7) + 8 * (k >> 6)) + ((k >> 3) & 7)
 
 
-def _bits(n: int) -> int:
-    return n.bit_length() - 1
-
-
-@functools.lru_cache(maxsize=None)
-def decode_layouts(d: int, n_pad: int, tile: int = TILE) -> dict:
-    """The kernel's layouts for head size ``d``, ``n_pad`` (8 or 16) query-head columns and ``tile``
-    (16 or 32) tokens per step (token bit 4 in registers)."""
+@gluon.constexpr_function
+def _layout(name, d, n_pad, tile):
+    """Layout ``name`` of the kernel for head size ``d``, ``n_pad`` (8 or 16) query-head columns and
+    ``tile`` (16 or 32) tokens per step (token bit 4 in registers): MMA (the m16n8 accumulator), LK /
+    LV (key / value words [tile, d / 8]), OPA / OPB (the mma operands), TABL (the table load), SMEM.
+    Built while the kernel compiles: the layouts are not kernel arguments, because Triton's JIT hooks
+    (vLLM's JIT monitor installs one) serialize a launch's constexpr arguments as JSON, which layout
+    objects are not. Self-contained: a compile-time function may reference no Python helpers."""
     g = d // 8
+    gbits = g.bit_length() - 1
     extra = [[16, 0]] if tile == 32 else []
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-    # key words [16 tokens, G]: registers token bit 3, then the word bits above t; lanes t (word bits
-    # 0, 1) and tokens 0..7
-    lk = gl.DistributedLinearLayout(reg_bases=[[8, 0]] + [[0, 4 << i] for i in range(_bits(g) - 2)] + extra,
-                                    lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
-                                    warp_bases=[], block_bases=[], shape=[tile, g])
-    # value words [16 tokens, G]: registers token bits 0, 3 and the word bits above g; lanes token
-    # bits 1, 2 and word bits 0..2
-    lv = gl.DistributedLinearLayout(reg_bases=[[1, 0], [8, 0]] + [[0, 8 << i] for i in range(_bits(g) - 3)] + extra,
-                                    lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
-                                    warp_bases=[], block_bases=[], shape=[tile, g])
-    return dict(MMA=mma, LK=lk, LV=lv, OPA=gl.DotOperandLayout(0, mma, 2), OPB=gl.DotOperandLayout(1, mma, 2),
-                TABL=gl.BlockedLayout([4], [32], [1], [0]), SMEM=gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    if name == "MMA":
+        return mma
+    if name == "LK":  # registers token bit 3, then the word bits above t; lanes t (word bits 0, 1), tokens 0..7
+        return gl.DistributedLinearLayout(reg_bases=[[8, 0]] + [[0, 4 << i] for i in range(gbits - 2)] + extra,
+                                          lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+                                          warp_bases=[], block_bases=[], shape=[tile, g])
+    if name == "LV":  # registers token bits 0, 3, the word bits above g; lanes token bits 1, 2, word bits 0..2
+        return gl.DistributedLinearLayout(reg_bases=[[1, 0], [8, 0]] + [[0, 8 << i] for i in range(gbits - 3)] + extra,
+                                          lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
+                                          warp_bases=[], block_bases=[], shape=[tile, g])
+    if name in ("OPA", "OPB"):
+        return gl.DotOperandLayout(0 if name == "OPA" else 1, mma, 2)
+    if name == "TABL":
+        return gl.BlockedLayout([4], [32], [1], [0])
+    if name == "SMEM":
+        return gl.SwizzledSharedLayout(1, 1, 1, [0])
+    raise ValueError(f"unknown layout {name!r}")
+
+
+def decode_layouts(d: int, n_pad: int, tile: int = TILE) -> dict:
+    """The kernel's layouts by name (:func:`_layout`), for host-side checks."""
+    return {n: _layout(n, d, n_pad, tile) for n in ("MMA", "LK", "LV", "OPA", "OPB", "TABL", "SMEM")}
 
 
 @gluon.jit
@@ -253,8 +262,7 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
                       NUM_SEGS: gl.constexpr, TN: gl.constexpr, KP: gl.constexpr, TABN: gl.constexpr,
                       PF: gl.constexpr, LUT: gl.constexpr, LAZY: gl.constexpr, ORDER: gl.constexpr, DIAG: gl.constexpr,
                       KS: gl.constexpr, VS: gl.constexpr, KGB: gl.constexpr,
-                      VGB: gl.constexpr, MMA: gl.constexpr, LK: gl.constexpr, LV: gl.constexpr,
-                      OPA: gl.constexpr, OPB: gl.constexpr, TABL: gl.constexpr, SMEM: gl.constexpr):
+                      VGB: gl.constexpr):
     """Flash-decoding partials of one (sequence, kv head, segment) with one warp (module docstring).
 
     q: float32 [T, H_q, D] rotated (natural order), scaled by scale·log2(e); cache_ptr: the cache as
@@ -262,6 +270,13 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
     k_stab / v_stab: float32 [256] scale tables (e8s) or unread. Writes ws_m / ws_l [B, H_q, S], ws_o [B, H_q, S, D].
     """
     G: gl.constexpr = D // 8
+    MMA: gl.constexpr = _layout("MMA", D, NP, TN)
+    LK: gl.constexpr = _layout("LK", D, NP, TN)
+    LV: gl.constexpr = _layout("LV", D, NP, TN)
+    OPA: gl.constexpr = _layout("OPA", D, NP, TN)
+    OPB: gl.constexpr = _layout("OPB", D, NP, TN)
+    TABL: gl.constexpr = _layout("TABL", D, NP, TN)
+    SMEM: gl.constexpr = _layout("SMEM", D, NP, TN)
     seq = gl.program_id(0)
     kvh = gl.program_id(1)
     seg = gl.program_id(2)
@@ -428,6 +443,22 @@ def gluon_tables(fmt, key_pairs: bool, lut: int = 0) -> torch.Tensor:  # noqa: A
     return tabs
 
 
+def launch_constexprs(fmt, *, nq: int, d: int, block_size: int, segs: int, tile: int = TILE,  # noqa: ANN001
+                      key_pairs: bool = False, prefetch: int = 0, lut: int = 0, lazy: bool = False,
+                      order: bool = False, diag: int = 0) -> dict[str, int]:
+    """The kernel's compile-time arguments for a launch: plain ints (the layouts are built inside the
+    kernel, :func:`_layout`), so that Triton's JIT hooks can serialize them."""
+    return dict(NQ=nq, NP=8 if nq <= 8 else 16, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=int(key_pairs),
+                TABN=_image_words(key_pairs, lut), PF=int(prefetch), LUT=int(lut), LAZY=int(lazy), ORDER=int(order),
+                DIAG=int(diag), KS=int(fmt.k.sets), VS=int(fmt.v.sets), KGB=int(fmt.k.group_blocks),
+                VGB=int(fmt.v.group_blocks))
+
+
+def _image_words(key_pairs: bool, lut: int) -> int:
+    """int32 words of the shared-memory table image (:func:`_tables`)."""
+    return 2048 if key_pairs else (128 if lut else 64)
+
+
 def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.Tensor,  # noqa: ANN001
                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, ws_m: torch.Tensor, ws_l: torch.Tensor,
                  ws_o: torch.Tensor, *, num_seqs: int, num_kv_heads: int, block_size: int, segs: int,
@@ -436,15 +467,15 @@ def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.
     """Launch the decode grid (num_seqs, H_kv, segs) writing the workspaces of
     ``e8_kv._e8_reduce_kernel``. qr: float32 [T, H_q, D] rotated and scaled (natural order)."""
     h_q, d = qr.shape[1], qr.shape[2]
-    nq = h_q // num_kv_heads
-    n_pad = 8 if nq <= 8 else 16
+    consts = launch_constexprs(fmt, nq=h_q // num_kv_heads, d=d, block_size=block_size, segs=segs, tile=tile,
+                               key_pairs=key_pairs, prefetch=prefetch, lut=lut, lazy=lazy, order=order, diag=diag)
     tabs = gluon_tables(fmt, key_pairs, lut)
+    if tabs.numel() != consts["TABN"]:
+        raise AssertionError(f"e8vllm: table image of {tabs.numel()} words, kernel built for {consts['TABN']}")
     opts = {"num_warps": 1}
     if maxnreg:
         opts["maxnreg"] = maxnreg
     _gl_decode_kernel[(num_seqs, num_kv_heads, segs)](
         qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, words, words.stride(0), words.stride(1), words.stride(2),
         tabs, fmt.k.scales, fmt.v.scales, block_table, block_table.stride(0), query_start_loc, seq_lens, h_q,
-        NQ=nq, NP=n_pad, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=key_pairs, TABN=tabs.numel(),
-        PF=int(prefetch), LUT=int(lut), LAZY=lazy, ORDER=order, DIAG=diag, KS=fmt.k.sets, VS=fmt.v.sets,
-        KGB=fmt.k.group_blocks, VGB=fmt.v.group_blocks, **decode_layouts(d, n_pad, tile), **opts)
+        **consts, **opts)
