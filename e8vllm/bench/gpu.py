@@ -222,14 +222,16 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
                  "maxnreg": 128, "gluon": 0}]
     # the Gluon kernel (one warp per program; offline, sm_90: 128 registers at tile 16, 168 with the
     # register prefetch of the codes); lut 1: the byte-layout tables (one shift per byte of a word);
-    # prefetch 2: the next tile's block id; gluon_diag 1: a timing floor without the code loads.
+    # prefetch 2: the next tile's block id; async 1: the codes through a two-stage cp.async ring in
+    # shared memory (168 registers uncapped); gluon_diag 1: a timing floor without the code loads.
     # (Session 11 timed tile 32, lazy rescaling and forced ordering: all slower.)
     g = {"gluon": 1, "gluon_tile": 16, "gluon_kp": 0, "gluon_maxnreg": 0, "segs": 16, "gluon_prefetch": 0,
-         "gluon_lut": 0, "gluon_lazy": 0, "gluon_order": 0, "gluon_diag": 0}
+         "gluon_lut": 0, "gluon_async": 0, "gluon_lazy": 0, "gluon_order": 0, "gluon_diag": 0}
     decodes += [{**g, **x} for x in (
         {}, {"gluon_lut": 1}, {"gluon_prefetch": 2}, {"gluon_lut": 1, "gluon_prefetch": 2}, {"gluon_kp": 1},
         {"gluon_kp": 1, "gluon_lut": 1}, {"gluon_kp": 1, "gluon_lut": 1, "gluon_prefetch": 2},
-        {"gluon_prefetch": 1}, {"gluon_prefetch": 1, "gluon_maxnreg": 144}, {"gluon_prefetch": 2, "gluon_maxnreg": 112},
+        {"gluon_prefetch": 1}, {"gluon_prefetch": 2, "gluon_maxnreg": 112}, {"gluon_async": 1},
+        {"gluon_async": 1, "gluon_maxnreg": 128}, {"gluon_async": 1, "gluon_lut": 1, "gluon_maxnreg": 128},
         {"gluon_diag": 1})]
     res = _e8_case(dtype, batch, ctx, decodes)
 
@@ -306,7 +308,8 @@ PREFILL_KEYS = ("kernel", "block_m", "tile_n", "num_warps", "num_stages", "maxnr
 REF_DECODE = {"kernel": "pairs", "tile_n": 64, "num_warps": 4, "num_stages": 1, "gluon": 0}
 REF_PREFILL = {"kernel": "pairs", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 2}
 DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs", "prefetch", "maxnreg", "gluon", "gluon_tile",
-               "gluon_kp", "gluon_maxnreg", "gluon_prefetch", "gluon_lut", "gluon_lazy", "gluon_order", "gluon_diag")
+               "gluon_kp", "gluon_maxnreg", "gluon_prefetch", "gluon_lut", "gluon_async", "gluon_lazy", "gluon_order",
+               "gluon_diag")
 
 
 def _vllm_case(dtype: str, batch: int, ctx: int) -> dict[str, Any]:
@@ -702,7 +705,8 @@ def report(src: Path = RESULTS) -> str:
             tm = f"{v['time_s'] * 1e6:.1f}" if "time_s" in v else "error"
             kern = v.get("kernel") or ("gluon" + "".join(
                 f" {k.removeprefix('gluon_')} {v[k]}" for k in ("gluon_tile", "gluon_kp", "gluon_maxnreg", "gluon_prefetch",
-                                                               "gluon_lut", "gluon_lazy", "gluon_order", "gluon_diag")
+                                                               "gluon_lut", "gluon_async", "gluon_lazy", "gluon_order",
+                                                               "gluon_diag")
                 if k in v and (v[k] or k in ("gluon_tile", "gluon_kp", "gluon_maxnreg"))))
             lines.append(f"| {kern} | {v.get('block_m', '')} | {v.get('tile_n', '')} | {v.get('num_warps', '')} | "
                          f"{v.get('num_stages', '')} | {v.get('segs', '')} | {v.get('prefetch', '')} | "

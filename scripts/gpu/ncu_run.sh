@@ -2,6 +2,7 @@
 # On the device machine (after .gpu-bundle/part2/device-setup.sh): Nsight Compute profiles of one
 # Gluon decode launch (64 x 8k, e8_k4v4) and one 64-token write launch (scripts/gpu/ncu_decode.py).
 # Writes $OUT/ncu_{decode,write}_{details,source}.txt (the details page; per-SASS-line stall samples).
+# E8VLLM_DECODE_CONFIG (JSON) selects the decode setting profiled, e.g. {"gluon_async": 1}.
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"

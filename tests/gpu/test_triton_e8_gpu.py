@@ -136,7 +136,7 @@ def test_gluon_decode_cuda():
     (the same tolerance as the Triton kernels) and against the Triton decode kernel, over head sizes,
     GQA groups (3, 4, 8, 16), both codec families, lengths around the 16-token tile, segment counts
     (1, 16, more than tiles) and its settings (key pairs, 32-token tiles, byte-layout tables, both
-    prefetches)."""
+    prefetches, the cp.async code ring)."""
     from e8vllm.kernels.triton import e8_kv
 
     combos = [  # (head size, H_q, H_kv, codec variant, lengths, segments, block size, settings)
@@ -156,6 +156,11 @@ def test_gluon_decode_cuda():
         (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_prefetch": 2}),
         (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 4, 16, {"gluon_prefetch": 1}),
         (64, 9, 3, "", [900, 31, 1], 16, 16, {"gluon_lut": 1, "gluon_prefetch": 2}),
+        # the cp.async ring (session 12: compiled offline only; last, so that a fault leaves the rest measured)
+        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_async": 1}),
+        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 4, 16, {"gluon_async": 1, "gluon_lut": 1}),
+        (128, 32, 8, "search", [1500, 33, 800, 2], 1, 16, {"gluon_async": 1}),
+        (64, 9, 3, "", [900, 31, 1], 16, 16, {"gluon_async": 1}),
     ]
     pick = os.environ.get("E8_GLUON_CASES")  # a re-run of some cases: their indices, comma-separated
     if pick:

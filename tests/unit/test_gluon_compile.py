@@ -42,14 +42,15 @@ def _fmt(d: int, sets: int):
     return e8_kv.TritonE8Format.get(E8KVFormat.from_bits(d, 4, 4, "" if sets == 2 else "search"), "cpu")
 
 
-def _compile(d: int, nq: int, key_pairs: bool, sets: int = 2, tile: int = 16, lut: int = 0, pf: int = 0):
+def _compile(d: int, nq: int, key_pairs: bool, sets: int = 2, tile: int = 16, lut: int = 0, pf: int = 0,
+             async_ring: int = 0):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     c = _fmt(d, sets)
     assert c.k.sets == sets
     const = gluon_mod.launch_constexprs(c, nq=nq, d=d, block_size=16, segs=16, tile=tile, key_pairs=key_pairs,
-                                        prefetch=pf, lut=lut)
+                                        prefetch=pf, lut=lut, async_ring=async_ring)
     fn = gluon_mod._gl_decode_kernel
     sig = {a: ("constexpr" if a in const else TYPES[a]) for a in fn.arg_names}
     src = GluonASTSource(fn, sig, constexprs=const)
@@ -63,8 +64,9 @@ def test_launch_arguments_serialize_for_jit_hooks():
     is either one of these or a runtime argument."""
     import json
 
-    for d, sets, kp, lut in ((128, 2, False, 0), (128, 1, True, 1), (64, 2, False, 1)):
-        const = gluon_mod.launch_constexprs(_fmt(d, sets), nq=4, d=d, block_size=16, segs=16, key_pairs=kp, lut=lut)
+    for d, sets, kp, lut, ar in ((128, 2, False, 0, 0), (128, 1, True, 1, 0), (64, 2, False, 1, 0), (128, 2, False, 0, 1)):
+        const = gluon_mod.launch_constexprs(_fmt(d, sets), nq=4, d=d, block_size=16, segs=16, key_pairs=kp, lut=lut,
+                                            async_ring=ar)
         assert json.loads(json.dumps(const)) == const
         assert all(type(v) is int for v in const.values())
         assert set(gluon_mod._gl_decode_kernel.arg_names) == set(const) | set(TYPES)
@@ -87,6 +89,26 @@ def test_gluon_decode_compiles_with_only_the_table_in_shared_memory(d, nq, key_p
     assert ptx.count("ld.shared.b32" if key_pairs else "ld.shared.b16") > 0
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert "st.shared" in ptx and ptx.count("bar.sync") == 1  # the image is stored once, then read only
+
+
+@pytest.mark.parametrize("d,lut,sets", [(128, 0, 2), (128, 1, 2), (64, 0, 1)])
+def test_gluon_async_ring_compiles_into_one_allocation(d, lut, sets):
+    """``gluon_async`` 1: the codes go through a two-stage cp.async ring. Its words share the one
+    shared-memory allocation with the table image (still at offset 0, where the lookups address it):
+    the kernel's shared memory is exactly that buffer; the copies are cp.async, waited for by group."""
+    try:
+        k = _compile(d, 4, False, sets, lut=lut, async_ring=1)
+    except RuntimeError as e:  # pragma: no cover - no ptxas for this platform
+        if "ptxas" in str(e):
+            pytest.skip(f"no ptxas: {e}")
+        raise
+    const = gluon_mod.launch_constexprs(_fmt(d, sets), nq=4, d=d, block_size=16, segs=16, lut=lut, async_ring=1)
+    assert k.metadata.shared == const["BUFN"] * 4
+    assert const["TO"] == const["TABN"] and const["RO"] == 2 * 16 * d // 4 == const["BUFN"] // 2
+    ptx = k.asm["ptx"]
+    assert "cp.async.ca.shared.global" in ptx and "cp.async.wait_group" in ptx and "mma.sync.aligned.m16n8k16" in ptx
+    with pytest.raises(ValueError, match="async ring"):
+        gluon_mod.launch_constexprs(_fmt(d, sets), nq=4, d=d, block_size=16, segs=16, key_pairs=True, async_ring=1)
 
 
 def test_operand_orders_are_permutations_of_whole_words():
@@ -220,6 +242,9 @@ def test_gluon_setting_needs_a_gpu_target():
     with pytest.raises(ValueError, match="gluon_prefetch"):
         e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_prefetch": 3}, "x")
     assert e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_prefetch": 2}, "x")["gluon_prefetch"] == 2
+    with pytest.raises(ValueError, match="gluon_async"):
+        e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_async": 1, "gluon_kp": 1}, "x")
+    assert e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_async": 1}, "x")["gluon_async"] == 1
 
 
 def test_decode_segments_grow_for_small_batches(monkeypatch):

@@ -32,12 +32,21 @@ table goes through shared memory:
   workspace as the Triton kernel's and are merged by its reduce kernel. The numbers are the Triton
   kernel's (same operand precision), only summed in another order.
 
-Settings (``e8_kv.DECODE_CONFIG``, keys ``gluon_*``; timed on the H200 in session 11, 64 x 8k):
-16-token steps (32: 719 us against 431 us), key lookups by value (``kp`` 1: pairs, 32 bits per two
-keys, 8 % fewer instructions, as fast), no register prefetch (``prefetch`` 1: the next step's codes in
-flight during this one, 168 registers, as fast), rescaling every step (``lazy`` 1: only when a maximum
-grows, 441 us), no forced ordering (``order`` 1: value lookups after the softmax, 450 us); ``diag``
-(benchmarks only) drops the code loads (1) or the lookups (2) for timing floors.
+Settings (``e8_kv.DECODE_CONFIG``, keys ``gluon_*``; timed on the H200 in sessions 11 and 12, 64 x 8k,
+none faster than the default beyond the run-to-run spread): 16-token steps (32: 719 us against 431
+us), key lookups by value (``kp`` 1: pairs, 32 bits per two keys, 8 % fewer instructions, 428-431 us),
+value tables in the value layout (``lut`` 1: the byte layout of :func:`_word_values_b`, one shift per
+byte, 441 us), no prefetch (``prefetch`` 1: the next step's codes in flight during this one, 168
+registers, 432-435 us; 2: the next step's block id, 446 us), rescaling every step (``lazy`` 1: only
+when a maximum grows, 441 us), no forced ordering (``order`` 1: value lookups after the softmax, 450
+us); ``diag`` (benchmarks only) drops the code loads (1) or the lookups (2) for timing floors.
+``async`` 1 (session 12, compiled for sm_90 offline, not yet run on a GPU): the codes of the next
+tile are copied with ``cp.async`` into a two-stage ring in shared memory (coalesced: lanes along a
+token's words; 4-word groups xor-swizzled by the token so the operand-layout reads are free of bank
+conflicts at head size 128) while this tile is decoded, in the same allocation as the table image,
+which stays at offset 0; no registers hold codes in flight.
+Nsight Compute (session 12): the integer ALU pipe 68 % busy, 25 % of the stalls waiting on the code
+loads, 16 warps per SM at 128 registers.
 
 Supported: 4-bit K and V codes of the pair-table E8 codecs (``e8-4``, ``e8s-4``), head size 64 or
 128, block size a multiple of the step, up to 16 query heads per kv head (:func:`gluon_supported`).
@@ -49,12 +58,17 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 __all__ = ["gluon_supported", "gluon_decode", "gluon_tables", "launch_constexprs", "decode_layouts", "key_order", "value_order", "TILE"]
 
 #: a CTA barrier: ``thread_barrier`` in Triton 3.6 (vLLM 0.26's), renamed ``barrier`` later
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+#: shared-memory views change type with ``_reinterpret`` in Triton 3.6 (vLLM 0.26's), ``reinterpret`` later
+_PRIVATE_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "_reinterpret"))
+#: ``cp.async`` into shared memory: ``async_copy_global_to_shared`` in Triton 3.6, ``async_load`` later
+#: (resolved here: the JIT's dependency scan looks up every attribute a kernel names, taken branch or not)
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 #: tokens per tile (one m16n8k16 M or K extent)
 TILE = 16
 #: bytes of one codec's value table in shared memory (64 fp16 entries: 2 sets x 2 cosets x 16 levels)
@@ -112,6 +126,12 @@ def _layout(name, d, n_pad, tile):
         return gl.BlockedLayout([4], [32], [1], [0])
     if name == "SMEM":
         return gl.SwizzledSharedLayout(1, 1, 1, [0])
+    if name == "RING":  # code ring [stages x tile, 2g] (``async``): 4-word groups xor-swizzled by the token
+        return gl.SwizzledSharedLayout(4, 1, 8 if 2 * g >= 32 else 4, [1, 0])
+    if name == "CP":  # the ring copy [tile, 2g]: lanes along a token's words
+        return gl.BlockedLayout([1, 1], [32 // (2 * g), 2 * g], [1, 1], [1, 0])
+    if name == "CPT":  # the tails copy [tile]
+        return gl.BlockedLayout([1], [32], [1], [0])
     raise ValueError(f"unknown layout {name!r}")
 
 
@@ -256,13 +276,111 @@ def _tile_words(cache_ptr, blk, kvh_off, cs0, cs2, j, seg_end, tk, wk, tv, wv, T
 
 
 @gluon.jit
+def _as_ring(buf, RO: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr, RING: gl.constexpr):
+    """The words [RO, RO + ROWS·COLS) of the int32 buffer ``buf`` as a [ROWS, COLS] view in layout RING."""
+    if _PRIVATE_REINTERPRET:
+        return buf.slice(RO, ROWS * COLS)._reinterpret(gl.int32, [ROWS, COLS], RING)
+    else:
+        return buf.slice(RO, ROWS * COLS).reinterpret(gl.int32, [ROWS, COLS], RING)
+
+
+@gluon.jit
+def _ring_issue(ring_st, tails_st, cache_ptr, bt_row, kvh_off, cs0, cs2, jj, seg_end, ct, cw, tt, TN: gl.constexpr,
+                BLOCK_SIZE: gl.constexpr, G: gl.constexpr):
+    """Start copying tile jj's codes (K and V words of its TN tokens, then their tails) into one ring
+    stage with ``cp.async`` (tokens >= seg_end are not read: zero-filled), as one commit group."""
+    n0 = jj * TN
+    blk = gl.load(bt_row + n0 // BLOCK_SIZE, mask=n0 < seg_end, other=0)
+    base = cache_ptr + (blk.to(gl.int64) * cs0 + kvh_off + (n0 % BLOCK_SIZE) * cs2)
+    _cp_async(ring_st, base + (ct * cs2)[:, None] + cw[None, :], mask=((n0 + ct) < seg_end)[:, None])
+    _cp_async(tails_st, base + tt * cs2 + 2 * G, mask=(n0 + tt) < seg_end)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _ring_words(ring_st, tails_st, G: gl.constexpr, LK: gl.constexpr, LV: gl.constexpr):
+    """A ring stage's key words / tails (key layout) and value words / tails (value layout)."""
+    wkk = ring_st.slice(0, G, dim=1).load(LK)
+    wvv = ring_st.slice(G, G, dim=1).load(LV)
+    sck = tails_st.load(gl.SliceLayout(1, LK))
+    scv = tails_st.load(gl.SliceLayout(1, LV))
+    return wkk, sck, wvv, scv
+
+
+@gluon.jit
+def _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, limit, k_stab, v_stab, TN: gl.constexpr,
+               NP: gl.constexpr, D: gl.constexpr, G: gl.constexpr, KP: gl.constexpr, LUT: gl.constexpr,
+               LAZY: gl.constexpr, ORDER: gl.constexpr, DIAG: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
+               KGB: gl.constexpr, VGB: gl.constexpr, MMA: gl.constexpr, LK: gl.constexpr, LV: gl.constexpr,
+               OPA: gl.constexpr, OPB: gl.constexpr, ASYNC: gl.constexpr = 0):
+    """One 16-token step of tile j: its key words / tails (key layout) and value words / tails (value
+    layout) decoded into the mma operands, scores (tokens >= ``limit`` masked), online softmax,
+    accumulation; (m_i, l_i, acc). ASYNC: the value scales of masked tokens are zeroed too (their
+    codes come from the ring, not from a masked load)."""
+    n0 = j * TN
+    if KS == 2:
+        swk = sck & 255
+    else:
+        swk = sck
+    if VS == 2:
+        swv = (scv >> 16) & 255
+    else:
+        swv = scv
+    if KP:
+        xk = _word_pairs(wkk, swk, KS, KGB, G, LK)  # [TN, G, 2, 2, 2]
+    elif LUT:
+        xk = _word_values_b(wkk, swk, 0, 0, KS, KGB, G, LK)
+    else:
+        xk = _word_values(wkk, swk, 0, KS, KGB, G, LK, DIAG)
+    xk = gl.permute(gl.reshape(xk, [TN, G // 4, 4, 2, 2, 2]), [0, 1, 5, 4, 2, 3])
+    ka = gl.convert_layout(gl.reshape(xk, [TN, D]), OPA, assert_trivial=True)
+    s = mma_v2(ka, q, gl.zeros([TN, NP], gl.float32, MMA))
+    sc = gl.convert_layout(sck, gl.SliceLayout(1, MMA))
+    if KS == 2:
+        sk = gl.load(k_stab + ((sc >> 8) & 255))
+    else:
+        sk = sc.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    if VS == 2:
+        sv = gl.load(v_stab + ((sc >> 24) & 255))
+    else:
+        sv = (sc >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    s = gl.where(((n0 + ts) < limit)[:, None], s * sk[:, None], float("-inf"))
+    if ASYNC:
+        sv = gl.where((n0 + ts) < limit, sv, 0.0)
+    m_new = gl.maximum(m_i, gl.max(s, axis=0))
+    p = gl.exp2(s - m_new[None, :])
+    pb = gl.convert_layout((p * sv[:, None]).to(gl.float16), OPB)
+    if ORDER:  # the value lookups wait for the softmax (Σp <= TN·NP never exceeds 1e9): fewer live registers
+        swv = swv | (gl.sum(gl.sum(p, axis=1), axis=0) > 1.0e9).to(gl.int32)
+    if LUT:
+        xv = _word_values_b(wvv, swv, PAIR_BYTES if KP else 0, 1, VS, VGB, G, LV)  # [TN, G, 2, 2, 2]
+    else:
+        xv = _word_values(wvv, swv, PAIR_BYTES if KP else TABLE_BYTES, VS, VGB, G, LV, DIAG)
+    xv = gl.permute(gl.reshape(xv, [TN, G // 8, 8, 2, 2, 2]), [1, 5, 4, 3, 2, 0])
+    va = gl.convert_layout(gl.reshape(xv, [D, TN]), OPA, assert_trivial=True)
+    if LAZY:  # rescale only when a running maximum grew (warp-uniform branch)
+        if gl.max(m_new - m_i, axis=0) > 0.0:
+            alpha = gl.exp2(m_i - m_new)
+            acc = acc * alpha[None, :]
+            l_i = l_i * alpha
+        l_i = l_i + gl.sum(p, axis=0)
+        acc = mma_v2(va, pb, acc)
+    else:
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=0)
+        acc = mma_v2(va, pb, acc * alpha[None, :])
+    return m_new, l_i, acc
+
+
+@gluon.jit
 def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, cs0, cs1, cs2, tab_ptr,
                       k_stab, v_stab, bt_ptr, sbt0, qsl_ptr, sl_ptr, num_heads,
                       NQ: gl.constexpr, NP: gl.constexpr, D: gl.constexpr, BLOCK_SIZE: gl.constexpr,
                       NUM_SEGS: gl.constexpr, TN: gl.constexpr, KP: gl.constexpr, TABN: gl.constexpr,
                       PF: gl.constexpr, LUT: gl.constexpr, LAZY: gl.constexpr, ORDER: gl.constexpr, DIAG: gl.constexpr,
                       KS: gl.constexpr, VS: gl.constexpr, KGB: gl.constexpr,
-                      VGB: gl.constexpr):
+                      VGB: gl.constexpr, ASYNC: gl.constexpr, BUFN: gl.constexpr, RO: gl.constexpr,
+                      TO: gl.constexpr):
     """Flash-decoding partials of one (sequence, kv head, segment) with one warp (module docstring).
 
     q: float32 [T, H_q, D] rotated (natural order), scaled by scale·log2(e); cache_ptr: the cache as
@@ -287,7 +405,11 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
     tok = q_start.to(gl.int64)
 
     # value tables at shared-memory offset 0 (the only allocation): int32 [TABN] (:func:`_tables`)
-    tables = gl.allocate_shared_memory(gl.int32, [TABN], SMEM, gl.load(tab_ptr + gl.arange(0, TABN, TABL)))
+    if ASYNC:  # one allocation at offset 0: the tables, the tails [2 x TN] at TO, the code ring at RO
+        tables = gl.allocate_shared_memory(gl.int32, [BUFN], SMEM)
+        tables.slice(0, TABN).store(gl.load(tab_ptr + gl.arange(0, TABN, TABL)))
+    else:
+        tables = gl.allocate_shared_memory(gl.int32, [TABN], SMEM, gl.load(tab_ptr + gl.arange(0, TABN, TABL)))
     _cta_barrier()
 
     # query operand [D, NP] in key operand order
@@ -312,75 +434,56 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
     wv = gl.arange(0, G, gl.SliceLayout(0, LV))
     ts = gl.arange(0, TN, gl.SliceLayout(1, MMA))
     seg_end = gl.minimum(seq_len, j1 * TN)  # a prefetched tile past the segment loads nothing
-    if PF == 1:  # the next tile's words in flight during this one
-        wkk, sck, wvv, scv = _tile_words(cache_ptr, _tile_block(bt_row, j0, seg_end, TN, BLOCK_SIZE), kvh_off, cs0,
-                                         cs2, j0, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
-    if PF == 2:  # the next tile's block id in flight during this one (one register)
-        blk = _tile_block(bt_row, j0, seg_end, TN, BLOCK_SIZE)
-    for j in range(j0, j1):
-        if PF == 1:
-            nk, nsk, nv, nsv = _tile_words(cache_ptr, _tile_block(bt_row, j + 1, seg_end, TN, BLOCK_SIZE), kvh_off,
-                                           cs0, cs2, j + 1, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
-        elif PF == 2:
-            wkk, sck, wvv, scv = _tile_words(cache_ptr, blk, kvh_off, cs0, cs2, j, seg_end, tk, wk, tv, wv, TN,
-                                             BLOCK_SIZE, G, DIAG)
-            blk = _tile_block(bt_row, j + 1, seg_end, TN, BLOCK_SIZE)
-        else:
-            wkk, sck, wvv, scv = _tile_words(cache_ptr, _tile_block(bt_row, j, seg_end, TN, BLOCK_SIZE), kvh_off, cs0,
-                                             cs2, j, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
-        n0 = j * TN
-        if KS == 2:
-            swk = sck & 255
-        else:
-            swk = sck
-        if VS == 2:
-            swv = (scv >> 16) & 255
-        else:
-            swv = scv
-        if KP:
-            xk = _word_pairs(wkk, swk, KS, KGB, G, LK)  # [TN, G, 2, 2, 2]
-        elif LUT:
-            xk = _word_values_b(wkk, swk, 0, 0, KS, KGB, G, LK)
-        else:
-            xk = _word_values(wkk, swk, 0, KS, KGB, G, LK, DIAG)
-        xk = gl.permute(gl.reshape(xk, [TN, G // 4, 4, 2, 2, 2]), [0, 1, 5, 4, 2, 3])
-        ka = gl.convert_layout(gl.reshape(xk, [TN, D]), OPA, assert_trivial=True)
-        s = mma_v2(ka, q, gl.zeros([TN, NP], gl.float32, MMA))
-        sc = gl.convert_layout(sck, gl.SliceLayout(1, MMA))
-        if KS == 2:
-            sk = gl.load(k_stab + ((sc >> 8) & 255))
-        else:
-            sk = sc.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-        if VS == 2:
-            sv = gl.load(v_stab + ((sc >> 24) & 255))
-        else:
-            sv = (sc >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-        s = gl.where(((n0 + ts) < seq_len)[:, None], s * sk[:, None], float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=0))
-        p = gl.exp2(s - m_new[None, :])
-        pb = gl.convert_layout((p * sv[:, None]).to(gl.float16), OPB)
-        if ORDER:  # the value lookups wait for the softmax (Σp <= TN·NP never exceeds 1e9): fewer live registers
-            swv = swv | (gl.sum(gl.sum(p, axis=1), axis=0) > 1.0e9).to(gl.int32)
-        if LUT:
-            xv = _word_values_b(wvv, swv, PAIR_BYTES if KP else 0, 1, VS, VGB, G, LV)  # [TN, G, 2, 2, 2]
-        else:
-            xv = _word_values(wvv, swv, PAIR_BYTES if KP else TABLE_BYTES, VS, VGB, G, LV, DIAG)
-        xv = gl.permute(gl.reshape(xv, [TN, G // 8, 8, 2, 2, 2]), [1, 5, 4, 3, 2, 0])
-        va = gl.convert_layout(gl.reshape(xv, [D, TN]), OPA, assert_trivial=True)
-        if LAZY:  # rescale only when a running maximum grew (warp-uniform branch)
-            if gl.max(m_new - m_i, axis=0) > 0.0:
-                alpha = gl.exp2(m_i - m_new)
-                acc = acc * alpha[None, :]
-                l_i = l_i * alpha
-            l_i = l_i + gl.sum(p, axis=0)
-            acc = mma_v2(va, pb, acc)
-        else:
-            alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha + gl.sum(p, axis=0)
-            acc = mma_v2(va, pb, acc * alpha[None, :])
-        m_i = m_new
-        if PF == 1:
-            wkk, sck, wvv, scv = nk, nsk, nv, nsv
+    if ASYNC:  # two-stage cp.async ring: tile j + 1 lands in shared memory while tile j is decoded
+        RING: gl.constexpr = _layout("RING", D, NP, TN)
+        CP: gl.constexpr = _layout("CP", D, NP, TN)
+        CPT: gl.constexpr = _layout("CPT", D, NP, TN)
+        ring = _as_ring(tables, RO, 2 * TN, 2 * G, RING)
+        tails = tables.slice(TO, 2 * TN)
+        ct = gl.arange(0, TN, gl.SliceLayout(1, CP))
+        cw = gl.arange(0, 2 * G, gl.SliceLayout(0, CP))
+        tt = gl.arange(0, TN, CPT)
+        _ring_issue(ring.slice(0, TN), tails.slice(0, TN), cache_ptr, bt_row, kvh_off, cs0, cs2, j0, seg_end, ct, cw,
+                    tt, TN, BLOCK_SIZE, G)
+        for j in range(j0, j1, 2):  # tiles past j1 (an odd count) are masked: seg_end
+            _cta_barrier()  # every lane is done with stage 1 (tile j - 1)
+            _ring_issue(ring.slice(TN, TN), tails.slice(TN, TN), cache_ptr, bt_row, kvh_off, cs0, cs2, j + 1, seg_end,
+                        ct, cw, tt, TN, BLOCK_SIZE, G)
+            async_copy.wait_group(1)  # tile j has landed
+            _cta_barrier()  # ... for every lane's copies
+            wkk, sck, wvv, scv = _ring_words(ring.slice(0, TN), tails.slice(0, TN), G, LK, LV)
+            m_i, l_i, acc = _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, seg_end, k_stab, v_stab, TN, NP,
+                                       D, G, KP, LUT, LAZY, ORDER, DIAG, KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, 1)
+            _cta_barrier()  # every lane is done with stage 0 (tile j)
+            _ring_issue(ring.slice(0, TN), tails.slice(0, TN), cache_ptr, bt_row, kvh_off, cs0, cs2, j + 2, seg_end,
+                        ct, cw, tt, TN, BLOCK_SIZE, G)
+            async_copy.wait_group(1)  # tile j + 1 has landed
+            _cta_barrier()
+            wkk, sck, wvv, scv = _ring_words(ring.slice(TN, TN), tails.slice(TN, TN), G, LK, LV)
+            m_i, l_i, acc = _tile_math(wkk, sck, wvv, scv, j + 1, q, m_i, l_i, acc, ts, seg_end, k_stab, v_stab, TN,
+                                       NP, D, G, KP, LUT, LAZY, ORDER, DIAG, KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, 1)
+        async_copy.wait_group(0)
+    else:
+        if PF == 1:  # the next tile's words in flight during this one
+            wkk, sck, wvv, scv = _tile_words(cache_ptr, _tile_block(bt_row, j0, seg_end, TN, BLOCK_SIZE), kvh_off, cs0,
+                                             cs2, j0, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
+        if PF == 2:  # the next tile's block id in flight during this one (one register)
+            blk = _tile_block(bt_row, j0, seg_end, TN, BLOCK_SIZE)
+        for j in range(j0, j1):
+            if PF == 1:
+                nk, nsk, nv, nsv = _tile_words(cache_ptr, _tile_block(bt_row, j + 1, seg_end, TN, BLOCK_SIZE), kvh_off,
+                                               cs0, cs2, j + 1, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
+            elif PF == 2:
+                wkk, sck, wvv, scv = _tile_words(cache_ptr, blk, kvh_off, cs0, cs2, j, seg_end, tk, wk, tv, wv, TN,
+                                                 BLOCK_SIZE, G, DIAG)
+                blk = _tile_block(bt_row, j + 1, seg_end, TN, BLOCK_SIZE)
+            else:
+                wkk, sck, wvv, scv = _tile_words(cache_ptr, _tile_block(bt_row, j, seg_end, TN, BLOCK_SIZE), kvh_off, cs0,
+                                                 cs2, j, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
+            m_i, l_i, acc = _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, seq_len, k_stab, v_stab, TN, NP, D, G,
+                                       KP, LUT, LAZY, ORDER, DIAG, KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB)
+            if PF == 1:
+                wkk, sck, wvv, scv = nk, nsk, nv, nsv
     tables._keep_alive()
     hm = gl.arange(0, NP, gl.SliceLayout(0, MMA))
     wi = (seq.to(gl.int64) * num_heads + kvh * NQ + hm) * NUM_SEGS + seg  # workspaces are per sequence
@@ -445,13 +548,25 @@ def gluon_tables(fmt, key_pairs: bool, lut: int = 0) -> torch.Tensor:  # noqa: A
 
 def launch_constexprs(fmt, *, nq: int, d: int, block_size: int, segs: int, tile: int = TILE,  # noqa: ANN001
                       key_pairs: bool = False, prefetch: int = 0, lut: int = 0, lazy: bool = False,
-                      order: bool = False, diag: int = 0) -> dict[str, int]:
+                      order: bool = False, diag: int = 0, async_ring: int = 0) -> dict[str, int]:
     """The kernel's compile-time arguments for a launch: plain ints (the layouts are built inside the
-    kernel, :func:`_layout`), so that Triton's JIT hooks can serialize them."""
-    return dict(NQ=nq, NP=8 if nq <= 8 else 16, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=int(key_pairs),
-                TABN=_image_words(key_pairs, lut), PF=int(prefetch), LUT=int(lut), LAZY=int(lazy), ORDER=int(order),
-                DIAG=int(diag), KS=int(fmt.k.sets), VS=int(fmt.v.sets), KGB=int(fmt.k.group_blocks),
-                VGB=int(fmt.v.group_blocks))
+    kernel, :func:`_layout`), so that Triton's JIT hooks can serialize them. ``async_ring`` 1: the
+    codes go through a two-stage ``cp.async`` ring in shared memory (with value lookups, no register
+    prefetch, no diagnostics); its words sit after the table image and the tails (BUFN words in all)."""
+    tabn = _image_words(key_pairs, lut)
+    c = dict(NQ=nq, NP=8 if nq <= 8 else 16, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=int(key_pairs),
+             TABN=tabn, PF=int(prefetch), LUT=int(lut), LAZY=int(lazy), ORDER=int(order), DIAG=int(diag),
+             KS=int(fmt.k.sets), VS=int(fmt.v.sets), KGB=int(fmt.k.group_blocks), VGB=int(fmt.v.group_blocks),
+             ASYNC=0, BUFN=tabn, RO=0, TO=0)
+    if async_ring:
+        if key_pairs or prefetch or diag:
+            raise ValueError("e8vllm: the Gluon async ring takes value lookups (gluon_kp 0), no prefetch and no "
+                             "diagnostics")
+        ring = 2 * tile * (d // 4)  # words: 2 stages x tile tokens x (K + V words); a subview starts at a
+        if tabn + 2 * tile > ring:  # multiple of its size: the ring is the upper half of the buffer
+            raise ValueError(f"e8vllm: a {tabn}-word table does not fit below the {ring}-word code ring")
+        c.update(ASYNC=1, TO=tabn, RO=ring, BUFN=2 * ring)
+    return c
 
 
 def _image_words(key_pairs: bool, lut: int) -> int:
@@ -463,12 +578,13 @@ def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.
                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, ws_m: torch.Tensor, ws_l: torch.Tensor,
                  ws_o: torch.Tensor, *, num_seqs: int, num_kv_heads: int, block_size: int, segs: int,
                  maxnreg: int = 0, tile: int = TILE, key_pairs: bool = False, prefetch: int = 0, lut: int = 0,
-                 lazy: bool = False, order: bool = False, diag: int = 0) -> None:
+                 lazy: bool = False, order: bool = False, diag: int = 0, async_ring: int = 0) -> None:
     """Launch the decode grid (num_seqs, H_kv, segs) writing the workspaces of
     ``e8_kv._e8_reduce_kernel``. qr: float32 [T, H_q, D] rotated and scaled (natural order)."""
     h_q, d = qr.shape[1], qr.shape[2]
     consts = launch_constexprs(fmt, nq=h_q // num_kv_heads, d=d, block_size=block_size, segs=segs, tile=tile,
-                               key_pairs=key_pairs, prefetch=prefetch, lut=lut, lazy=lazy, order=order, diag=diag)
+                               key_pairs=key_pairs, prefetch=prefetch, lut=lut, lazy=lazy, order=order, diag=diag,
+                               async_ring=async_ring)
     tabs = gluon_tables(fmt, key_pairs, lut)
     if tabs.numel() != consts["TABN"]:
         raise AssertionError(f"e8vllm: table image of {tabs.numel()} words, kernel built for {consts['TABN']}")

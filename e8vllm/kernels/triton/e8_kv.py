@@ -115,12 +115,14 @@ DIAGNOSTIC_KERNELS = ("nolut",)
 #: instructions per 64-token tile); 112 registers 732 us, uncapped (168) 790 us, tile 128 / 8 warps 836 us
 #: ``gluon`` 1: decode batches of 4-bit codes run :mod:`.e8_gluon` (codes decoded straight into the
 #: tensor-core operand registers; ``gluon_tile`` tokens per step, ``gluon_kp`` 1 = key pairs looked
-#: up 32 bits at a time, ``gluon_maxnreg`` its register cap); other formats, and key centers, take
-#: the Triton kernel with the settings above.
+#: up 32 bits at a time, ``gluon_lut`` 1 = byte-layout value tables, ``gluon_prefetch`` 1 / 2 = the
+#: next step's codes / block id loaded ahead, ``gluon_async`` 1 = the codes through a cp.async ring,
+#: ``gluon_maxnreg`` its register cap; the H200 timings of each are in :mod:`.e8_gluon`'s docstring);
+#: other formats, and key centers, take the Triton kernel with the settings above.
 DECODE_CONFIG = {"kernel": DEFAULT_KERNEL, "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
                  "prefetch": 0, "maxnreg": 128, "gluon": int(GLUON), "gluon_tile": 16, "gluon_kp": 0,
-                 "gluon_maxnreg": 0, "gluon_prefetch": 0, "gluon_lut": 0, "gluon_lazy": 0, "gluon_order": 0,
-                 "gluon_diag": 0}
+                 "gluon_maxnreg": 0, "gluon_prefetch": 0, "gluon_lut": 0, "gluon_async": 0, "gluon_lazy": 0,
+                 "gluon_order": 0, "gluon_diag": 0}
 
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys. ``block_m`` 256
 #: (64 query tokens x 4 heads per tile): session 10, one 8,192-token prompt, 5.34 ms against 5.95 ms at 128.
@@ -161,7 +163,7 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
                 raise ValueError(f"{what}: {k} must be a power of two >= {lo}, not {v!r}")
     if type(cfg["num_stages"]) is not int or not 1 <= cfg["num_stages"] <= 4:
         raise ValueError(f"{what}: num_stages must be an integer in 1..4, not {cfg['num_stages']!r}")
-    for k in ("prefetch", "split_decode", "gluon", "gluon_kp", "gluon_lut", "gluon_lazy", "gluon_order"):
+    for k in ("prefetch", "split_decode", "gluon", "gluon_kp", "gluon_lut", "gluon_async", "gluon_lazy", "gluon_order"):
         if k in cfg and (type(cfg[k]) is not int or cfg[k] not in (0, 1)):
             raise ValueError(f"{what}: {k} must be 0 or 1, not {cfg[k]!r}")
     if "gluon_prefetch" in cfg and (type(cfg["gluon_prefetch"]) is not int or cfg["gluon_prefetch"] not in (0, 1, 2)):
@@ -177,6 +179,9 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
     if cfg.get("gluon_diag", 0) not in (0, 1, 2, 3) or (cfg.get("gluon_diag") and not diagnostic):
         raise ValueError(f"{what}: gluon_diag {cfg.get('gluon_diag')!r} skips loads (1) or lookups (2) and computes "
                          "wrong values (a timing diagnostic); only benchmarks may select it")
+    if cfg.get("gluon_async") and (cfg.get("gluon_kp") or cfg.get("gluon_prefetch") or cfg.get("gluon_diag")):
+        raise ValueError(f"{what}: gluon_async 1 (the cp.async code ring) takes gluon_kp 0, gluon_prefetch 0 and "
+                         "gluon_diag 0")
     if "gluon_tile" in cfg and cfg["gluon_tile"] not in (16, 32):
         raise ValueError(f"{what}: gluon_tile must be 16 or 32, not {cfg['gluon_tile']!r}")
     return cfg
@@ -1149,7 +1154,8 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             _gluon.gluon_decode(qr, words, c, block_table, query_start_loc, seq_lens, ws_m, ws_l, ws_o, num_seqs=b,
                                 num_kv_heads=h_kv, block_size=bs, segs=segs, maxnreg=dc["gluon_maxnreg"],
                                 tile=dc["gluon_tile"], key_pairs=bool(dc["gluon_kp"]),
-                                prefetch=dc["gluon_prefetch"], lut=dc["gluon_lut"], lazy=bool(dc["gluon_lazy"]),
+                                prefetch=dc["gluon_prefetch"], lut=dc["gluon_lut"], async_ring=dc["gluon_async"],
+                                lazy=bool(dc["gluon_lazy"]),
                                 order=bool(dc["gluon_order"]), diag=dc["gluon_diag"])
         else:
             _e8_decode_kernel[(b, h_kv, segs)](
