@@ -42,8 +42,9 @@ when a maximum grows, 441 us), no forced ordering (``order`` 1: value lookups af
 us); ``diag`` (benchmarks only) drops the code loads (1) or the lookups (2) for timing floors.
 ``async`` 1 (session 12, compiled for sm_90 offline, not yet run on a GPU): the codes of the next
 tile are copied with ``cp.async`` into a two-stage ring in shared memory (coalesced: lanes along a
-token's words; 4-word groups xor-swizzled by the token so the operand-layout reads are free of bank
-conflicts at head size 128) while this tile is decoded, in the same allocation as the table image,
+token's words; 4-word groups xor-swizzled by the token, so that by the layout's arithmetic the lanes of
+one key- or value-layout read hit distinct banks at head size 128: not yet profiled) while this tile
+is decoded, in the same allocation as the table image,
 which stays at offset 0; no registers hold codes in flight.
 Nsight Compute (session 12): the integer ALU pipe 68 % busy, 25 % of the stalls waiting on the code
 loads, 16 warps per SM at 128 registers.
