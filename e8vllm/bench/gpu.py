@@ -149,6 +149,26 @@ def _e8_format(dtype: str) -> tuple[Any, bool]:
     return E8KVFormat.from_bits(D, *parse_e8_dtype(dtype.removesuffix("+centers")), variant), centers
 
 
+def decode_inputs(fmt, batch: int, ctx: int) -> tuple[Any, ...]:  # noqa: ANN001 - E8KVFormat
+    """A decode step's inputs on the GPU: (cache with real codes of random K/V in every slot, block
+    table of a random block order, query bf16 [batch, H_Q, D], query_start_loc, seq_lens = ctx)."""
+    import torch
+
+    from e8vllm.kernels.triton import triton_write_kv_cache
+
+    bt, nblocks = _block_tables(batch, ctx, "cuda")
+    cache = torch.empty(nblocks, H_KV, BS, fmt.slot_bytes, dtype=torch.uint8, device="cuda")
+    slots_all = torch.arange(nblocks * BS, device="cuda")
+    for i in range(0, slots_all.numel(), 1 << 18):  # chunked
+        sl = slots_all[i:i + (1 << 18)]
+        k = torch.randn(sl.numel(), H_KV, D, device="cuda", dtype=torch.bfloat16)
+        triton_write_kv_cache(k, k * 0.5, cache, sl, fmt)
+    q = torch.randn(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return cache, bt, q, qsl, sl
+
+
 def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None) -> dict[str, Any]:
     """Time E8 decode attention; with ``decodes``, each decode-kernel setting on the same cache
     (``{"variants": [{**setting, "time_s"|"error"}...]}`` plus the default's numbers). A dtype
@@ -160,20 +180,10 @@ def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None
 
     from e8vllm.calibration import rope_bias_coeffs, rope_table
     from e8vllm.kernels.reference import KeyBias
-    from e8vllm.kernels.triton import triton_paged_attention, triton_write_kv_cache
+    from e8vllm.kernels.triton import triton_paged_attention
 
     fmt, centers = _e8_format(dtype)
-    bt, nblocks = _block_tables(batch, ctx, "cuda")
-    cache = torch.empty(nblocks, H_KV, BS, fmt.slot_bytes, dtype=torch.uint8, device="cuda")
-    # real codes: encode random K/V into every slot (chunked)
-    slots_all = torch.arange(nblocks * BS, device="cuda")
-    for i in range(0, slots_all.numel(), 1 << 18):
-        sl = slots_all[i:i + (1 << 18)]
-        k = torch.randn(sl.numel(), H_KV, D, device="cuda", dtype=torch.bfloat16)
-        triton_write_kv_cache(k, k * 0.5, cache, sl, fmt)
-    q = torch.randn(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
-    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    cache, bt, q, qsl, sl = decode_inputs(fmt, batch, ctx)
     out = torch.empty_like(q)
     nbytes = batch * ctx * H_KV * fmt.slot_bytes
     res: dict[str, Any] = {"bytes": nbytes}

@@ -22,16 +22,7 @@ reps = int(os.environ.get("REPS", 3))
 if what == "decode":
     batch = int(sys.argv[2]) if len(sys.argv) > 2 else 64
     ctx = int(sys.argv[3]) if len(sys.argv) > 3 else 8192
-    bt, nblocks = G._block_tables(batch, ctx, "cuda")
-    cache = torch.empty(nblocks, G.H_KV, G.BS, fmt.slot_bytes, dtype=torch.uint8, device="cuda")
-    slots = torch.arange(nblocks * G.BS, device="cuda")
-    for i in range(0, slots.numel(), 1 << 18):
-        s = slots[i:i + (1 << 18)]
-        k = torch.randn(s.numel(), G.H_KV, G.D, device="cuda", dtype=torch.bfloat16)
-        triton_write_kv_cache(k, k * 0.5, cache, s, fmt)
-    q = torch.randn(batch, G.H_Q, G.D, device="cuda", dtype=torch.bfloat16)
-    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    cache, bt, q, qsl, sl = G.decode_inputs(fmt, batch, ctx)
     torch.cuda.synchronize()
     for _ in range(reps):
         triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=1, num_kv_heads=G.H_KV, scale=G.D ** -0.5)

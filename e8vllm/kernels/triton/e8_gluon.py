@@ -61,7 +61,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-__all__ = ["gluon_supported", "gluon_decode", "gluon_tables", "launch_constexprs", "decode_layouts", "key_order", "value_order", "TILE"]
+__all__ = ["gluon_supported", "gluon_decode", "gluon_tables", "launch_constexprs", "key_order", "value_order", "TILE"]
 
 #: a CTA barrier: ``thread_barrier`` in Triton 3.6 (vLLM 0.26's), renamed ``barrier`` later
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -134,11 +134,6 @@ def _layout(name, d, n_pad, tile):
     if name == "CPT":  # the tails copy [tile]
         return gl.BlockedLayout([1], [32], [1], [0])
     raise ValueError(f"unknown layout {name!r}")
-
-
-def decode_layouts(d: int, n_pad: int, tile: int = TILE) -> dict:
-    """The kernel's layouts by name (:func:`_layout`), for host-side checks."""
-    return {n: _layout(n, d, n_pad, tile) for n in ("MMA", "LK", "LV", "OPA", "OPB", "TABL", "SMEM")}
 
 
 @gluon.jit
@@ -374,6 +369,24 @@ def _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, limit, k_stab, v_sta
 
 
 @gluon.jit
+def _ring_step(ring, tails, CUR: gl.constexpr, j, cache_ptr, bt_row, kvh_off, cs0, cs2, seg_end, ct, cw, tt, q, m_i,
+               l_i, acc, ts, k_stab, v_stab, TN: gl.constexpr, BLOCK_SIZE: gl.constexpr, NP: gl.constexpr,
+               D: gl.constexpr, G: gl.constexpr, LUT: gl.constexpr, LAZY: gl.constexpr, ORDER: gl.constexpr,
+               KS: gl.constexpr, VS: gl.constexpr, KGB: gl.constexpr, VGB: gl.constexpr, MMA: gl.constexpr,
+               LK: gl.constexpr, LV: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr):
+    """Tile j from ring stage CUR while tile j + 1 starts landing in the other stage; (m_i, l_i, acc)."""
+    NXT: gl.constexpr = 1 - CUR
+    _cta_barrier()  # every lane is done with stage NXT (tile j - 1)
+    _ring_issue(ring.slice(NXT * TN, TN), tails.slice(NXT * TN, TN), cache_ptr, bt_row, kvh_off, cs0, cs2, j + 1,
+                seg_end, ct, cw, tt, TN, BLOCK_SIZE, G)
+    async_copy.wait_group(1)  # tile j has landed
+    _cta_barrier()  # ... for every lane's copies
+    wkk, sck, wvv, scv = _ring_words(ring.slice(CUR * TN, TN), tails.slice(CUR * TN, TN), G, LK, LV)
+    return _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, seg_end, k_stab, v_stab, TN, NP, D, G, 0, LUT, LAZY,
+                      ORDER, 0, KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, 1)
+
+
+@gluon.jit
 def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, cs0, cs1, cs2, tab_ptr,
                       k_stab, v_stab, bt_ptr, sbt0, qsl_ptr, sl_ptr, num_heads,
                       NQ: gl.constexpr, NP: gl.constexpr, D: gl.constexpr, BLOCK_SIZE: gl.constexpr,
@@ -447,22 +460,12 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
         _ring_issue(ring.slice(0, TN), tails.slice(0, TN), cache_ptr, bt_row, kvh_off, cs0, cs2, j0, seg_end, ct, cw,
                     tt, TN, BLOCK_SIZE, G)
         for j in range(j0, j1, 2):  # tiles past j1 (an odd count) are masked: seg_end
-            _cta_barrier()  # every lane is done with stage 1 (tile j - 1)
-            _ring_issue(ring.slice(TN, TN), tails.slice(TN, TN), cache_ptr, bt_row, kvh_off, cs0, cs2, j + 1, seg_end,
-                        ct, cw, tt, TN, BLOCK_SIZE, G)
-            async_copy.wait_group(1)  # tile j has landed
-            _cta_barrier()  # ... for every lane's copies
-            wkk, sck, wvv, scv = _ring_words(ring.slice(0, TN), tails.slice(0, TN), G, LK, LV)
-            m_i, l_i, acc = _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, seg_end, k_stab, v_stab, TN, NP,
-                                       D, G, KP, LUT, LAZY, ORDER, DIAG, KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, 1)
-            _cta_barrier()  # every lane is done with stage 0 (tile j)
-            _ring_issue(ring.slice(0, TN), tails.slice(0, TN), cache_ptr, bt_row, kvh_off, cs0, cs2, j + 2, seg_end,
-                        ct, cw, tt, TN, BLOCK_SIZE, G)
-            async_copy.wait_group(1)  # tile j + 1 has landed
-            _cta_barrier()
-            wkk, sck, wvv, scv = _ring_words(ring.slice(TN, TN), tails.slice(TN, TN), G, LK, LV)
-            m_i, l_i, acc = _tile_math(wkk, sck, wvv, scv, j + 1, q, m_i, l_i, acc, ts, seg_end, k_stab, v_stab, TN,
-                                       NP, D, G, KP, LUT, LAZY, ORDER, DIAG, KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, 1)
+            m_i, l_i, acc = _ring_step(ring, tails, 0, j, cache_ptr, bt_row, kvh_off, cs0, cs2, seg_end, ct, cw, tt, q,
+                                       m_i, l_i, acc, ts, k_stab, v_stab, TN, BLOCK_SIZE, NP, D, G, LUT, LAZY, ORDER,
+                                       KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB)
+            m_i, l_i, acc = _ring_step(ring, tails, 1, j + 1, cache_ptr, bt_row, kvh_off, cs0, cs2, seg_end, ct, cw, tt,
+                                       q, m_i, l_i, acc, ts, k_stab, v_stab, TN, BLOCK_SIZE, NP, D, G, LUT, LAZY, ORDER,
+                                       KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB)
         async_copy.wait_group(0)
     else:
         if PF == 1:  # the next tile's words in flight during this one
@@ -518,20 +521,22 @@ def _byte_tables(fmt) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
     return out
 
 
+def _image_words(key_pairs: bool, lut: int) -> int:
+    """int32 words of the shared-memory table image (:func:`_tables`): a power of two."""
+    return 2048 if key_pairs else (128 if lut else 64)
+
+
 def _tables(fmt, key_pairs: bool, lut: int = 0) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
     """The shared-memory image as int32 on the format's device: the K value table (fp16, 64 entries)
     or with ``key_pairs`` the K pair table (int32, 1,024 entries), then the V value table; with
     ``lut`` 1 the value tables in the byte layout (:func:`_byte_tables`, 128 int32) instead of both
-    value tables (after the pair table with ``key_pairs``). Padded to a power of two."""
+    value tables (after the pair table with ``key_pairs``). Padded to :func:`_image_words`."""
+    keys = [_pad(fmt.k.pairs, 1024)] if key_pairs else []
     if lut:
-        b = _byte_tables(fmt).view(torch.int32)
-        img = torch.cat([_pad(fmt.k.pairs, 1024), b]) if key_pairs else b
-        return _pad(img, 1 << (img.numel() - 1).bit_length()).contiguous()
-    v = _pad(fmt.v.table_h, 64).view(torch.int32)
-    if key_pairs:
-        img = torch.cat([_pad(fmt.k.pairs, 1024), v])
-        return _pad(img, 2048).contiguous()
-    return torch.cat([_pad(fmt.k.table_h, 64).view(torch.int32), v]).contiguous()
+        parts = keys + [_byte_tables(fmt).view(torch.int32)]
+    else:
+        parts = (keys or [_pad(fmt.k.table_h, 64).view(torch.int32)]) + [_pad(fmt.v.table_h, 64).view(torch.int32)]
+    return _pad(torch.cat(parts), _image_words(key_pairs, lut)).contiguous()
 
 
 _TABLES: dict[tuple[int, bool, int], torch.Tensor] = {}
@@ -570,11 +575,6 @@ def launch_constexprs(fmt, *, nq: int, d: int, block_size: int, segs: int, tile:
     return c
 
 
-def _image_words(key_pairs: bool, lut: int) -> int:
-    """int32 words of the shared-memory table image (:func:`_tables`)."""
-    return 2048 if key_pairs else (128 if lut else 64)
-
-
 def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.Tensor,  # noqa: ANN001
                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, ws_m: torch.Tensor, ws_l: torch.Tensor,
                  ws_o: torch.Tensor, *, num_seqs: int, num_kv_heads: int, block_size: int, segs: int,
@@ -586,9 +586,7 @@ def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.
     consts = launch_constexprs(fmt, nq=h_q // num_kv_heads, d=d, block_size=block_size, segs=segs, tile=tile,
                                key_pairs=key_pairs, prefetch=prefetch, lut=lut, lazy=lazy, order=order, diag=diag,
                                async_ring=async_ring)
-    tabs = gluon_tables(fmt, key_pairs, lut)
-    if tabs.numel() != consts["TABN"]:
-        raise AssertionError(f"e8vllm: table image of {tabs.numel()} words, kernel built for {consts['TABN']}")
+    tabs = gluon_tables(fmt, key_pairs, lut)  # consts["TABN"] words: both sized by _image_words
     opts = {"num_warps": 1}
     if maxnreg:
         opts["maxnreg"] = maxnreg
