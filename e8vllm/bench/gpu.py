@@ -136,17 +136,28 @@ def _block_tables(batch: int, ctx: int, device: str):  # noqa: ANN202
 
 def _e8_format(dtype: str) -> tuple[Any, bool]:
     """(``E8KVFormat`` at head size D, centers) of a benchmark dtype: ``e8_kXvY`` with optional
-    ``+centers`` (position-dependent key centers) and ``+search`` / ``+rms`` (that ``e8-*`` codec
-    variant, ``E8VLLM_ENCODER``) suffixes."""
+    ``+centers`` (position-dependent key centers) and ``+search`` / ``+rms`` / ``+cubic`` (that codec
+    variant, ``E8VLLM_ENCODER``) suffixes (:func:`split_run_dtype`)."""
     from e8vllm.kernels.reference import E8KVFormat
     from e8vllm.vllm_plugin.spec import parse_e8_dtype
 
+    kv_dtype, centers, variant = split_run_dtype(dtype)
+    return E8KVFormat.from_bits(D, *parse_e8_dtype(kv_dtype), variant), centers
+
+
+#: codec-variant suffixes of a benchmark dtype (``E8VLLM_ENCODER``)
+VARIANT_SUFFIXES = ("search", "rms", "cubic")
+
+
+def split_run_dtype(dtype: str) -> tuple[str, bool, str]:
+    """A benchmark dtype -> (vLLM kv-cache dtype, key centers, codec variant ('' = the default)):
+    ``e8_k4v4+cubic`` -> ("e8_k4v4", False, "cubic"); ``e8_k4v4+centers`` -> ("e8_k4v4", True, "")."""
     variant = ""
-    for v in ("search", "rms"):
+    for v in VARIANT_SUFFIXES:
         if dtype.endswith(f"+{v}"):
             variant, dtype = v, dtype.removesuffix(f"+{v}")
     centers = dtype.endswith("+centers")
-    return E8KVFormat.from_bits(D, *parse_e8_dtype(dtype.removesuffix("+centers")), variant), centers
+    return dtype.removesuffix("+centers"), centers, variant
 
 
 def decode_inputs(fmt, batch: int, ctx: int) -> tuple[Any, ...]:  # noqa: ANN001 - E8KVFormat
@@ -236,13 +247,18 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
     # shared memory (168 registers uncapped); gluon_diag 1: a timing floor without the code loads.
     # (Session 11 timed tile 32, lazy rescaling and forced ordering: all slower.)
     g = {"gluon": 1, "gluon_tile": 16, "gluon_kp": 0, "gluon_maxnreg": 0, "segs": 16, "gluon_prefetch": 0,
-         "gluon_lut": 0, "gluon_async": 0, "gluon_lazy": 0, "gluon_order": 0, "gluon_diag": 0}
-    decodes += [{**g, **x} for x in (
-        {}, {"gluon_lut": 1}, {"gluon_prefetch": 2}, {"gluon_lut": 1, "gluon_prefetch": 2}, {"gluon_kp": 1},
-        {"gluon_kp": 1, "gluon_lut": 1}, {"gluon_kp": 1, "gluon_lut": 1, "gluon_prefetch": 2},
-        {"gluon_prefetch": 1}, {"gluon_prefetch": 2, "gluon_maxnreg": 112}, {"gluon_async": 1},
-        {"gluon_async": 1, "gluon_maxnreg": 128}, {"gluon_async": 1, "gluon_lut": 1, "gluon_maxnreg": 128},
-        {"gluon_diag": 1})]
+         "gluon_lut": 0, "gluon_async": 0, "gluon_lazy": 0, "gluon_order": 0, "gluon_diag": 0, "gluon_arith": 1}
+    if dtype.endswith("+cubic"):  # cubic levels: the arithmetic decode first, then the lookups on the same cache
+        decodes += [{**g, **x} for x in (
+            {}, {"gluon_async": 1}, {"gluon_maxnreg": 96}, {"gluon_async": 1, "gluon_maxnreg": 96},
+            {"gluon_prefetch": 1}, {"gluon_arith": 0}, {"gluon_arith": 0, "gluon_async": 1}, {"gluon_diag": 1})]
+    else:
+        decodes += [{**g, **x} for x in (
+            {}, {"gluon_lut": 1}, {"gluon_prefetch": 2}, {"gluon_lut": 1, "gluon_prefetch": 2}, {"gluon_kp": 1},
+            {"gluon_kp": 1, "gluon_lut": 1}, {"gluon_kp": 1, "gluon_lut": 1, "gluon_prefetch": 2},
+            {"gluon_prefetch": 1}, {"gluon_prefetch": 2, "gluon_maxnreg": 112}, {"gluon_async": 1},
+            {"gluon_async": 1, "gluon_maxnreg": 128}, {"gluon_async": 1, "gluon_lut": 1, "gluon_maxnreg": 128},
+            {"gluon_diag": 1})]
     res = _e8_case(dtype, batch, ctx, decodes)
 
     def best_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -319,7 +335,7 @@ REF_DECODE = {"kernel": "pairs", "tile_n": 64, "num_warps": 4, "num_stages": 1, 
 REF_PREFILL = {"kernel": "pairs", "block_m": 128, "tile_n": 64, "num_warps": 8, "num_stages": 2}
 DECODE_KEYS = ("kernel", "tile_n", "num_warps", "num_stages", "segs", "prefetch", "maxnreg", "gluon", "gluon_tile",
                "gluon_kp", "gluon_maxnreg", "gluon_prefetch", "gluon_lut", "gluon_async", "gluon_lazy", "gluon_order",
-               "gluon_diag")
+               "gluon_diag", "gluon_arith")
 
 
 def _vllm_case(dtype: str, batch: int, ctx: int) -> dict[str, Any]:
@@ -472,12 +488,18 @@ def _graphs() -> bool:
 def _dummy_llm(model_dir: str, dtype: str, backend: str, max_model_len: int, max_num_seqs: int, **kw: Any) -> Any:
     """vLLM engine on the dummy-weight model of the engine benchmarks (gpu_memory_utilization 0.85,
     enforce_eager unless ``$E8_BENCH_GRAPHS`` is 1, 8,192 batched tokens); ``dtype`` may carry the
-    ``+centers`` run suffix."""
+    ``+centers`` and codec-variant run suffixes (:func:`split_run_dtype`; the variant goes to
+    ``$E8VLLM_ENCODER`` of this process, which runs the engine in-process)."""
     from vllm import LLM
+
+    from e8vllm.vllm_plugin.spec import ENCODER_ENV
+
+    kv_dtype, _centers, variant = split_run_dtype(dtype)
+    os.environ[ENCODER_ENV] = variant or "switched"
 
     return LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=max_model_len,
                max_num_batched_tokens=8192, max_num_seqs=max_num_seqs, gpu_memory_utilization=0.85,
-               enforce_eager=not _graphs(), kv_cache_dtype=dtype.removesuffix("+centers"),
+               enforce_eager=not _graphs(), kv_cache_dtype=kv_dtype,
                attention_config={"backend": backend}, **kw)
 
 
@@ -660,12 +682,12 @@ def run_engine(runs: list[tuple[str, str]], seqs: int, prompt: int, gen: int) ->
     out = str(_out_dir() / f"engine_{seqs}x{prompt}.jsonl")
     model_dir = _model_dir()
     calibrated = None  # a second directory with a synthetic KV calibration, for "DTYPE+centers" runs
-    if any(dt.endswith("+centers") for dt, _ in runs):
+    if any(split_run_dtype(dt)[1] for dt, _ in runs):
         calibrated = _model_dir("llama3-8b-shape-calibrated-")
         _synthetic_calibration(calibrated, LLAMA3_8B)
     for dtype, backend in runs:
         print(f"=== {dtype} ({backend}) {seqs}x{prompt}+{gen}", flush=True)
-        mdir = calibrated if dtype.endswith("+centers") else model_dir
+        mdir = calibrated if split_run_dtype(dtype)[1] else model_dir
         rc = _in_fresh_process("engine_worker", str(mdir), dtype, backend, seqs, prompt, gen, out)
         print(f"=== {dtype}: exit {rc}", flush=True)
     return [json.loads(x) for x in Path(out).read_text().splitlines()] if Path(out).exists() else []

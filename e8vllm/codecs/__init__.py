@@ -48,7 +48,7 @@ def register(name: str, codec_id: int, factory: Callable[..., Codec], *, family:
 
 
 # One module per family. Order = order of names().
-_MODULES = ("e8", "e8s", "e8p", "uniform", "lloydmax", "fp8", "pq", "peers")
+_MODULES = ("e8", "e8s", "e8c", "e8p", "uniform", "lloydmax", "fp8", "pq", "peers")
 for _m in _MODULES:
     importlib.import_module(f"{__name__}.{_m}")
 

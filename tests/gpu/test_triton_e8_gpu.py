@@ -136,7 +136,7 @@ def test_gluon_decode_cuda():
     (the same tolerance as the Triton kernels) and against the Triton decode kernel, over head sizes,
     GQA groups (3, 4, 8, 16), both codec families, lengths around the 16-token tile, segment counts
     (1, 16, more than tiles) and its settings (key pairs, 32-token tiles, byte-layout tables, both
-    prefetches, the cp.async code ring)."""
+    prefetches, the cp.async code ring, the arithmetic decode of cubic-level codes)."""
     from e8vllm.kernels.triton import e8_kv
 
     combos = [  # (head size, H_q, H_kv, codec variant, lengths, segments, block size, settings)
@@ -161,6 +161,14 @@ def test_gluon_decode_cuda():
         (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 4, 16, {"gluon_async": 1, "gluon_lut": 1}),
         (128, 32, 8, "search", [1500, 33, 800, 2], 1, 16, {"gluon_async": 1}),
         (64, 9, 3, "", [900, 31, 1], 16, 16, {"gluon_async": 1}),
+        # cubic levels (e8c-4bit): the arithmetic decode (session 13), then the lookups on the same codes
+        (128, 32, 8, "cubic", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {}),
+        (128, 32, 8, "cubic", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_async": 1}),
+        (128, 24, 8, "cubic", [700, 5, 64], 1, 16, {}),
+        (128, 16, 1, "cubic", [300, 40], 16, 16, {}),
+        (64, 9, 3, "cubic", [900, 31, 1], 16, 16, {}),
+        (64, 9, 3, "cubic", [900, 31, 1], 4, 16, {"gluon_async": 1}),
+        (128, 32, 8, "cubic", [1500, 33, 800, 2], 16, 16, {"gluon_arith": 0}),
     ]
     pick = os.environ.get("E8_GLUON_CASES")  # a re-run of some cases: their indices, comma-separated
     if pick:
@@ -170,6 +178,8 @@ def test_gluon_decode_cuda():
         case = random_case(fmt, lens, [1] * len(lens), h_q=h_q, h_kv=h_kv, block_size=bs, device="cuda", seed=21)
         c = e8_kv.TritonE8Format.get(fmt, "cuda")
         assert e8_kv._gluon.gluon_supported(c, bs, h_q // h_kv, settings.get("gluon_tile", 16))
+        want_ar = int(variant == "cubic" and settings.get("gluon_arith", 1) == 1)
+        assert e8_kv._gluon_arith(c, e8_kv.kernel_config(e8_kv.DECODE_CONFIG, settings, "case")) == want_ar
         name = (f"gluon_decode_d{d}_gqa{h_q // h_kv}_{variant or 'e8s'}_segs{segs}"
                 + "".join(f"_{k}{v}" for k, v in settings.items()))
         _attention(case, name, num_segs=segs, decode={"gluon": 1, **settings})

@@ -1,4 +1,4 @@
-"""The switched E8 codes (``e8s-*``): exact search against an independent brute force, the
+"""The switched E8 codes (``e8s-*``, and ``e8c-4bit``: e8s-4bit with cubic tables): exact search against an independent brute force, the
 compiled encoder against the reference, the format (bytes, tail), and the measured gain over
 ``e8-*`` at equal bytes."""
 
@@ -35,10 +35,15 @@ def _brute_force_error(code: e8s.SwitchedCode, y: torch.Tensor) -> torch.Tensor:
     return best
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+#: every switched code (same encoder, own tables): the e8s codes and the cubic e8c-4bit
+SWITCHED = ["e8s-2bit", "e8s-3bit", "e8s-4bit", "e8c-4bit"]
+
+
+@pytest.mark.parametrize("name", SWITCHED)
 @pytest.mark.parametrize("d", [64, 128])
-def test_encoder_reaches_the_brute_force_optimum(bits: int, d: int) -> None:
-    c = codecs.get(f"e8s-{bits}bit", head_dim=d)
+def test_encoder_reaches_the_brute_force_optimum(name: str, d: int) -> None:
+    c = codecs.get(name, head_dim=d)
+    bits = c.bits
     g = torch.Generator().manual_seed(bits * 10 + d)
     y = torch.randn(300, d, generator=g) * torch.rand(300, 1, generator=g) * 4
     fields, sw, ex = e8s.encode_switched(c.code, y, e8s.scale_candidates(y))
@@ -47,10 +52,11 @@ def test_encoder_reaches_the_brute_force_optimum(bits: int, d: int) -> None:
 
 
 @pytest.mark.skipif(not _e8_fast.available(), reason="numba not installed")
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("name", SWITCHED)
 @pytest.mark.parametrize("d", [64, 128, 96])
-def test_compiled_encoder_equals_reference(bits: int, d: int) -> None:
-    c = codecs.get(f"e8s-{bits}bit", head_dim=d)
+def test_compiled_encoder_equals_reference(name: str, d: int) -> None:
+    c = codecs.get(name, head_dim=d)
+    bits = c.bits
     g = torch.Generator().manual_seed(7 + bits + d)
     x = torch.randn(500, d, generator=g)
     x[:40, 3] *= 30.0

@@ -113,14 +113,17 @@ def test_gluon_async_ring_compiles_into_one_allocation(d, lut, sets):
 
 def test_operand_orders_are_permutations_of_whole_words():
     for d in (64, 128):
-        for order in (gluon_mod.key_order(d), gluon_mod.value_order(d)):
+        for order in (gluon_mod.key_order(d), gluon_mod.key_order(d, ar=True), gluon_mod.value_order(d)):
             assert sorted(order.tolist()) == list(range(d))
         # key lane t = (κ >> 1) & 3 holds whole words: word = order // 8 takes d/32 words per lane
-        k = gluon_mod.key_order(d)
-        for t in range(4):
-            pos = [i for i in range(d) if (i >> 1) & 3 == t]
-            words = {int(k[i]) // 8 for i in pos}
-            assert len(words) * 8 == len(pos)
+        for k in (gluon_mod.key_order(d), gluon_mod.key_order(d, ar=True)):
+            for t in range(4):
+                pos = [i for i in range(d) if (i >> 1) & 3 == t]
+                words = {int(k[i]) // 8 for i in pos}
+                assert len(words) * 8 == len(pos)
+        # the arithmetic decode's operand registers (κ, κ + 1) hold fields j and j + 4 of one word
+        ka = gluon_mod.key_order(d, ar=True)
+        assert all(int(ka[i + 1]) == int(ka[i]) + 4 for i in range(0, d, 2))
         v = gluon_mod.value_order(d)
         for g in range(8):
             pos = [i for i in range(d) if i & 7 == g]
@@ -145,10 +148,31 @@ def test_table_image_layout():
         assert torch.equal(pairs[sc * 256 + (hi << 4 | lo)], torch.stack([tab[sc, lo], tab[sc, hi]]))
 
 
+def _f16_bits(x: float) -> int:
+    """fp16 bits of float64 ``x`` rounded once to nearest even (``e8c.round_fp16``: torch's own
+    float64 -> float16 conversion rounds twice, through float32)."""
+    from e8vllm.codecs.e8c import round_fp16
+
+    return int(round_fp16(torch.tensor([x], dtype=torch.float64)).to(torch.float16).view(torch.int16)[0]) & 0xFFFF
+
+
+def _f16_value(bits: int) -> float:
+    return float(torch.tensor([bits & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.float16)[0])
+
+
+def _f16x2(r: int, fn) -> int:  # noqa: ANN001
+    """Apply ``fn`` (halves as floats -> exact float64 result) to each half, rounded once to fp16
+    (round to nearest even, as .rn; exact in float64 for the operands here: fp16 times a small integer)."""
+    lo, hi = fn(0), fn(1)
+    return _f16_bits(lo) | (_f16_bits(hi) << 16)
+
+
 def _run_ptx(asm: str, args: dict[str, int], smem: torch.Tensor) -> dict[str, int]:
-    """Run the inline PTX of :data:`e8_gluon._BYTE_LOOKUP_ASM` on the host: its few instructions
-    (mov of ``global_smem`` = 0, shl, shr, lop3, add, ld.shared.b16) over 32-bit registers, loads
-    from ``smem`` (bytes); returns the registers ($0.. the outputs)."""
+    """Run the kernel's inline PTX (:data:`e8_gluon._BYTE_LOOKUP_ASM`, ``_AR_KEY_ASM``,
+    ``_AR_VALUE_ASM``) on the host: its instructions (mov of ``global_smem`` = 0 and of constants,
+    shl, shr, and, mul.lo, add, lop3, prmt, ld.shared.b16 / .v4.b32, sub / fma.rn.f16x2, the
+    unpacking mov of a 32-bit register into two halves) over 32-bit registers, loads from ``smem``
+    (bytes); returns the registers ($0.. the outputs, 16-bit ones as fp16 bits)."""
     reg = dict(args)
     m32 = 0xFFFFFFFF
 
@@ -156,15 +180,47 @@ def _run_ptx(asm: str, args: dict[str, int], smem: torch.Tensor) -> dict[str, in
         x = x.strip()
         return reg[x] if x in reg else int(x, 0)
 
-    for ins in asm.strip().strip("{}").split(";"):
+    def half(r: int, i: int) -> float:
+        return _f16_value(r >> (16 * i))
+
+    for ins in asm.strip()[1:-1].split(";"):
         ins = ins.strip()
         if not ins or ins.startswith(".reg"):
             continue
         op, rest = ins.split(None, 1)
-        ops = [o.strip() for o in rest.split(",")]
-        if op == "mov.u32":
-            assert ops[1] == "global_smem"
+        if rest.startswith("{"):  # a vector destination: {a, b, ..}, src
+            dst, src = rest[1:].split("}", 1)
+            ops = ["{" + dst + "}", src.lstrip(" ,")]
+        else:
+            ops = [o.strip() for o in rest.split(",")]
+        if op in ("mov.u32", "mov.b32") and ops[1] == "global_smem":
             reg[ops[0]] = 0
+        elif op == "mov.b32" and ops[0].startswith("{"):
+            lo, hi = (x.strip() for x in ops[0].strip("{}").split(","))
+            reg[lo], reg[hi] = val(ops[1]) & 0xFFFF, val(ops[1]) >> 16
+        elif op == "mov.b32":
+            reg[ops[0]] = val(ops[1]) & m32
+        elif op == "and.b32":
+            reg[ops[0]] = val(ops[1]) & val(ops[2])
+        elif op == "mul.lo.u32":
+            reg[ops[0]] = (val(ops[1]) * val(ops[2])) & m32
+        elif op == "prmt.b32":  # default mode: result byte i = byte sel[4i:4i+4] & 7 of {b, a}
+            a, b, sel = val(ops[1]), val(ops[2]), val(ops[3])
+            both = a | (b << 32)
+            reg[ops[0]] = sum(((both >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+            assert all((sel >> (4 * i)) & 8 == 0 for i in range(4)), "sign-replicate selectors are not emulated"
+        elif op == "sub.rn.f16x2":
+            a, b = val(ops[1]), val(ops[2])
+            reg[ops[0]] = _f16x2(0, lambda i: half(a, i) - half(b, i))
+        elif op == "fma.rn.f16x2":
+            a, b, c = val(ops[1]), val(ops[2]), val(ops[3])
+            reg[ops[0]] = _f16x2(0, lambda i: half(a, i) * half(b, i) + half(c, i))
+        elif op == "ld.shared.v4.b32":
+            addr = val(ops[1].strip("[]"))
+            assert addr % 16 == 0 and addr + 16 <= smem.numel(), f"load at {addr} outside the {smem.numel()}-byte image"
+            words = smem[addr:addr + 16].view(torch.int32).tolist()
+            for name, w in zip((x.strip() for x in ops[0].strip("{}").split(",")), words):
+                reg[name] = w & m32
         elif op == "shl.b32":
             reg[ops[0]] = (val(ops[1]) << val(ops[2])) & m32
         elif op == "shr.u32":
@@ -257,3 +313,86 @@ def test_decode_segments_grow_for_small_batches(monkeypatch):
     assert e8_kv._gluon_segs(8, 8, dev, 16) == 64
     assert e8_kv._gluon_segs(1, 8, dev, 16) == e8_kv.MAX_SEGMENTS
     assert e8_kv._gluon_segs(1, 8, dev, 128) == 128  # an explicit larger base stays
+
+
+def _cubic_fmt(d: int = 128):
+    return e8_kv.TritonE8Format.get(E8KVFormat.from_bits(d, 4, 4, "cubic"), "cpu")
+
+
+def _field_values(w: int) -> tuple[int, list[int]]:
+    """(coset bit, the 8 level indices of word w): v_7 = (f_7 & ~1) | parity of fields 0..6."""
+    f = [(w >> (4 * i)) & 15 for i in range(8)]
+    par = sum(x & 1 for x in f[:7]) & 1
+    return (w >> 28) & 1, f[:7] + [(f[7] & ~1) | par]
+
+
+def test_arithmetic_decode_gives_the_codec_levels():
+    """The arithmetic decode's inline PTX (``_AR_KEY_ASM``: one key word; ``_AR_VALUE_ASM``: the value
+    words of two tokens), run on the host over the coefficient image with the kernel's offsets
+    (16·(c + 2·set) for a key word, 64 + 16·(a + 4·b) for a value pair), gives bit for bit the cubic
+    codec's level T[set][c][v_i] (the table the reference and the encoder use), for random words,
+    both table sets and both cosets; the fields of one 32-bit result are the operand pairs (j, j + 4)
+    of a key word and (token 2i, token 2i + 1) of a value field."""
+    c = _cubic_fmt()
+    assert gluon_mod.arith_supported(c) and not gluon_mod.arith_supported(_fmt(128, 2))
+    img = gluon_mod._tables(c, key_pairs=False, arith=1)
+    assert img.numel() == 128 and torch.equal(img[80:], torch.zeros(48, dtype=torch.int32))
+    raw = img.view(torch.uint8)
+    g = torch.Generator().manual_seed(5)
+    words = torch.randint(0, 1 << 32, (400,), generator=g, dtype=torch.int64).tolist()
+    for tab, isv in ((c.k.table_h.view(2, 2, 16), 0), (c.v.table_h.view(2, 2, 16), 1)):
+        for i in range(0, len(words) - 1, 2):
+            wa, wb = words[i], words[i + 1]
+            sa, sb = (i // 2) & 1, (i // 4) & 1
+            (ca, va), (cb, vb) = _field_values(wa), _field_values(wb)
+            want_a = [_f16_bits(float(tab[sa, ca, x])) for x in va]
+            want_b = [_f16_bits(float(tab[sb, cb, x])) for x in vb]
+            if isv:
+                off = 64 + 16 * (ca + 2 * sa) + 64 * (cb + 2 * sb)
+                reg = _run_ptx(gluon_mod._AR_VALUE_ASM.value, {"$16": wa, "$17": wb, "$18": off}, raw)
+                assert [reg[f"${j}"] for j in range(8)] == want_a, hex(wa)
+                assert [reg[f"${j}"] for j in range(8, 16)] == want_b, hex(wb)
+            else:
+                reg = _run_ptx(gluon_mod._AR_KEY_ASM.value, {"$8": wa, "$9": 16 * (ca + 2 * sa)}, raw)
+                assert [reg[f"${j}"] for j in range(8)] == want_a, hex(wa)
+
+
+def test_arithmetic_decode_settings():
+    """``gluon_arith`` 1 (the default) decodes cubic codes arithmetically unless key pairs or byte
+    tables are asked for; other codes always take the lookups; the launch refuses impossible mixes."""
+    cub, e8s = _cubic_fmt(), _fmt(128, 2)
+    dc = e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {}, "t")
+    assert dc["gluon_arith"] == 1 and e8_kv._gluon_arith(cub, dc) == 1 and e8_kv._gluon_arith(e8s, dc) == 0
+    for extra in ({"gluon_arith": 0}, {"gluon_kp": 1}, {"gluon_lut": 1}):
+        assert e8_kv._gluon_arith(cub, e8_kv.kernel_config(e8_kv.DECODE_CONFIG, extra, "t")) == 0
+    with pytest.raises(ValueError, match="gluon_arith must be 0 or 1"):
+        e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_arith": 2}, "t")
+    with pytest.raises(ValueError, match="cubic level tables"):
+        gluon_mod.launch_constexprs(e8s, nq=4, d=128, block_size=16, segs=16, arith=1)
+    with pytest.raises(ValueError, match="gluon_kp 0 and gluon_lut 0"):
+        gluon_mod.launch_constexprs(cub, nq=4, d=128, block_size=16, segs=16, key_pairs=True, arith=1)
+    assert gluon_mod.launch_constexprs(cub, nq=4, d=128, block_size=16, segs=16, arith=1)["AR"] == 1
+
+
+@pytest.mark.parametrize("d,nq,async_ring", [(128, 4, 0), (128, 16, 1), (64, 3, 0), (64, 3, 1)])
+def test_arithmetic_decode_compiles_without_lookups(d, nq, async_ring):
+    """The arithmetic decode compiles for sm_90 (every operand conversion a register renaming); its
+    only shared-memory reads in the decode are the coefficient loads (ld.shared.v4), the fields go
+    through f16x2 fused multiply-adds."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    c = _cubic_fmt(d)
+    const = gluon_mod.launch_constexprs(c, nq=nq, d=d, block_size=16, segs=16, async_ring=async_ring, arith=1)
+    fn = gluon_mod._gl_decode_kernel
+    sig = {a: ("constexpr" if a in const else TYPES[a]) for a in fn.arg_names}
+    try:
+        k = triton.compile(GluonASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 1})
+    except RuntimeError as e:  # pragma: no cover - no ptxas for this platform
+        if "ptxas" in str(e):
+            pytest.skip(f"no ptxas: {e}")
+        raise
+    ptx = k.asm["ptx"]
+    assert "fma.rn.f16x2" in ptx and "ld.shared.v4.b32" in ptx and "ld.shared.b16" not in ptx
+    assert k.metadata.shared == const["BUFN"] * 4

@@ -85,11 +85,15 @@ def gluon_supported(fmt, block_size: int, nq: int, tile: int = TILE) -> bool:  #
             and 1 <= nq <= 16)
 
 
-def key_order(d: int) -> torch.Tensor:
-    """int64 [d]: natural rotated coordinate (8·word + field) of key operand position κ."""
+def key_order(d: int, ar: bool = False) -> torch.Tensor:
+    """int64 [d]: natural rotated coordinate (8·word + field) of key operand position κ (``ar``: the
+    arithmetic decode's order, whose operand registers pair fields j and j + 4 of a word)."""
     k = torch.arange(d)
     word = ((k >> 1) & 3) + 4 * (k >> 5)
-    field = (k & 1) + 2 * ((k >> 3) & 1) + 4 * ((k >> 4) & 1)
+    if ar:
+        field = 4 * (k & 1) + ((k >> 3) & 1) + 2 * ((k >> 4) & 1)
+    else:
+        field = (k & 1) + 2 * ((k >> 3) & 1) + 4 * ((k >> 4) & 1)
     return 8 * word + field
 
 
@@ -240,6 +244,73 @@ def _word_values_b(w, sw, BASE: gl.constexpr, ISV: gl.constexpr, SETS: gl.conste
     return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
 
 
+#: the parity fix of a word $W into register w: field 7's low bit := parity of the low bits of fields
+#: 0..6 ((w & 0x1111111) · 0x11111110 sums them into bit 28, which lop3 0xD8 = (a & ~c) | (b & c) takes)
+_AR_PARITY = "and.b32 p, {W}, 0x1111111; mul.lo.u32 p, p, 0x11111110; lop3.b32 {w}, {W}, p, 0x10000000, 0xD8; "
+#: four fp16x2 operand registers from the fp16x2 magic words x0..x3 (halves 1024 + n in x0 / x2, 64 + n in x1 /
+#: x3, bits 0-3 / 4-7 of each half) through the cubic coefficients k3..k0: z = n − 7, ((k3·z + k2)·z + k1)·z + k0
+_AR_HORNER = ("sub.rn.f16x2 x0, x0, m0; sub.rn.f16x2 x1, x1, m1; sub.rn.f16x2 x2, x2, m0; sub.rn.f16x2 x3, x3, m1; "
+              + "".join(f"fma.rn.f16x2 t, k3, x{i}, k2; fma.rn.f16x2 t, t, x{i}, k1; fma.rn.f16x2 x{i}, t, x{i}, k0; "
+                        for i in range(4)))
+#: the nibble pairs of a 32-bit register {s} with a 16-bit half per value: x0 (bits 0-3 of each half), x1 (4-7),
+#: then after a shift by 8: x2 (8-11), x3 (12-15); lop3 0xEA = (a & b) | c puts them in fp16 mantissas
+_AR_MAGIC = ("lop3.b32 x0, {s}, 0x000F000F, 0x64006400, 0xEA; lop3.b32 x1, {s}, 0x00F000F0, 0x54005400, 0xEA; "
+             "shr.u32 {s}, {s}, 8; "
+             "lop3.b32 x2, {s}, 0x000F000F, 0x64006400, 0xEA; lop3.b32 x3, {s}, 0x00F000F0, 0x54005400, 0xEA; ")
+_AR_HEAD = (".reg .b32 w, u, p, a, s, x0, x1, x2, x3, t, m0, m1, k3, k2, k1, k0; "
+            "mov.b32 m0, 0x64076407; mov.b32 m1, 0x54705470; mov.u32 a, global_smem; ")
+#: one key word's 8 values (fields 0..7 in $0..$7) from word $8 and the byte offset $9 of its coefficient
+#: entry (4 x fp16x2 (c, c): k3, k2, k1, k0); operand pairs are fields (j, j + 4)
+_AR_KEY_ASM = gl.constexpr(
+    "{ " + _AR_HEAD + _AR_PARITY.format(W="$8", w="w") + "add.u32 a, a, $9; ld.shared.v4.b32 {k3, k2, k1, k0}, [a]; "
+    + _AR_MAGIC.format(s="w") + _AR_HORNER
+    + "mov.b32 {$0, $4}, x0; mov.b32 {$1, $5}, x1; mov.b32 {$2, $6}, x2; mov.b32 {$3, $7}, x3; }")
+#: the 16 values of two value words of one field index, tokens 2i ($16) and 2i + 1 ($17): $0..$7 the
+#: first token's fields 0..7, $8..$15 the second's; $18: the byte offset of the pair coefficient entry
+#: (4 x fp16x2 (c_a, c_b)); operand pairs are the two tokens of one field
+_AR_VALUE_ASM = gl.constexpr(
+    "{ " + _AR_HEAD + _AR_PARITY.format(W="$16", w="w") + _AR_PARITY.format(W="$17", w="u")
+    + "add.u32 a, a, $18; ld.shared.v4.b32 {k3, k2, k1, k0}, [a]; "
+    + "prmt.b32 s, w, u, 0x5410; " + _AR_MAGIC.format(s="s") + _AR_HORNER
+    + "mov.b32 {$0, $8}, x0; mov.b32 {$1, $9}, x1; mov.b32 {$2, $10}, x2; mov.b32 {$3, $11}, x3; "
+    + "prmt.b32 s, w, u, 0x7632; " + _AR_MAGIC.format(s="s") + _AR_HORNER
+    + "mov.b32 {$4, $12}, x0; mov.b32 {$5, $13}, x1; mov.b32 {$6, $14}, x2; mov.b32 {$7, $15}, x3; }")
+#: bytes of the arithmetic decode's coefficient image: 4 key entries, then 16 value pair entries, 16 bytes each
+AR_KEY_BYTES = gl.constexpr(64)
+
+
+
+@gluon.jit
+def _word_values_ar(w, cb):
+    """Key words int32 [16, G] -> their field values fp16 [16, G, 2, 2, 2] by the cubic of each word's
+    (set, coset) (``cb``: byte offset 16·(c + 2·set) of its coefficient entry)."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
+        _AR_KEY_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, cb], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+    return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
+
+
+@gluon.jit
+def _split_tokens(x, TN: gl.constexpr, G: gl.constexpr):
+    """[TN, G] -> (tokens 0, 2, 4, .. ; tokens 1, 3, 5, ..), each [TN / 2, G] (token bit 0 is a register bit)."""
+    return gl.split(gl.permute(gl.reshape(x, [TN // 2, 2, G]), [0, 2, 1]))
+
+
+@gluon.jit
+def _value_words_ar(w, cb, TN: gl.constexpr, G: gl.constexpr):
+    """Value words int32 [TN, G] (cb: as :func:`_word_values_ar`) -> fp16 [TN, G, 2, 2, 2], two tokens
+    (2i, 2i + 1) per asm call so that each fp16x2 result is one operand register."""
+    wa, wb = _split_tokens(w, TN, G)
+    ca, cc = _split_tokens(cb, TN, G)
+    o = gl.inline_asm_elementwise(
+        _AR_VALUE_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+        [wa, wb, ca + 4 * cc + AR_KEY_BYTES], dtype=(gl.float16,) * 16, is_pure=True, pack=1)
+    x = gl.join(gl.join(gl.join(gl.join(o[0], o[8]), gl.join(o[1], o[9])),
+                        gl.join(gl.join(o[2], o[10]), gl.join(o[3], o[11]))),
+                gl.join(gl.join(gl.join(o[4], o[12]), gl.join(o[5], o[13])),
+                        gl.join(gl.join(o[6], o[14]), gl.join(o[7], o[15]))))  # [TN/2, G, tok, b0, b1, b2]
+    return gl.reshape(gl.permute(x, [0, 2, 1, 3, 4, 5]), [TN, G, 2, 2, 2])
+
+
 @gluon.jit
 def _tile_block(bt_row, j, seg_end, TN: gl.constexpr, BLOCK_SIZE: gl.constexpr):
     """The cache block of tile j (0 past ``seg_end``: a prefetch loads nothing there)."""
@@ -308,7 +379,7 @@ def _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, limit, k_stab, v_sta
                NP: gl.constexpr, D: gl.constexpr, G: gl.constexpr, KP: gl.constexpr, LUT: gl.constexpr,
                LAZY: gl.constexpr, ORDER: gl.constexpr, DIAG: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
                KGB: gl.constexpr, VGB: gl.constexpr, MMA: gl.constexpr, LK: gl.constexpr, LV: gl.constexpr,
-               OPA: gl.constexpr, OPB: gl.constexpr, ASYNC: gl.constexpr = 0):
+               OPA: gl.constexpr, OPB: gl.constexpr, ASYNC: gl.constexpr = 0, AR: gl.constexpr = 0):
     """One 16-token step of tile j: its key words / tails (key layout) and value words / tails (value
     layout) decoded into the mma operands, scores (tokens >= ``limit`` masked), online softmax,
     accumulation; (m_i, l_i, acc). ASYNC: the value scales of masked tokens are zeroed too (their
@@ -322,13 +393,17 @@ def _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, limit, k_stab, v_sta
         swv = (scv >> 16) & 255
     else:
         swv = scv
-    if KP:
-        xk = _word_pairs(wkk, swk, KS, KGB, G, LK)  # [TN, G, 2, 2, 2]
-    elif LUT:
-        xk = _word_values_b(wkk, swk, 0, 0, KS, KGB, G, LK)
+    if AR:  # arithmetic decode; operand pairs are fields (j, j + 4): κ = b2 + 2t + 8·b0 + 16·b1 + 32m
+        xk = _word_values_ar(wkk, _word_bits(wkk, swk, 4, KS, KGB, G, LK, 1)[1])
+        xk = gl.permute(gl.reshape(xk, [TN, G // 4, 4, 2, 2, 2]), [0, 1, 4, 3, 2, 5])
     else:
-        xk = _word_values(wkk, swk, 0, KS, KGB, G, LK, DIAG)
-    xk = gl.permute(gl.reshape(xk, [TN, G // 4, 4, 2, 2, 2]), [0, 1, 5, 4, 2, 3])
+        if KP:
+            xk = _word_pairs(wkk, swk, KS, KGB, G, LK)  # [TN, G, 2, 2, 2]
+        elif LUT:
+            xk = _word_values_b(wkk, swk, 0, 0, KS, KGB, G, LK)
+        else:
+            xk = _word_values(wkk, swk, 0, KS, KGB, G, LK, DIAG)
+        xk = gl.permute(gl.reshape(xk, [TN, G // 4, 4, 2, 2, 2]), [0, 1, 5, 4, 2, 3])
     ka = gl.convert_layout(gl.reshape(xk, [TN, D]), OPA, assert_trivial=True)
     s = mma_v2(ka, q, gl.zeros([TN, NP], gl.float32, MMA))
     sc = gl.convert_layout(sck, gl.SliceLayout(1, MMA))
@@ -348,7 +423,9 @@ def _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, limit, k_stab, v_sta
     pb = gl.convert_layout((p * sv[:, None]).to(gl.float16), OPB)
     if ORDER:  # the value lookups wait for the softmax (Σp <= TN·NP never exceeds 1e9): fewer live registers
         swv = swv | (gl.sum(gl.sum(p, axis=1), axis=0) > 1.0e9).to(gl.int32)
-    if LUT:
+    if AR:
+        xv = _value_words_ar(wvv, _word_bits(wvv, swv, 4, VS, VGB, G, LV, 1)[1], TN, G)  # [TN, G, 2, 2, 2]
+    elif LUT:
         xv = _word_values_b(wvv, swv, PAIR_BYTES if KP else 0, 1, VS, VGB, G, LV)  # [TN, G, 2, 2, 2]
     else:
         xv = _word_values(wvv, swv, PAIR_BYTES if KP else TABLE_BYTES, VS, VGB, G, LV, DIAG)
@@ -373,7 +450,7 @@ def _ring_step(ring, tails, CUR: gl.constexpr, j, cache_ptr, bt_row, kvh_off, cs
                l_i, acc, ts, k_stab, v_stab, TN: gl.constexpr, BLOCK_SIZE: gl.constexpr, NP: gl.constexpr,
                D: gl.constexpr, G: gl.constexpr, LUT: gl.constexpr, LAZY: gl.constexpr, ORDER: gl.constexpr,
                KS: gl.constexpr, VS: gl.constexpr, KGB: gl.constexpr, VGB: gl.constexpr, MMA: gl.constexpr,
-               LK: gl.constexpr, LV: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr):
+               LK: gl.constexpr, LV: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr, AR: gl.constexpr):
     """Tile j from ring stage CUR while tile j + 1 starts landing in the other stage; (m_i, l_i, acc)."""
     NXT: gl.constexpr = 1 - CUR
     _cta_barrier()  # every lane is done with stage NXT (tile j - 1)
@@ -383,7 +460,7 @@ def _ring_step(ring, tails, CUR: gl.constexpr, j, cache_ptr, bt_row, kvh_off, cs
     _cta_barrier()  # ... for every lane's copies
     wkk, sck, wvv, scv = _ring_words(ring.slice(CUR * TN, TN), tails.slice(CUR * TN, TN), G, LK, LV)
     return _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, seg_end, k_stab, v_stab, TN, NP, D, G, 0, LUT, LAZY,
-                      ORDER, 0, KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, 1)
+                      ORDER, 0, KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, 1, AR)
 
 
 @gluon.jit
@@ -394,7 +471,7 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
                       PF: gl.constexpr, LUT: gl.constexpr, LAZY: gl.constexpr, ORDER: gl.constexpr, DIAG: gl.constexpr,
                       KS: gl.constexpr, VS: gl.constexpr, KGB: gl.constexpr,
                       VGB: gl.constexpr, ASYNC: gl.constexpr, BUFN: gl.constexpr, RO: gl.constexpr,
-                      TO: gl.constexpr):
+                      TO: gl.constexpr, AR: gl.constexpr):
     """Flash-decoding partials of one (sequence, kv head, segment) with one warp (module docstring).
 
     q: float32 [T, H_q, D] rotated (natural order), scaled by scale·log2(e); cache_ptr: the cache as
@@ -429,7 +506,10 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
     # query operand [D, NP] in key operand order
     kk = gl.arange(0, D, gl.SliceLayout(1, OPB))
     hh = gl.arange(0, NP, gl.SliceLayout(0, OPB))
-    dn = 8 * (((kk >> 1) & 3) + 4 * (kk >> 5)) + (kk & 1) + 2 * ((kk >> 3) & 1) + 4 * ((kk >> 4) & 1)
+    if AR:  # key_order(D, ar=True)
+        dn = 8 * (((kk >> 1) & 3) + 4 * (kk >> 5)) + 4 * (kk & 1) + ((kk >> 3) & 1) + 2 * ((kk >> 4) & 1)
+    else:  # key_order(D)
+        dn = 8 * (((kk >> 1) & 3) + 4 * (kk >> 5)) + (kk & 1) + 2 * ((kk >> 3) & 1) + 4 * ((kk >> 4) & 1)
     q = gl.load(q_ptr + tok * sq0 + (kvh * NQ + hh)[None, :].to(gl.int64) * sq1 + dn[:, None],
                 mask=(hh < NQ)[None, :], other=0.0).to(gl.float16)
 
@@ -462,10 +542,10 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
         for j in range(j0, j1, 2):  # tiles past j1 (an odd count) are masked: seg_end
             m_i, l_i, acc = _ring_step(ring, tails, 0, j, cache_ptr, bt_row, kvh_off, cs0, cs2, seg_end, ct, cw, tt, q,
                                        m_i, l_i, acc, ts, k_stab, v_stab, TN, BLOCK_SIZE, NP, D, G, LUT, LAZY, ORDER,
-                                       KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB)
+                                       KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, AR)
             m_i, l_i, acc = _ring_step(ring, tails, 1, j + 1, cache_ptr, bt_row, kvh_off, cs0, cs2, seg_end, ct, cw, tt,
                                        q, m_i, l_i, acc, ts, k_stab, v_stab, TN, BLOCK_SIZE, NP, D, G, LUT, LAZY, ORDER,
-                                       KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB)
+                                       KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, AR)
         async_copy.wait_group(0)
     else:
         if PF == 1:  # the next tile's words in flight during this one
@@ -485,7 +565,7 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
                 wkk, sck, wvv, scv = _tile_words(cache_ptr, _tile_block(bt_row, j, seg_end, TN, BLOCK_SIZE), kvh_off, cs0,
                                                  cs2, j, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
             m_i, l_i, acc = _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, seq_len, k_stab, v_stab, TN, NP, D, G,
-                                       KP, LUT, LAZY, ORDER, DIAG, KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB)
+                                       KP, LUT, LAZY, ORDER, DIAG, KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, 0, AR)
             if PF == 1:
                 wkk, sck, wvv, scv = nk, nsk, nv, nsv
     tables._keep_alive()
@@ -521,16 +601,36 @@ def _byte_tables(fmt) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
     return out
 
 
-def _image_words(key_pairs: bool, lut: int) -> int:
+def arith_supported(fmt) -> bool:  # noqa: ANN001 - TritonE8Format
+    """True when both codecs of ``fmt`` have cubic level tables (``e8c-*``, :mod:`e8vllm.codecs.e8c`):
+    the kernel can then decode their fields arithmetically (``AR``) instead of looking them up."""
+    return fmt.k.poly is not None and fmt.v.poly is not None
+
+
+def _coef_image(fmt) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
+    """The arithmetic decode's shared-memory image, int32 [80]: 4 key entries (entry c + 2·set: the
+    fp16x2 words (c3, c3), (c2, c2), (c1, c1), (c0, c0) of that table's cubic), then 16 value pair entries
+    (entry a + 4·b for the tables a of token 2i and b of token 2i + 1: (c3_a, c3_b), ..., (c0_a, c0_b))."""
+    kp = fmt.k.poly.reshape(4, 4)  # fp16 [set·2 + c, (c3, c2, c1, c0)]
+    vp = fmt.v.poly.reshape(4, 4)
+    keys = torch.stack([kp, kp], -1)  # [4, 4, 2]
+    pairs = torch.stack([vp[None, :, :].expand(4, 4, 4), vp[:, None, :].expand(4, 4, 4)], -1)  # [b, a, j, 2]
+    return torch.cat([keys.contiguous().view(torch.int32).reshape(-1), pairs.contiguous().view(torch.int32).reshape(-1)])
+
+
+def _image_words(key_pairs: bool, lut: int, arith: int = 0) -> int:
     """int32 words of the shared-memory table image (:func:`_tables`): a power of two."""
-    return 2048 if key_pairs else (128 if lut else 64)
+    return 2048 if key_pairs else (128 if lut or arith else 64)
 
 
-def _tables(fmt, key_pairs: bool, lut: int = 0) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
+def _tables(fmt, key_pairs: bool, lut: int = 0, arith: int = 0) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
     """The shared-memory image as int32 on the format's device: the K value table (fp16, 64 entries)
     or with ``key_pairs`` the K pair table (int32, 1,024 entries), then the V value table; with
     ``lut`` 1 the value tables in the byte layout (:func:`_byte_tables`, 128 int32) instead of both
-    value tables (after the pair table with ``key_pairs``). Padded to :func:`_image_words`."""
+    value tables (after the pair table with ``key_pairs``); with ``arith`` 1 the cubic coefficients
+    (:func:`_coef_image`). Padded to :func:`_image_words`."""
+    if arith:
+        return _pad(_coef_image(fmt), _image_words(False, 0, 1)).contiguous()
     keys = [_pad(fmt.k.pairs, 1024)] if key_pairs else []
     if lut:
         parts = keys + [_byte_tables(fmt).view(torch.int32)]
@@ -539,31 +639,36 @@ def _tables(fmt, key_pairs: bool, lut: int = 0) -> torch.Tensor:  # noqa: ANN001
     return _pad(torch.cat(parts), _image_words(key_pairs, lut)).contiguous()
 
 
-_TABLES: dict[tuple[int, bool, int], torch.Tensor] = {}
+_TABLES: dict[tuple[int, bool, int, int], torch.Tensor] = {}
 
 
-def gluon_tables(fmt, key_pairs: bool, lut: int = 0) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
+def gluon_tables(fmt, key_pairs: bool, lut: int = 0, arith: int = 0) -> torch.Tensor:  # noqa: ANN001
     """:func:`_tables`, built once per format (``e8_kv.prepare_device_constants`` builds them before any
     CUDA-graph capture)."""
-    key = (id(fmt), key_pairs, lut)
+    key = (id(fmt), key_pairs, lut, arith)
     tabs = _TABLES.get(key)
     if tabs is None:
-        tabs = _TABLES[key] = _tables(fmt, key_pairs, lut)
+        tabs = _TABLES[key] = _tables(fmt, key_pairs, lut, arith)
     return tabs
 
 
 def launch_constexprs(fmt, *, nq: int, d: int, block_size: int, segs: int, tile: int = TILE,  # noqa: ANN001
                       key_pairs: bool = False, prefetch: int = 0, lut: int = 0, lazy: bool = False,
-                      order: bool = False, diag: int = 0, async_ring: int = 0) -> dict[str, int]:
+                      order: bool = False, diag: int = 0, async_ring: int = 0, arith: int = 0) -> dict[str, int]:
     """The kernel's compile-time arguments for a launch: plain ints (the layouts are built inside the
     kernel, :func:`_layout`), so that Triton's JIT hooks can serialize them. ``async_ring`` 1: the
     codes go through a two-stage ``cp.async`` ring in shared memory (with value lookups, no register
-    prefetch, no diagnostics); its words sit after the table image and the tails (BUFN words in all)."""
-    tabn = _image_words(key_pairs, lut)
+    prefetch, no diagnostics); its words sit after the table image and the tails (BUFN words in all).
+    ``arith`` 1: the cubic codes' arithmetic decode (:func:`arith_supported`; no key pairs, no byte tables)."""
+    if arith and not arith_supported(fmt):
+        raise ValueError("e8vllm: the arithmetic decode needs cubic level tables (e8c-*) for K and V")
+    if arith and (key_pairs or lut):
+        raise ValueError("e8vllm: the arithmetic decode takes gluon_kp 0 and gluon_lut 0")
+    tabn = _image_words(key_pairs, lut, arith)
     c = dict(NQ=nq, NP=8 if nq <= 8 else 16, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=int(key_pairs),
              TABN=tabn, PF=int(prefetch), LUT=int(lut), LAZY=int(lazy), ORDER=int(order), DIAG=int(diag),
              KS=int(fmt.k.sets), VS=int(fmt.v.sets), KGB=int(fmt.k.group_blocks), VGB=int(fmt.v.group_blocks),
-             ASYNC=0, BUFN=tabn, RO=0, TO=0)
+             ASYNC=0, BUFN=tabn, RO=0, TO=0, AR=int(bool(arith)))
     if async_ring:
         if key_pairs or prefetch or diag:
             raise ValueError("e8vllm: the Gluon async ring takes value lookups (gluon_kp 0), no prefetch and no "
@@ -579,14 +684,14 @@ def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.
                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, ws_m: torch.Tensor, ws_l: torch.Tensor,
                  ws_o: torch.Tensor, *, num_seqs: int, num_kv_heads: int, block_size: int, segs: int,
                  maxnreg: int = 0, tile: int = TILE, key_pairs: bool = False, prefetch: int = 0, lut: int = 0,
-                 lazy: bool = False, order: bool = False, diag: int = 0, async_ring: int = 0) -> None:
+                 lazy: bool = False, order: bool = False, diag: int = 0, async_ring: int = 0, arith: int = 0) -> None:
     """Launch the decode grid (num_seqs, H_kv, segs) writing the workspaces of
     ``e8_kv._e8_reduce_kernel``. qr: float32 [T, H_q, D] rotated and scaled (natural order)."""
     h_q, d = qr.shape[1], qr.shape[2]
     consts = launch_constexprs(fmt, nq=h_q // num_kv_heads, d=d, block_size=block_size, segs=segs, tile=tile,
                                key_pairs=key_pairs, prefetch=prefetch, lut=lut, lazy=lazy, order=order, diag=diag,
-                               async_ring=async_ring)
-    tabs = gluon_tables(fmt, key_pairs, lut)  # consts["TABN"] words: both sized by _image_words
+                               async_ring=async_ring, arith=arith)
+    tabs = gluon_tables(fmt, key_pairs, lut, arith)  # consts["TABN"] words: both sized by _image_words
     opts = {"num_warps": 1}
     if maxnreg:
         opts["maxnreg"] = maxnreg

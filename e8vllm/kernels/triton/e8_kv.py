@@ -117,12 +117,13 @@ DIAGNOSTIC_KERNELS = ("nolut",)
 #: tensor-core operand registers; ``gluon_tile`` tokens per step, ``gluon_kp`` 1 = key pairs looked
 #: up 32 bits at a time, ``gluon_lut`` 1 = byte-layout value tables, ``gluon_prefetch`` 1 / 2 = the
 #: next step's codes / block id loaded ahead, ``gluon_async`` 1 = the codes through a cp.async ring,
-#: ``gluon_maxnreg`` its register cap; the H200 timings of each are in :mod:`.e8_gluon`'s docstring);
+#: ``gluon_maxnreg`` its register cap, ``gluon_arith`` 1 = cubic-level codes (``e8c-*``) decoded by
+#: arithmetic, not lookups (:func:`_gluon_arith`); the H200 timings of each are in :mod:`.e8_gluon`'s docstring);
 #: other formats, and key centers, take the Triton kernel with the settings above.
 DECODE_CONFIG = {"kernel": DEFAULT_KERNEL, "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
                  "prefetch": 0, "maxnreg": 128, "gluon": int(GLUON), "gluon_tile": 16, "gluon_kp": 0,
                  "gluon_maxnreg": 0, "gluon_prefetch": 0, "gluon_lut": 0, "gluon_async": 0, "gluon_lazy": 0,
-                 "gluon_order": 0, "gluon_diag": 0}
+                 "gluon_order": 0, "gluon_diag": 0, "gluon_arith": 1}
 
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys. ``block_m`` 256
 #: (64 query tokens x 4 heads per tile): session 10, one 8,192-token prompt, 5.34 ms against 5.95 ms at 128.
@@ -163,7 +164,8 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
                 raise ValueError(f"{what}: {k} must be a power of two >= {lo}, not {v!r}")
     if type(cfg["num_stages"]) is not int or not 1 <= cfg["num_stages"] <= 4:
         raise ValueError(f"{what}: num_stages must be an integer in 1..4, not {cfg['num_stages']!r}")
-    for k in ("prefetch", "split_decode", "gluon", "gluon_kp", "gluon_lut", "gluon_async", "gluon_lazy", "gluon_order"):
+    for k in ("prefetch", "split_decode", "gluon", "gluon_kp", "gluon_lut", "gluon_async", "gluon_lazy", "gluon_order",
+              "gluon_arith"):
         if k in cfg and (type(cfg[k]) is not int or cfg[k] not in (0, 1)):
             raise ValueError(f"{what}: {k} must be 0 or 1, not {cfg[k]!r}")
     if "gluon_prefetch" in cfg and (type(cfg["gluon_prefetch"]) is not int or cfg["gluon_prefetch"] not in (0, 1, 2)):
@@ -228,6 +230,7 @@ class _CodecConsts:
     sets: int = 1         # table sets S: 1 (e8-*, fp16 scale) or 2 (e8s-*: switch byte + exponent byte)
     group_blocks: int = 1  # e8s-*: blocks per switch bit
     scales: torch.Tensor | None = None  # e8s-*: float32 [256] scale of each exponent byte (e8-*: unread)
+    poly: torch.Tensor | None = None  # e8c-*: fp16 [S, 2, 4] cubic coefficients (c3, c2, c1, c0) per table
 
 
 @dataclass(frozen=True)
@@ -288,7 +291,8 @@ class TritonE8Format:
                                 mids.reshape(-1).contiguous().to(dev), fs.to(dev), pm1.contiguous().to(dev),
                                 float(torch.tensor(1.0 / b ** 0.5, dtype=torch.float32)),
                                 len(codes), group_blocks(codec.head_dim) if sw else 1,
-                                scale_table().to(dev) if sw else fs.to(dev))
+                                scale_table().to(dev) if sw else fs.to(dev),
+                                codec.poly.to(dev) if getattr(codec, "poly", None) is not None else None)
 
         rk = fmt.k_rotation.matrix(torch.float64)
         rv = fmt.v_rotation.matrix(torch.float64)
@@ -1026,7 +1030,15 @@ def prepare_device_constants(fmt, device: str, scale: float) -> None:  # noqa: A
     c = TritonE8Format.get(fmt, device)
     _q_matrix(c, float(scale))
     if GLUON and c.k.bits == 4 and c.v.bits == 4:  # the table image of the configured key lookup
-        _gluon.gluon_tables(c, bool(DECODE_CONFIG["gluon_kp"]), DECODE_CONFIG["gluon_lut"])
+        _gluon.gluon_tables(c, bool(DECODE_CONFIG["gluon_kp"]), DECODE_CONFIG["gluon_lut"],
+                            _gluon_arith(c, DECODE_CONFIG))
+
+
+def _gluon_arith(c: "TritonE8Format", dc: dict) -> int:
+    """1 when the Gluon decode decodes ``c``'s fields arithmetically: ``gluon_arith`` 1, cubic level
+    tables in K and V (``e8c-*``) and plain value lookups otherwise (``gluon_kp`` 0, ``gluon_lut`` 0)."""
+    return int(bool(dc.get("gluon_arith", 1)) and _gluon.arith_supported(c) and not dc["gluon_kp"]
+               and not dc["gluon_lut"])
 
 
 #: most KV segments the decode grid takes (the merge kernel holds segments x head size per program)
@@ -1155,6 +1167,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
                                 num_kv_heads=h_kv, block_size=bs, segs=segs, maxnreg=dc["gluon_maxnreg"],
                                 tile=dc["gluon_tile"], key_pairs=bool(dc["gluon_kp"]),
                                 prefetch=dc["gluon_prefetch"], lut=dc["gluon_lut"], async_ring=dc["gluon_async"],
+                                arith=_gluon_arith(c, dc),
                                 lazy=bool(dc["gluon_lazy"]),
                                 order=bool(dc["gluon_order"]), diag=dc["gluon_diag"])
         else:
