@@ -146,7 +146,7 @@ def _e8_format(dtype: str) -> tuple[Any, bool]:
 
 
 #: codec-variant suffixes of a benchmark dtype (``E8VLLM_ENCODER``)
-VARIANT_SUFFIXES = ("search", "rms", "cubic")
+VARIANT_SUFFIXES = ("search", "rms", "cubic", "switched")
 
 
 def split_run_dtype(dtype: str) -> tuple[str, bool, str]:
@@ -248,7 +248,8 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
     # (Session 11 timed tile 32, lazy rescaling and forced ordering: all slower.)
     g = {"gluon": 1, "gluon_tile": 16, "gluon_kp": 0, "gluon_maxnreg": 0, "segs": 16, "gluon_prefetch": 0,
          "gluon_lut": 0, "gluon_async": 0, "gluon_lazy": 0, "gluon_order": 0, "gluon_diag": 0, "gluon_arith": 1}
-    if dtype.endswith("+cubic"):  # cubic levels: the arithmetic decode first, then the lookups on the same cache
+    if _e8_format(dtype)[0].k_codec.name.startswith("e8c"):  # cubic levels (the 4-bit default): the
+        # arithmetic decode first, then the lookups on the same cache
         decodes += [{**g, **x} for x in (
             {}, {"gluon_async": 1}, {"gluon_maxnreg": 96}, {"gluon_async": 1, "gluon_maxnreg": 96},
             {"gluon_prefetch": 1}, {"gluon_arith": 0}, {"gluon_arith": 0, "gluon_async": 1}, {"gluon_diag": 1})]

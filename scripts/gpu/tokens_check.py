@@ -43,10 +43,12 @@ def worker(model_dir: str, out: str) -> None:
                for i, n in enumerate((300, 77, 513, 1))]
     outs = llm.generate(prompts, SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True,
                                                 detokenize=False), use_tqdm=False)
-    from e8vllm.vllm_plugin import gpu
+    from e8vllm.vllm_plugin import gpu, spec
 
+    fmt = spec.kv_format("e8_k4v4", CONFIG["head_dim"])
     print("E8 CALLS", gpu.CALLS, flush=True)
-    Path(out).write_text(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "calls": gpu.CALLS}))
+    Path(out).write_text(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "calls": gpu.CALLS,
+                                     "codecs": [fmt.k_codec.name, fmt.v_codec.name]}))
 
 
 def main() -> None:
@@ -80,6 +82,7 @@ def main() -> None:
         got = json.loads(tmp.read_text()) if r.returncode == 0 and tmp.stat().st_size else {}
         res[path] = got.get("tokens")
         res[f"{path}_calls"] = got.get("calls")
+        res[f"{path}_codecs"] = got.get("codecs")
         print(f"{path}: exit {r.returncode} tokens {res[path]} calls {res[f'{path}_calls']}", flush=True)
     res["match_steps"] = [sum(1 for a, b in zip(x, y) if a == b) if res["torch"] and res["triton"] else None
                           for x, y in zip(res["torch"] or [[]] * 4, res["triton"] or [[]] * 4)]

@@ -140,27 +140,27 @@ def test_gluon_decode_cuda():
     from e8vllm.kernels.triton import e8_kv
 
     combos = [  # (head size, H_q, H_kv, codec variant, lengths, segments, block size, settings)
-        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {}),
-        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_kp": 1}),
-        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 32, {"gluon_tile": 32}),
+        (128, 32, 8, "switched", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {}),
+        (128, 32, 8, "switched", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_kp": 1}),
+        (128, 32, 8, "switched", [1500, 33, 800, 2, 16, 17, 1], 16, 32, {"gluon_tile": 32}),
         (128, 32, 8, "search", [1500, 33, 800, 2], 16, 16, {}),
         (128, 32, 8, "search", [1500, 33, 800, 2], 16, 16, {"gluon_kp": 1}),
-        (128, 24, 8, "", [700, 5, 64], 1, 16, {}),
-        (128, 64, 8, "", [700, 5, 64], 64, 16, {}),
-        (128, 16, 1, "", [300, 40], 16, 16, {}),
-        (64, 9, 3, "", [900, 31, 1], 16, 16, {}),
-        (64, 9, 3, "", [900, 31, 1], 16, 16, {"gluon_kp": 1}),
-        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_lut": 1}),
-        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_lut": 1, "gluon_kp": 1, "gluon_prefetch": 2}),
+        (128, 24, 8, "switched", [700, 5, 64], 1, 16, {}),
+        (128, 64, 8, "switched", [700, 5, 64], 64, 16, {}),
+        (128, 16, 1, "switched", [300, 40], 16, 16, {}),
+        (64, 9, 3, "switched", [900, 31, 1], 16, 16, {}),
+        (64, 9, 3, "switched", [900, 31, 1], 16, 16, {"gluon_kp": 1}),
+        (128, 32, 8, "switched", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_lut": 1}),
+        (128, 32, 8, "switched", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_lut": 1, "gluon_kp": 1, "gluon_prefetch": 2}),
         (128, 32, 8, "search", [1500, 33, 800, 2], 16, 16, {"gluon_lut": 1}),
-        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_prefetch": 2}),
-        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 4, 16, {"gluon_prefetch": 1}),
-        (64, 9, 3, "", [900, 31, 1], 16, 16, {"gluon_lut": 1, "gluon_prefetch": 2}),
+        (128, 32, 8, "switched", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_prefetch": 2}),
+        (128, 32, 8, "switched", [1500, 33, 800, 2, 16, 17, 1], 4, 16, {"gluon_prefetch": 1}),
+        (64, 9, 3, "switched", [900, 31, 1], 16, 16, {"gluon_lut": 1, "gluon_prefetch": 2}),
         # the cp.async ring (session 12: compiled offline only; last, so that a fault leaves the rest measured)
-        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_async": 1}),
-        (128, 32, 8, "", [1500, 33, 800, 2, 16, 17, 1], 4, 16, {"gluon_async": 1, "gluon_lut": 1}),
+        (128, 32, 8, "switched", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_async": 1}),
+        (128, 32, 8, "switched", [1500, 33, 800, 2, 16, 17, 1], 4, 16, {"gluon_async": 1, "gluon_lut": 1}),
         (128, 32, 8, "search", [1500, 33, 800, 2], 1, 16, {"gluon_async": 1}),
-        (64, 9, 3, "", [900, 31, 1], 16, 16, {"gluon_async": 1}),
+        (64, 9, 3, "switched", [900, 31, 1], 16, 16, {"gluon_async": 1}),
         # cubic levels (e8c-4bit): the arithmetic decode (session 13), then the lookups on the same codes
         (128, 32, 8, "cubic", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {}),
         (128, 32, 8, "cubic", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_async": 1}),
@@ -180,7 +180,7 @@ def test_gluon_decode_cuda():
         assert e8_kv._gluon.gluon_supported(c, bs, h_q // h_kv, settings.get("gluon_tile", 16))
         want_ar = int(variant == "cubic" and settings.get("gluon_arith", 1) == 1)
         assert e8_kv._gluon_arith(c, e8_kv.kernel_config(e8_kv.DECODE_CONFIG, settings, "case")) == want_ar
-        name = (f"gluon_decode_d{d}_gqa{h_q // h_kv}_{variant or 'e8s'}_segs{segs}"
+        name = (f"gluon_decode_d{d}_gqa{h_q // h_kv}_{'e8s' if variant == 'switched' else variant}_segs{segs}"
                 + "".join(f"_{k}{v}" for k, v in settings.items()))
         _attention(case, name, num_segs=segs, decode={"gluon": 1, **settings})
         outs = [triton_paged_attention(case.query, case.kv_cache, case.query_start_loc, case.seq_lens,
@@ -268,6 +268,8 @@ def test_tokens_match_reference_path_with_rope_centers():
 def test_tokens_match_reference_path():
     res = _tokens("tokens_check")
     assert res["triton"] and res["triton"] == res["torch"], res
+    # the default 4-bit codes: cubic levels, which the Gluon decode computes arithmetically
+    assert res["triton_codecs"] == res["torch_codecs"] == ["e8c-4bit", "e8c-4bit"], res
     # both paths really ran (writes and attention), each on its own implementation
     assert res["triton_calls"].get("triton_write", 0) > 0 and res["triton_calls"].get("triton_attn", 0) > 0
     assert res["torch_calls"].get("torch_write", 0) > 0 and res["torch_calls"].get("torch_attn", 0) > 0

@@ -224,15 +224,24 @@ def test_kernel_helpers_see_a_switched_code() -> None:
 
 
 def test_cubic_encoder_variant(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert codec_names(4, 3, "cubic") == ("e8c-4bit", "e8s-3bit")
-    assert codec_names(4, 4, "cubic") == ("e8c-4bit", "e8c-4bit")
-    assert codec_names(3, 2, "cubic") == ("e8s-3bit", "e8s-2bit")
-    assert codec_names(4, 4) == ("e8s-4bit", "e8s-4bit")  # the default is unchanged
-    monkeypatch.setenv(spec.ENCODER_ENV, "cubic")
-    assert spec.encoder_variant() == "cubic"
+    """The cubic codes are the 4-bit default (session 13); "switched" keeps e8s-{b}bit at every width."""
+    for variant in ("", "cubic"):
+        assert codec_names(4, 3, variant) == ("e8c-4bit", "e8s-3bit")
+        assert codec_names(4, 4, variant) == ("e8c-4bit", "e8c-4bit")
+        assert codec_names(3, 2, variant) == ("e8s-3bit", "e8s-2bit")
+    assert codec_names(4, 4, "switched") == ("e8s-4bit", "e8s-4bit")
+    assert codec_names(4, 2, "switched") == ("e8s-4bit", "e8s-2bit")
+    monkeypatch.delenv(spec.ENCODER_ENV, raising=False)
+    assert spec.encoder_variant() == ""
     fmt = spec.kv_format("e8_k4v3", 64)
     assert (fmt.k_codec.name, fmt.v_codec.name) == ("e8c-4bit", "e8s-3bit")
     assert fmt.pair_decoded
     assert fmt.slot_bytes == spec.slot_bytes("e8_k4v3", 64) == 34 + 26
-    monkeypatch.delenv(spec.ENCODER_ENV)
+    monkeypatch.setenv(spec.ENCODER_ENV, "cubic")
+    assert spec.encoder_variant() == ""
+    monkeypatch.setenv(spec.ENCODER_ENV, "switched")
+    assert spec.encoder_variant() == "switched"
     assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8s-4bit"
+    monkeypatch.setenv(spec.ENCODER_ENV, "nope")
+    with pytest.raises(ValueError, match="cubic, switched, search, rms"):
+        spec.encoder_variant()
