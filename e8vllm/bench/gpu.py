@@ -186,7 +186,7 @@ def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None
     ending in ``+centers`` adds the logit bias of position-dependent key centers (a model with a
     RoPE KV calibration: :mod:`e8vllm.calibration`), fp16 position table as on the GPU; one ending in
     ``+search`` or ``+rms`` uses that codec variant (``E8VLLM_ENCODER``: the ``e8-*`` formats) instead
-    of the default ``e8s-*``."""
+    of the default (``e8c-4bit`` / ``e8s-*``)."""
     import torch
 
     from e8vllm.calibration import rope_bias_coeffs, rope_table
@@ -707,7 +707,8 @@ def report(src: Path = RESULTS) -> str:
         lines += [f"Kernel level, decode attention, one layer (H_q 32, H_kv 8, D 128), {k['device']}; "
                   f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write). E8 decode settings: "
                   f"{json.dumps(k['e8_decode_config']) if 'e8_decode_config' in k else 'not recorded'}; "
-                  "`e8_*` dtypes in their default format (`e8s-*` since session 7), `+search` the `e8-*` format.",
+                  "`e8_*` dtypes in their default format (`e8s-*` in sessions 7-12; `e8c-4bit` for 4 bits since session "
+                  "13), `+search` the `e8-*` format, `+switched` `e8s-*`, `+cubic` the default.",
                   "",
                   "| batch | context | dtype | time (us) | bytes read (MB) | TB/s | % of copy BW | vs auto |",
                   "|---:|---:|---|---:|---:|---:|---:|---:|"]
@@ -739,7 +740,7 @@ def report(src: Path = RESULTS) -> str:
             kern = v.get("kernel") or ("gluon" + "".join(
                 f" {k.removeprefix('gluon_')} {v[k]}" for k in ("gluon_tile", "gluon_kp", "gluon_maxnreg", "gluon_prefetch",
                                                                "gluon_lut", "gluon_async", "gluon_lazy", "gluon_order",
-                                                               "gluon_diag")
+                                                               "gluon_diag", "gluon_arith")
                 if k in v and (v[k] or k in ("gluon_tile", "gluon_kp", "gluon_maxnreg"))))
             lines.append(f"| {kern} | {v.get('block_m', '')} | {v.get('tile_n', '')} | {v.get('num_warps', '')} | "
                          f"{v.get('num_stages', '')} | {v.get('segs', '')} | {v.get('prefetch', '')} | "

@@ -302,6 +302,10 @@ def test_gluon_setting_needs_a_gpu_target():
     with pytest.raises(ValueError, match="gluon_async"):
         e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_async": 1, "gluon_kp": 1}, "x")
     assert e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_async": 1}, "x")["gluon_async"] == 1
+    # the default ring (session 13) gives way to settings it cannot take, unless it is asked for
+    base = e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_async": 1}, "x")
+    for extra in ({"gluon_kp": 1}, {"gluon_prefetch": 2}):
+        assert e8_kv.kernel_config(base, extra, "x")["gluon_async"] == 0
 
 
 def test_decode_segments_grow_for_small_batches(monkeypatch):

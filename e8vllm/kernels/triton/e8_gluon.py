@@ -25,6 +25,21 @@ table goes through shared memory:
   once per program in shared memory at offset 0; a value is one ``ld.shared.u16`` at byte offset
   ``((w >> (4i - 1)) & 0x1E) | cb`` with the word's table base cb = table | c << 5 | set << 6
   (inline PTX: shift, ``lop3``, load; the table is 128-byte aligned, so the base is or-ed in).
+* **Arithmetic decode** (``AR``, the default for cubic-level codes, ``e8c-4bit``: :mod:`e8vllm.codecs.e8c`;
+  session 13): a level is T[set, c, n] = ((c3·z + c2)·z + c1)·z + c0 in fp16 with z = n − 7, so no
+  lookup is needed. A ``lop3`` with mask 0x000F000F (or 0x00F000F0) and magic 0x64006400 (0x54005400)
+  puts two 4-bit fields into the mantissas of an fp16x2 register (1024 + n, or 64 + n for the fields
+  at bits 4-7); ``sub.f16x2`` gives z exactly and three ``fma.rn.f16x2`` the two levels, bit for bit
+  the codec's table (Horner in fp16, one rounding per step). Each fp16x2 result is one mma operand
+  register, so the pairs are chosen to be operand pairs: for keys the fields j and j + 4 of a word
+  (the key order becomes κ = b2 + 2t + 8·b0 + 16·b1 + 32m, field i = b0 + 2·b1 + 4·b2,
+  :func:`key_order` with ``ar``); for values the same field of tokens 2i and 2i + 1 (their words
+  byte-permuted together first, ``prmt``). The coefficients of a key word's (set, coset), as four
+  (c, c) fp16x2 words, or of a value word pair's two (set, coset)s, as (c_a, c_b), are one
+  ``ld.shared.v4`` from an 80-word image (:func:`_coef_image`). The parity fix of field 7 is an
+  ``and``, a multiply ((w & 0x1111111) · 0x11111110 sums fields 0..6's low bits into bit 28) and a
+  ``lop3``. SASS (sm_90, offline): 741 instructions per 16-token step against 832 with lookups, 256 of
+  them fp16x2 FMA-pipe operations and about half the integer ALU work.
 * **Math** (per program = (sequence, kv head, KV segment), one warp): S^T = K̃·q̃^T per 16-token tile
   with fp16 operands and float32 accumulation, scaled per key by its scale s_k, an online softmax in
   base 2 per query head, P^T·s_v in fp16 moved to the B-operand layout (16 × N values, within the
@@ -40,17 +55,21 @@ byte, 441 us), no prefetch (``prefetch`` 1: the next step's codes in flight duri
 registers, 432-435 us; 2: the next step's block id, 446 us), rescaling every step (``lazy`` 1: only
 when a maximum grows, 441 us), no forced ordering (``order`` 1: value lookups after the softmax, 450
 us); ``diag`` (benchmarks only) drops the code loads (1) or the lookups (2) for timing floors.
-``async`` 1 (session 12, compiled for sm_90 offline, not yet run on a GPU): the codes of the next
+``async`` 1 (the default since session 13): the codes of the next
 tile are copied with ``cp.async`` into a two-stage ring in shared memory (coalesced: lanes along a
 token's words; 4-word groups xor-swizzled by the token, so that by the layout's arithmetic the lanes of
 one key- or value-layout read hit distinct banks at head size 128: not yet profiled) while this tile
 is decoded, in the same allocation as the table image,
-which stays at offset 0; no registers hold codes in flight.
+which stays at offset 0; no registers hold codes in flight (H200, session 13, 64 x 8k: 412.8 against
+434.4 us with lookups, 363.8 against 370.8 us with the arithmetic decode).
+Session 13, one cache of ``e8c-4bit`` codes (64 x 8k, ``tune_decode_s13_cubic.json``): arithmetic
+decode 370.8 us against 434.4 us for lookups of the same codes; with the ring 361.5-363.8 us; no code
+loads (timing floor) 314.5 us; 96 registers 405.7 us.
 Nsight Compute (session 12): the integer ALU pipe 68 % busy, 25 % of the stalls waiting on the code
 loads, 16 warps per SM at 128 registers.
 
-Supported: 4-bit K and V codes of the pair-table E8 codecs (``e8-4``, ``e8s-4``), head size 64 or
-128, block size a multiple of the step, up to 16 query heads per kv head (:func:`gluon_supported`).
+Supported: 4-bit K and V codes of the pair-table E8 codecs (``e8-4``, ``e8s-4``, ``e8c-4``: the last
+decoded arithmetically), head size 64 or 128, block size a multiple of the step, up to 16 query heads per kv head (:func:`gluon_supported`).
 Gluon kernels do not run in ``TRITON_INTERPRET``; CPU tests compile them for sm_90 instead.
 """
 

@@ -16,7 +16,7 @@ against, and :mod:`e8vllm.codecs.e8`, which defines the code):
   coordinate whose move to a neighbouring level costs least moves; keep the better coset. The
   factor with the smallest s²·Σ‖u − û‖² (first one on ties) wins. Stored: 8 fields of b bits per block
   (fields 0..6 = v_0..v_6, field 7 = (v_7 with its low bit replaced by c)), little-endian bit stream,
-  and the fp16 scale. Switched codes (``e8s-*``, the default of the e8 dtypes, :mod:`e8vllm.codecs.e8s`):
+  and the fp16 scale. Switched codes (``e8s-*``, :mod:`e8vllm.codecs.e8s`, and ``e8c-4bit``, the same with cubic tables: the defaults of the e8 dtypes):
   the scale candidates are the 9 entries of a 256-entry scale table from exponent
   ⌊10·log2(0.75·RMS)⌋ + 130 up, each 8-block is coded with both table sets and each group of GB
   blocks (GB = 1 at D = 64, 2 at D = 128) keeps the set with the smaller error; the 2-byte tail is
@@ -116,13 +116,16 @@ DIAGNOSTIC_KERNELS = ("nolut",)
 #: ``gluon`` 1: decode batches of 4-bit codes run :mod:`.e8_gluon` (codes decoded straight into the
 #: tensor-core operand registers; ``gluon_tile`` tokens per step, ``gluon_kp`` 1 = key pairs looked
 #: up 32 bits at a time, ``gluon_lut`` 1 = byte-layout value tables, ``gluon_prefetch`` 1 / 2 = the
-#: next step's codes / block id loaded ahead, ``gluon_async`` 1 = the codes through a cp.async ring,
+#: next step's codes / block id loaded ahead, ``gluon_async`` 1 = the codes through a cp.async ring
+#: (the default since session 13: 363.8 against 370.8 us for e8c-4bit, 412.8 against 434.4 us for
+#: e8s-4bit, 64 x 8k; set explicitly it excludes key pairs, prefetches and diagnostics, inherited it
+#: gives way to them),
 #: ``gluon_maxnreg`` its register cap, ``gluon_arith`` 1 = cubic-level codes (``e8c-*``) decoded by
 #: arithmetic, not lookups (:func:`_gluon_arith`); the H200 timings of each are in :mod:`.e8_gluon`'s docstring);
 #: other formats, and key centers, take the Triton kernel with the settings above.
 DECODE_CONFIG = {"kernel": DEFAULT_KERNEL, "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
                  "prefetch": 0, "maxnreg": 128, "gluon": int(GLUON), "gluon_tile": 16, "gluon_kp": 0,
-                 "gluon_maxnreg": 0, "gluon_prefetch": 0, "gluon_lut": 0, "gluon_async": 0, "gluon_lazy": 0,
+                 "gluon_maxnreg": 0, "gluon_prefetch": 0, "gluon_lut": 0, "gluon_async": 1, "gluon_lazy": 0,
                  "gluon_order": 0, "gluon_diag": 0, "gluon_arith": 1}
 
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys. ``block_m`` 256
@@ -181,6 +184,9 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
     if cfg.get("gluon_diag", 0) not in (0, 1, 2, 3) or (cfg.get("gluon_diag") and not diagnostic):
         raise ValueError(f"{what}: gluon_diag {cfg.get('gluon_diag')!r} skips loads (1) or lookups (2) and computes "
                          "wrong values (a timing diagnostic); only benchmarks may select it")
+    if cfg.get("gluon_async") and (cfg.get("gluon_kp") or cfg.get("gluon_prefetch") or cfg.get("gluon_diag")) \
+            and "gluon_async" not in extra:  # an inherited ring gives way to key pairs / a prefetch / a diagnostic
+        cfg["gluon_async"] = 0
     if cfg.get("gluon_async") and (cfg.get("gluon_kp") or cfg.get("gluon_prefetch") or cfg.get("gluon_diag")):
         raise ValueError(f"{what}: gluon_async 1 (the cp.async code ring) takes gluon_kp 0, gluon_prefetch 0 and "
                          "gluon_diag 0")
