@@ -186,7 +186,7 @@ def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None
     ending in ``+centers`` adds the logit bias of position-dependent key centers (a model with a
     RoPE KV calibration: :mod:`e8vllm.calibration`), fp16 position table as on the GPU; one ending in
     ``+search`` or ``+rms`` uses that codec variant (``E8VLLM_ENCODER``: the ``e8-*`` formats) instead
-    of the default (``e8c-4bit`` / ``e8s-*``)."""
+    of the default ``e8s-*`` (``+cubic``: ``e8c-4bit`` at 4 bits)."""
     import torch
 
     from e8vllm.calibration import rope_bias_coeffs, rope_table
@@ -248,7 +248,7 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
     # (Session 11 timed tile 32, lazy rescaling and forced ordering: all slower.)
     g = {"gluon": 1, "gluon_tile": 16, "gluon_kp": 0, "gluon_maxnreg": 0, "segs": 16, "gluon_prefetch": 0,
          "gluon_lut": 0, "gluon_async": 0, "gluon_lazy": 0, "gluon_order": 0, "gluon_diag": 0, "gluon_arith": 1}
-    if _e8_format(dtype)[0].k_codec.name.startswith("e8c"):  # cubic levels (the 4-bit default): the
+    if _e8_format(dtype)[0].k_codec.name.startswith("e8c"):  # cubic levels (E8VLLM_ENCODER=cubic): the
         # arithmetic decode first, then the lookups on the same cache
         decodes += [{**g, **x} for x in (
             {}, {"gluon_async": 1}, {"gluon_maxnreg": 96}, {"gluon_async": 1, "gluon_maxnreg": 96},
@@ -707,8 +707,8 @@ def report(src: Path = RESULTS) -> str:
         lines += [f"Kernel level, decode attention, one layer (H_q 32, H_kv 8, D 128), {k['device']}; "
                   f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write). E8 decode settings: "
                   f"{json.dumps(k['e8_decode_config']) if 'e8_decode_config' in k else 'not recorded'}; "
-                  "`e8_*` dtypes in their default format (`e8s-*` in sessions 7-12; `e8c-4bit` for 4 bits since session "
-                  "13), `+search` the `e8-*` format, `+switched` `e8s-*`, `+cubic` the default.",
+                  "`e8_*` dtypes in their default format (`e8s-*` since session 7), `+search` the `e8-*` format, "
+                  "`+cubic` `e8c-4bit` at 4 bits, `+switched` the default.",
                   "",
                   "| batch | context | dtype | time (us) | bytes read (MB) | TB/s | % of copy BW | vs auto |",
                   "|---:|---:|---|---:|---:|---:|---:|---:|"]

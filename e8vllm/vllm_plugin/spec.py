@@ -62,18 +62,18 @@ __all__ = [
 E8_DTYPES: tuple[str, ...] = ("e8_k4v4", "e8_k3v3", "e8_k2v2", "e8_k4v2", "e8_k4v3", "e8_k3v2")
 _NAME = re.compile(r"^e8_k(\d)v(\d)$")
 
-#: Environment variable picking the codecs of the e8 dtypes: "cubic" (the default: the 4-bit fields use
-#: ``e8c-4bit``, ``e8s-4bit``'s format with level tables that are cubic fp16 polynomials of the field,
-#: which the H200 decode kernel computes with 3 fp16 FMAs instead of looking them up (session 13: the
-#: same SNR as e8s-4bit, 15 % faster decode attention); 2 and 3 bits use ``e8s-{b}bit``), "switched"
-#: (``e8s-{b}bit`` at every width: two trained table sets with a switch bit per block and an 8-bit
-#: log scale; the default before session 13), "search" (``e8-{b}bit``: one table set, fp16 scale, best
-#: of 9 scales per vector; the format before e8s) or "rms" (``e8-{b}bit-rms``: the "search" format with
-#: one RMS scale, ~9x cheaper encode). The same bytes per token for all four; "search" and "rms" write
-#: the same format, "cubic" and "switched" others at 4 bits (every process of one engine inherits the
-#: same environment).
+#: Environment variable picking the codecs of the e8 dtypes: "switched" (the default: ``e8s-{b}bit``,
+#: two trained table sets with a switch bit per block and an 8-bit log scale), "cubic" (the 4-bit
+#: fields use ``e8c-4bit``: ``e8s-4bit``'s format with level tables that are cubic fp16 polynomials of
+#: the field, which the H200 decode kernel computes with fp16 FMAs instead of looking them up; session
+#: 13: decode attention 15 % faster, engine decode 1.13x, the same SNR, but SmolLM2 perplexity +0.79 %
+#: against e8s-4bit, so not the default; 2 and 3 bits keep ``e8s-{b}bit``), "search" (``e8-{b}bit``:
+#: one table set, fp16 scale, best of 9 scales per vector; the format before e8s) or "rms"
+#: (``e8-{b}bit-rms``: the "search" format with one RMS scale, ~9x cheaper encode). The same bytes
+#: per token for all four; "search" and "rms" write the same format, "switched" and "cubic" others at
+#: 4 bits (every process of one engine inherits the same environment).
 ENCODER_ENV = "E8VLLM_ENCODER"
-ENCODER_VARIANTS = ("cubic", "switched", "search", "rms")
+ENCODER_VARIANTS = ("switched", "cubic", "search", "rms")
 
 
 class E8UnsupportedError(ValueError):
@@ -94,10 +94,10 @@ def parse_e8_dtype(name: str) -> tuple[int, int]:
 
 
 def encoder_variant() -> str:
-    """'' (the default, "cubic"), 'switched', 'search' or 'rms', from ``$E8VLLM_ENCODER`` (ValueError on
+    """'' (the default, "switched"), 'cubic', 'search' or 'rms', from ``$E8VLLM_ENCODER`` (ValueError on
     other values)."""
-    v = os.environ.get(ENCODER_ENV, "cubic").strip().lower()
-    if v in ("", "cubic"):
+    v = os.environ.get(ENCODER_ENV, "switched").strip().lower()
+    if v in ("", "switched"):
         return ""
     if v in ENCODER_VARIANTS:
         return v

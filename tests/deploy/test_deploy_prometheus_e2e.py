@@ -241,7 +241,7 @@ def test_dashboard_queries_return_data(prometheus, traffic):
             empty.append(f"{title}: {expr}")
     assert not empty, "queries without data after traffic:\n" + "\n".join(empty)
 
-    # the SNR panel's formula gives the codec's real SNR (e8c-4bit on SmolLM2 K/V: ~23 dB offline)
+    # the SNR panel's formula gives the codec's real SNR (e8s-4bit on SmolLM2 K/V: ~23 dB offline)
     snr_expr = next(e for t, e in dashboard_queries(load_dashboard(DASHBOARD)) if t == "K and V SNR over time")
     snr = {r["metric"]["tensor"]: float(r["value"][1]) for r in _query(prometheus, substitute_grafana(snr_expr))}
     assert set(snr) == {"key", "value"}

@@ -8,7 +8,7 @@ from e8vllm.bench.gpu import _e8_format
 
 
 @pytest.mark.parametrize("dtype,k_codec,centers", [
-    ("e8_k4v4", "e8c-4bit", False), ("e8_k4v4+search", "e8-4bit", False), ("e8_k3v3+centers", "e8s-3bit", True),
+    ("e8_k4v4", "e8s-4bit", False), ("e8_k4v4+search", "e8-4bit", False), ("e8_k3v3+centers", "e8s-3bit", True),
     ("e8_k4v4+centers+search", "e8-4bit", True), ("e8_k2v2+rms", "e8-2bit-rms", False),
     ("e8_k4v4+switched", "e8s-4bit", False), ("e8_k4v4+cubic", "e8c-4bit", False),
     ("e8_k4v4+centers+switched", "e8s-4bit", True)])

@@ -255,9 +255,9 @@ def test_fast_encoder_is_bit_exact(name: str) -> None:
 
 
 def test_formats_use_fast_encoder(fmt44: E8KVFormat, fmt32: E8KVFormat) -> None:
-    # e8c / e8s (the defaults) encode through their codec (compiled on CPU); the e8-* formats batch the search
-    assert fmt44.uses_fast_encoder == (False, False) and fmt44.k_codec.name == "e8c-4bit"
-    assert E8KVFormat.from_bits(64, 4, 4, "switched").uses_fast_encoder == (False, False)
+    # e8s (the default) and e8c encode through their codec (compiled on CPU); the e8-* formats batch the search
+    assert fmt44.uses_fast_encoder == (False, False) and fmt44.k_codec.name == "e8s-4bit"
+    assert E8KVFormat.from_bits(64, 4, 4, "cubic").uses_fast_encoder == (False, False)
     assert E8KVFormat.from_bits(64, 4, 4, "search").uses_fast_encoder == (True, True)
     assert E8KVFormat.from_bits(64, 3, 2, "rms").uses_fast_encoder == (True, True)
 

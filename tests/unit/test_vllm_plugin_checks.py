@@ -35,10 +35,10 @@ def test_slot_bytes() -> None:
 def test_encoder_variant_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(spec.ENCODER_ENV, raising=False)
     assert spec.encoder_variant() == ""
-    assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8c-4bit"  # the 4-bit default since session 13
-    assert spec.kv_format("e8_k3v2", 64).k_codec.name == "e8s-3bit"
-    monkeypatch.setenv(spec.ENCODER_ENV, "switched")
     assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8s-4bit"
+    monkeypatch.setenv(spec.ENCODER_ENV, "cubic")
+    assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8c-4bit"
+    assert spec.kv_format("e8_k3v2", 64).k_codec.name == "e8s-3bit"
     monkeypatch.setenv(spec.ENCODER_ENV, "rms")
     assert spec.encoder_variant() == "rms"
     assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8-4bit-rms"

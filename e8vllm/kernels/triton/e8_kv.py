@@ -16,7 +16,7 @@ against, and :mod:`e8vllm.codecs.e8`, which defines the code):
   coordinate whose move to a neighbouring level costs least moves; keep the better coset. The
   factor with the smallest s²·Σ‖u − û‖² (first one on ties) wins. Stored: 8 fields of b bits per block
   (fields 0..6 = v_0..v_6, field 7 = (v_7 with its low bit replaced by c)), little-endian bit stream,
-  and the fp16 scale. Switched codes (``e8s-*``, :mod:`e8vllm.codecs.e8s`, and ``e8c-4bit``, the same with cubic tables: the defaults of the e8 dtypes):
+  and the fp16 scale. Switched codes (``e8s-*``, the default of the e8 dtypes, :mod:`e8vllm.codecs.e8s`, and ``e8c-4bit``, the same with cubic tables):
   the scale candidates are the 9 entries of a 256-entry scale table from exponent
   ⌊10·log2(0.75·RMS)⌋ + 130 up, each 8-block is coded with both table sets and each group of GB
   blocks (GB = 1 at D = 64, 2 at D = 128) keeps the set with the smaller error; the 2-byte tail is
