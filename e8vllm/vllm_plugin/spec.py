@@ -67,7 +67,7 @@ _NAME = re.compile(r"^e8_k(\d)v(\d)$")
 #: fields use ``e8c-4bit``: ``e8s-4bit``'s format with level tables that are cubic fp16 polynomials of
 #: the field, which the H200 decode kernel computes with fp16 FMAs instead of looking them up; session
 #: 13: decode attention 15 % faster, engine decode 1.13x, the same SNR, but SmolLM2 perplexity +0.79 %
-#: against e8s-4bit, so not the default; 2 and 3 bits keep ``e8s-{b}bit``), "search" (``e8-{b}bit``:
+#: against e8s-4bit (+0.22 % on other text), so not the default; 2 and 3 bits keep ``e8s-{b}bit``), "search" (``e8-{b}bit``:
 #: one table set, fp16 scale, best of 9 scales per vector; the format before e8s) or "rms"
 #: (``e8-{b}bit-rms``: the "search" format with one RMS scale, ~9x cheaper encode). The same bytes
 #: per token for all four; "search" and "rms" write the same format, "switched" and "cubic" others at
