@@ -49,7 +49,9 @@ the same, per-head mean removed                         23.345 dB    23.343 dB
 does not tell the whole story: in vLLM with SmolLM2 (session 13, 20 windows of 1,024 tokens, README
 "Quality"), e8_k4v4 with these codes has perplexity +0.79 % above e8_k4v4 with ``e8s-4bit`` in the
 same run (paired t = 2.9; on the other, KV-side text +0.22 %, t = 0.85), and a cubic that keeps
-``e8s``'s outermost levels (0.14 dB lower SNR) is +1.17 % above it. So ``e8s-4bit`` stays the KV dtypes' default; ``E8VLLM_ENCODER=cubic`` selects this
+``e8s``'s outermost levels (0.14 dB lower SNR) is +1.17 % above it. The cost is in the values:
+with ``e8c`` keys and ``e8s`` values the perplexity is +0.11 % (t = 0.46) above ``e8s`` for both,
+with ``e8s`` keys and ``e8c`` values +0.81 % (t = 2.87). So ``e8s-4bit`` stays the KV dtypes' default; ``E8VLLM_ENCODER=cubic`` selects this
 code for its faster decode on the GPU. Tables in ``e8c_tables.json`` beside this
 file, key ``e8c-4``: ``poly`` [set][coset][c3, c2, c1, c0] and the ``levels`` they give; loading
 recomputes the levels from ``poly`` and refuses a file where they differ.
