@@ -145,15 +145,14 @@ def _e8_format(dtype: str) -> tuple[Any, bool]:
     return E8KVFormat.from_bits(D, *parse_e8_dtype(kv_dtype), variant), centers
 
 
-#: codec-variant suffixes of a benchmark dtype (``E8VLLM_ENCODER``)
-VARIANT_SUFFIXES = ("search", "rms", "cubic", "switched")
-
-
 def split_run_dtype(dtype: str) -> tuple[str, bool, str]:
     """A benchmark dtype -> (vLLM kv-cache dtype, key centers, codec variant ('' = the default)):
-    ``e8_k4v4+cubic`` -> ("e8_k4v4", False, "cubic"); ``e8_k4v4+centers`` -> ("e8_k4v4", True, "")."""
+    ``e8_k4v4+cubic`` -> ("e8_k4v4", False, "cubic"); ``e8_k4v4+centers`` -> ("e8_k4v4", True, "").
+    The variant suffixes are the values of ``E8VLLM_ENCODER`` (``spec.ENCODER_VARIANTS``)."""
+    from e8vllm.vllm_plugin.spec import ENCODER_VARIANTS
+
     variant = ""
-    for v in VARIANT_SUFFIXES:
+    for v in ENCODER_VARIANTS:
         if dtype.endswith(f"+{v}"):
             variant, dtype = v, dtype.removesuffix(f"+{v}")
     centers = dtype.endswith("+centers")

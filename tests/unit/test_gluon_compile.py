@@ -161,7 +161,7 @@ def _f16_value(bits: int) -> float:
     return float(torch.tensor([bits & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.float16)[0])
 
 
-def _f16x2(r: int, fn) -> int:  # noqa: ANN001
+def _f16x2(fn) -> int:  # noqa: ANN001
     """Apply ``fn`` (halves as floats -> exact float64 result) to each half, rounded once to fp16
     (round to nearest even, as .rn; exact in float64 for the operands here: fp16 times a small integer)."""
     lo, hi = fn(0), fn(1)
@@ -212,10 +212,10 @@ def _run_ptx(asm: str, args: dict[str, int], smem: torch.Tensor) -> dict[str, in
             assert all((sel >> (4 * i)) & 8 == 0 for i in range(4)), "sign-replicate selectors are not emulated"
         elif op == "sub.rn.f16x2":
             a, b = val(ops[1]), val(ops[2])
-            reg[ops[0]] = _f16x2(0, lambda i: half(a, i) - half(b, i))
+            reg[ops[0]] = _f16x2(lambda i: half(a, i) - half(b, i))
         elif op == "fma.rn.f16x2":
             a, b, c = val(ops[1]), val(ops[2]), val(ops[3])
-            reg[ops[0]] = _f16x2(0, lambda i: half(a, i) * half(b, i) + half(c, i))
+            reg[ops[0]] = _f16x2(lambda i: half(a, i) * half(b, i) + half(c, i))
         elif op == "ld.shared.v4.b32":
             addr = val(ops[1].strip("[]"))
             assert addr % 16 == 0 and addr + 16 <= smem.numel(), f"load at {addr} outside the {smem.numel()}-byte image"

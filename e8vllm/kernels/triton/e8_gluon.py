@@ -177,6 +177,12 @@ def _lookup_pair(off):
 
 
 @gluon.jit
+def _join8(v0, v1, v2, v3, v4, v5, v6, v7):
+    """Eight equal-shaped tensors (fields 0..7) -> one with three trailing dims of 2 (field bits 0, 1, 2)."""
+    return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
+
+
+@gluon.jit
 def _word_bits(w, sw, SHIFT: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr, G: gl.constexpr, L: gl.constexpr,
                PSHIFT: gl.constexpr):
     """(parity of fields 0..6 at bit PSHIFT, the table bits of block words w [16, G] (layout L)): the
@@ -200,7 +206,7 @@ def _word_pairs(w, sw, SETS: gl.constexpr, GB: gl.constexpr, G: gl.constexpr, L:
     v2, v3 = _lookup_pair(((w >> 6) & 0x3FC) | cb)
     v4, v5 = _lookup_pair(((w >> 14) & 0x3FC) | cb)
     v6, v7 = _lookup_pair(((w >> 22) & 0x3BC) | cb | par)  # v_7 = (f_7 & ~1) | parity
-    return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
+    return _join8(v0, v1, v2, v3, v4, v5, v6, v7)
 
 
 @gluon.jit
@@ -226,7 +232,7 @@ def _word_values(w, sw, TOFF: gl.constexpr, SETS: gl.constexpr, GB: gl.constexpr
     v5 = _lookup_d(((w >> 19) & 0x1E) | cb, DIAG)
     v6 = _lookup_d(((w >> 23) & 0x1E) | cb, DIAG)
     v7 = _lookup_d(((w >> 27) & 0x1C) | cb | par, DIAG)  # v_7 = (f_7 & ~1) | parity
-    return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
+    return _join8(v0, v1, v2, v3, v4, v5, v6, v7)
 
 
 #: one word's 8 lookups in the byte layout (:func:`_word_values_b`): $8 the word, $9 / $10 the even /
@@ -260,7 +266,7 @@ def _word_values_b(w, sw, BASE: gl.constexpr, ISV: gl.constexpr, SETS: gl.conste
     v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
         _BYTE_LOOKUP_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [w, cbe, cbo, cbo | par],
         dtype=(gl.float16,) * 8, is_pure=True, pack=1)
-    return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
+    return _join8(v0, v1, v2, v3, v4, v5, v6, v7)
 
 
 #: the parity fix of a word $W into register w: field 7's low bit := parity of the low bits of fields
@@ -298,14 +304,13 @@ _AR_VALUE_ASM = gl.constexpr(
 AR_KEY_BYTES = gl.constexpr(64)
 
 
-
 @gluon.jit
 def _word_values_ar(w, cb):
     """Key words int32 [16, G] -> their field values fp16 [16, G, 2, 2, 2] by the cubic of each word's
     (set, coset) (``cb``: byte offset 16·(c + 2·set) of its coefficient entry)."""
     v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
         _AR_KEY_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, cb], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
-    return gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
+    return _join8(v0, v1, v2, v3, v4, v5, v6, v7)
 
 
 @gluon.jit
@@ -323,10 +328,9 @@ def _value_words_ar(w, cb, TN: gl.constexpr, G: gl.constexpr):
     o = gl.inline_asm_elementwise(
         _AR_VALUE_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
         [wa, wb, ca + 4 * cc + AR_KEY_BYTES], dtype=(gl.float16,) * 16, is_pure=True, pack=1)
-    x = gl.join(gl.join(gl.join(gl.join(o[0], o[8]), gl.join(o[1], o[9])),
-                        gl.join(gl.join(o[2], o[10]), gl.join(o[3], o[11]))),
-                gl.join(gl.join(gl.join(o[4], o[12]), gl.join(o[5], o[13])),
-                        gl.join(gl.join(o[6], o[14]), gl.join(o[7], o[15]))))  # [TN/2, G, tok, b0, b1, b2]
+    x = _join8(gl.join(o[0], o[8]), gl.join(o[1], o[9]), gl.join(o[2], o[10]), gl.join(o[3], o[11]),
+               gl.join(o[4], o[12]), gl.join(o[5], o[13]), gl.join(o[6], o[14]),
+               gl.join(o[7], o[15]))  # [TN/2, G, tok, b0, b1, b2]
     return gl.reshape(gl.permute(x, [0, 2, 1, 3, 4, 5]), [TN, G, 2, 2, 2])
 
 

@@ -184,12 +184,12 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
     if cfg.get("gluon_diag", 0) not in (0, 1, 2, 3) or (cfg.get("gluon_diag") and not diagnostic):
         raise ValueError(f"{what}: gluon_diag {cfg.get('gluon_diag')!r} skips loads (1) or lookups (2) and computes "
                          "wrong values (a timing diagnostic); only benchmarks may select it")
-    if cfg.get("gluon_async") and (cfg.get("gluon_kp") or cfg.get("gluon_prefetch") or cfg.get("gluon_diag")) \
-            and "gluon_async" not in extra:  # an inherited ring gives way to key pairs / a prefetch / a diagnostic
-        cfg["gluon_async"] = 0
     if cfg.get("gluon_async") and (cfg.get("gluon_kp") or cfg.get("gluon_prefetch") or cfg.get("gluon_diag")):
-        raise ValueError(f"{what}: gluon_async 1 (the cp.async code ring) takes gluon_kp 0, gluon_prefetch 0 and "
-                         "gluon_diag 0")
+        if "gluon_async" not in extra:  # an inherited ring gives way to key pairs / a prefetch / a diagnostic
+            cfg["gluon_async"] = 0
+        else:
+            raise ValueError(f"{what}: gluon_async 1 (the cp.async code ring) takes gluon_kp 0, gluon_prefetch 0 "
+                             "and gluon_diag 0")
     if "gluon_tile" in cfg and cfg["gluon_tile"] not in (16, 32):
         raise ValueError(f"{what}: gluon_tile must be 16 or 32, not {cfg['gluon_tile']!r}")
     return cfg
