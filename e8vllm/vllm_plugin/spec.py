@@ -67,13 +67,15 @@ _NAME = re.compile(r"^e8_k(\d)v(\d)$")
 #: fields use ``e8c-4bit``: ``e8s-4bit``'s format with level tables that are cubic fp16 polynomials of
 #: the field, which the H200 decode kernel computes with fp16 FMAs instead of looking them up; session
 #: 13: decode attention 15 % faster, engine decode 1.13x, the same SNR, but SmolLM2 perplexity +0.79 %
-#: against e8s-4bit (+0.22 % on other text), so not the default; 2 and 3 bits keep ``e8s-{b}bit``), "search" (``e8-{b}bit``:
+#: against e8s-4bit (+0.22 % on other text), so not the default; 2 and 3 bits keep ``e8s-{b}bit``),
+#: "cubic-keys" (``e8c-4bit`` for 4-bit keys only, ``e8s-{b}bit`` values: the cubic's perplexity cost
+#: was in the values, session 13: +0.11 % against e8s-4bit with cubic keys, t 0.46), "search" (``e8-{b}bit``:
 #: one table set, fp16 scale, best of 9 scales per vector; the format before e8s) or "rms"
 #: (``e8-{b}bit-rms``: the "search" format with one RMS scale, ~9x cheaper encode). The same bytes
-#: per token for all four; "search" and "rms" write the same format, "switched" and "cubic" others at
+#: per token for all five; "search" and "rms" write the same format, the others each another at
 #: 4 bits (every process of one engine inherits the same environment).
 ENCODER_ENV = "E8VLLM_ENCODER"
-ENCODER_VARIANTS = ("switched", "cubic", "search", "rms")
+ENCODER_VARIANTS = ("switched", "cubic", "cubic-keys", "search", "rms")
 
 
 class E8UnsupportedError(ValueError):
@@ -94,7 +96,7 @@ def parse_e8_dtype(name: str) -> tuple[int, int]:
 
 
 def encoder_variant() -> str:
-    """'' (the default, "switched"), 'cubic', 'search' or 'rms', from ``$E8VLLM_ENCODER`` (ValueError on
+    """'' (the default, "switched"), 'cubic', 'cubic-keys', 'search' or 'rms', from ``$E8VLLM_ENCODER`` (ValueError on
     other values)."""
     v = os.environ.get(ENCODER_ENV, "switched").strip().lower()
     if v in ("", "switched"):

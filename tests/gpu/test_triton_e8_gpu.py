@@ -43,19 +43,23 @@ RESULTS: dict = {}
 def test_write_codes_cuda():
     """Both write paths: 3,048 tokens x 8 heads (16 rows per program, the tl.dot rotation) and a
     decode step's 64 tokens with 16, 4, 2 and 1 rows per program (the small-write path: x P summed
-    from 16-column products; with 1 row the scale candidates are searched side by side: 8 + 1 by
-    default, all 9 padded to 16 with ``ceil``)."""
+    from 16-column products, or butterflies (``fwht``, with 4, 8 or 2 warps); with 1 row the scale
+    candidates are searched side by side: 8 + 1 by default, all 9 padded to 16 with ``ceil``)."""
     for kb, vb, toks, rows, how in ((4, 4, [2048, 1000], 16, None), (3, 3, [2048, 1000], 16, None),
                                     (2, 2, [2048, 1000], 16, None), (4, 4, [40, 24], 16, None),
                                     (3, 3, [40, 24], 16, None), (4, 4, [40, 24], 4, None), (4, 4, [40, 24], 2, None),
                                     (3, 3, [40, 24], 2, None), (2, 2, [40, 24], 2, None), (4, 4, [40, 24], 1, None),
-                                    (4, 4, [40, 24], 1, "ceil"), (2, 2, [40, 24], 1, None)):
+                                    (4, 4, [40, 24], 1, "ceil"), (2, 2, [40, 24], 1, None),
+                                    (4, 4, [40, 24], 1, "fwht"), (4, 4, [40, 24], 1, "fwht8"),
+                                    (3, 3, [40, 24], 2, "fwht2")):
+        rot, nw = ("fwht", int(how[4:] or 4)) if how and how.startswith("fwht") else (None, None)
         fmt = E8KVFormat.from_bits(128, kb, vb)
         case = random_case(fmt, toks, [1] * len(toks), h_q=32, h_kv=8, write=False, device="cuda")
         ref = torch.zeros_like(case.kv_cache)
         write_kv_cache(case.key, case.value, ref, case.slots, fmt)
         got = torch.zeros_like(case.kv_cache)
-        triton_write_kv_cache(case.key, case.value, got, case.slots, fmt, block_rows=rows, candidates=how)
+        triton_write_kv_cache(case.key, case.value, got, case.slots, fmt, block_rows=rows,
+                              candidates=None if rot else how, rotation=rot, warps=nw)
         name = (f"write_k{kb}v{vb}" + (f"_{sum(toks)}_tokens_{rows}_rows" if sum(toks) < 1000 else "")
                 + (f"_{how}" if how else ""))
         used = case.slots
@@ -169,6 +173,10 @@ def test_gluon_decode_cuda():
         (64, 9, 3, "cubic", [900, 31, 1], 16, 16, {}),
         (64, 9, 3, "cubic", [900, 31, 1], 4, 16, {"gluon_async": 1}),
         (128, 32, 8, "cubic", [1500, 33, 800, 2], 16, 16, {"gluon_arith": 0}),
+        # cubic keys, looked-up values (session 14)
+        (128, 32, 8, "cubic-keys", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {}),
+        (128, 32, 8, "cubic-keys", [1500, 33, 800, 2, 16, 17, 1], 4, 16, {"gluon_async": 0}),
+        (64, 9, 3, "cubic-keys", [900, 31, 1], 16, 16, {}),
     ]
     pick = os.environ.get("E8_GLUON_CASES")  # a re-run of some cases: their indices, comma-separated
     if pick:
@@ -178,7 +186,7 @@ def test_gluon_decode_cuda():
         case = random_case(fmt, lens, [1] * len(lens), h_q=h_q, h_kv=h_kv, block_size=bs, device="cuda", seed=21)
         c = e8_kv.TritonE8Format.get(fmt, "cuda")
         assert e8_kv._gluon.gluon_supported(c, bs, h_q // h_kv, settings.get("gluon_tile", 16))
-        want_ar = int(variant == "cubic" and settings.get("gluon_arith", 1) == 1)
+        want_ar = {"cubic": 3, "cubic-keys": 1}.get(variant, 0) if settings.get("gluon_arith", 1) == 1 else 0
         assert e8_kv._gluon_arith(c, e8_kv.kernel_config(e8_kv.DECODE_CONFIG, settings, "case")) == want_ar
         name = (f"gluon_decode_d{d}_gqa{h_q // h_kv}_{'e8s' if variant == 'switched' else variant}_segs{segs}"
                 + "".join(f"_{k}{v}" for k, v in settings.items()))

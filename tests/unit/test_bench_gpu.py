@@ -39,10 +39,13 @@ def test_report_renders_engine_sweep_and_write_results(tmp_path) -> None:
     (tmp_path / "sweep_3072_graphs_x.jsonl").write_text(json.dumps(sw) + "\n")
     (tmp_path / "write_x.json").write_text(json.dumps({"rows": [
         {"dtype": "e8_k4v4", "tokens": 8, "block_rows": 2, "default": False, "time_s": 31.7e-6},
-        {"dtype": "e8_k4v4", "tokens": 8, "block_rows": 16, "default": True, "time_s": 56.1e-6}]}))
+        {"dtype": "e8_k4v4", "tokens": 8, "block_rows": 16, "default": True, "time_s": 56.1e-6},
+        {"dtype": "e8_k4v4", "tokens": 8, "block_rows": 1, "parallel_scales": True, "candidates": "floor",
+         "rotation": "fwht", "warps": 8, "default": False, "time_s": 9.5e-6}]}))
     md = report(tmp_path)
     assert "| e8_k4v4 | CUSTOM | 3,880 | 3.88 | 12.5 | 0.80 | 160.0 | 0.80 |" in md
     assert "| e8_k4v4 | 512 | 3,880 | 113.2 | 578.8 | 14470.0 | 494.1 | 604.1 | 0 |" in md
     assert "CUDA graphs" in md.split("Concurrency sweep")[1]
-    assert "| dtype | tokens | 2 rows | 16 rows |" in md and "| e8_k4v4 | 8 | 31.7 | 56.1* |" in md
+    assert ("| dtype | tokens | 2 rows, dot, 4 warps | 16 rows | 1 row (parallel scales, floor), fwht, 8 warps |" in md
+            and "| e8_k4v4 | 8 | 31.7 | 56.1* | 9.5 |" in md)
     assert (tmp_path / "gpu.md").read_text() == md

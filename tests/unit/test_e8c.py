@@ -229,6 +229,8 @@ def test_cubic_encoder_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     assert codec_names(4, 3, "cubic") == ("e8c-4bit", "e8s-3bit")
     assert codec_names(4, 4, "cubic") == ("e8c-4bit", "e8c-4bit")
     assert codec_names(3, 2, "cubic") == ("e8s-3bit", "e8s-2bit")
+    assert codec_names(4, 4, "cubic-keys") == ("e8c-4bit", "e8s-4bit")
+    assert codec_names(3, 3, "cubic-keys") == ("e8s-3bit", "e8s-3bit")
     for variant in ("", "switched"):
         assert codec_names(4, 4, variant) == ("e8s-4bit", "e8s-4bit")
     monkeypatch.setenv(spec.ENCODER_ENV, "cubic")
@@ -243,5 +245,5 @@ def test_cubic_encoder_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     assert spec.encoder_variant() == ""
     assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8s-4bit"
     monkeypatch.setenv(spec.ENCODER_ENV, "nope")
-    with pytest.raises(ValueError, match="switched, cubic, search, rms"):
+    with pytest.raises(ValueError, match="switched, cubic, cubic-keys, search, rms"):
         spec.encoder_variant()

@@ -320,8 +320,8 @@ def test_decode_segments_grow_for_small_batches(monkeypatch):
     assert e8_kv._gluon_segs(1, 8, dev, 128) == 128  # an explicit larger base stays
 
 
-def _cubic_fmt(d: int = 128):
-    return e8_kv.TritonE8Format.get(E8KVFormat.from_bits(d, 4, 4, "cubic"), "cpu")
+def _cubic_fmt(d: int = 128, variant: str = "cubic"):
+    return e8_kv.TritonE8Format.get(E8KVFormat.from_bits(d, 4, 4, variant), "cpu")
 
 
 def _field_values(w: int) -> tuple[int, list[int]]:
@@ -339,8 +339,8 @@ def test_arithmetic_decode_gives_the_codec_levels():
     both table sets and both cosets; the fields of one 32-bit result are the operand pairs (j, j + 4)
     of a key word and (token 2i, token 2i + 1) of a value field."""
     c = _cubic_fmt()
-    assert gluon_mod.arith_supported(c) and not gluon_mod.arith_supported(_fmt(128, 2))
-    img = gluon_mod._tables(c, key_pairs=False, arith=1)
+    assert gluon_mod.arith_bits(c) == 3 and gluon_mod.arith_bits(_fmt(128, 2)) == 0
+    img = gluon_mod._tables(c, key_pairs=False, arith=3)
     assert img.numel() == 128 and torch.equal(img[80:], torch.zeros(48, dtype=torch.int32))
     raw = img.view(torch.uint8)
     g = torch.Generator().manual_seed(5)
@@ -362,12 +362,40 @@ def test_arithmetic_decode_gives_the_codec_levels():
                 assert [reg[f"${j}"] for j in range(8)] == want_a, hex(wa)
 
 
+def test_arithmetic_decode_image_with_one_side_cubic():
+    """Cubic keys with looked-up values (``cubic-keys``: e8c-4bit K, e8s-4bit V) and the reverse: the
+    image holds the cubic side's coefficients where the kernel reads them (keys at byte 0; value pairs
+    at :func:`_value_coef_base`) and the other side's fp16 table where its lookups read it (values at
+    ``TABLE_BYTES``, keys at 0); the value pair entries equal those of the both-cubic image."""
+    both = gluon_mod._tables(_cubic_fmt(), key_pairs=False, arith=3)
+    ck = _cubic_fmt(128, "cubic-keys")
+    assert gluon_mod.arith_bits(ck) == 1
+    img = gluon_mod._tables(ck, key_pairs=False, arith=1)
+    assert img.numel() == 64 and torch.equal(img[:16], both[:16]) and not img[16:32].any()
+    vt = ck.v.table_h.view(torch.int32)
+    assert torch.equal(img[gluon_mod.TABLE_BYTES.value // 4:][:vt.numel()], vt)
+    # values cubic, keys looked up: a format built from the codecs directly (no variant names it)
+    from e8vllm import codecs
+
+    rev = e8_kv.TritonE8Format.get(E8KVFormat(128, codecs.get("e8s-4bit", head_dim=128),
+                                              codecs.get("e8c-4bit", head_dim=128)), "cpu")
+    assert gluon_mod.arith_bits(rev) == 2
+    img2 = gluon_mod._tables(rev, key_pairs=False, arith=2)
+    assert img2.numel() == 128 and torch.equal(img2[:32], rev.k.table_h.view(torch.int32))
+    vcb = gluon_mod._value_coef_base(2) // 4
+    assert vcb == 32 and torch.equal(img2[vcb:vcb + 64], both[16:80]) and gluon_mod._value_coef_base(3) == 64
+    for fmt, ar in ((ck, 2), (ck, 3), (rev, 1)):
+        with pytest.raises(ValueError, match="cubic level tables"):
+            gluon_mod.launch_constexprs(fmt, nq=4, d=128, block_size=16, segs=16, arith=ar)
+
+
 def test_arithmetic_decode_settings():
     """``gluon_arith`` 1 (the default) decodes cubic codes arithmetically unless key pairs or byte
     tables are asked for; other codes always take the lookups; the launch refuses impossible mixes."""
     cub, e8s = _cubic_fmt(), _fmt(128, 2)
     dc = e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {}, "t")
-    assert dc["gluon_arith"] == 1 and e8_kv._gluon_arith(cub, dc) == 1 and e8_kv._gluon_arith(e8s, dc) == 0
+    assert dc["gluon_arith"] == 1 and e8_kv._gluon_arith(cub, dc) == 3 and e8_kv._gluon_arith(e8s, dc) == 0
+    assert e8_kv._gluon_arith(_cubic_fmt(128, "cubic-keys"), dc) == 1
     for extra in ({"gluon_arith": 0}, {"gluon_kp": 1}, {"gluon_lut": 1}):
         assert e8_kv._gluon_arith(cub, e8_kv.kernel_config(e8_kv.DECODE_CONFIG, extra, "t")) == 0
     with pytest.raises(ValueError, match="gluon_arith must be 0 or 1"):
@@ -375,20 +403,24 @@ def test_arithmetic_decode_settings():
     with pytest.raises(ValueError, match="cubic level tables"):
         gluon_mod.launch_constexprs(e8s, nq=4, d=128, block_size=16, segs=16, arith=1)
     with pytest.raises(ValueError, match="gluon_kp 0 and gluon_lut 0"):
-        gluon_mod.launch_constexprs(cub, nq=4, d=128, block_size=16, segs=16, key_pairs=True, arith=1)
-    assert gluon_mod.launch_constexprs(cub, nq=4, d=128, block_size=16, segs=16, arith=1)["AR"] == 1
+        gluon_mod.launch_constexprs(cub, nq=4, d=128, block_size=16, segs=16, key_pairs=True, arith=3)
+    assert gluon_mod.launch_constexprs(cub, nq=4, d=128, block_size=16, segs=16, arith=3)["AR"] == 3
 
 
-@pytest.mark.parametrize("d,nq,async_ring", [(128, 4, 0), (128, 16, 1), (64, 3, 0), (64, 3, 1)])
-def test_arithmetic_decode_compiles_without_lookups(d, nq, async_ring):
-    """The arithmetic decode compiles for sm_90 (every operand conversion a register renaming); its
-    only shared-memory reads in the decode are the coefficient loads (ld.shared.v4), the fields go
-    through f16x2 fused multiply-adds."""
+@pytest.mark.parametrize("d,nq,async_ring,variant", [(128, 4, 0, "cubic"), (128, 16, 1, "cubic"), (64, 3, 0, "cubic"),
+                                                     (64, 3, 1, "cubic"), (128, 4, 1, "cubic-keys"),
+                                                     (64, 3, 0, "cubic-keys")])
+def test_arithmetic_decode_compiles_without_lookups(d, nq, async_ring, variant):
+    """The arithmetic decode compiles for sm_90 (every operand conversion a register renaming); with
+    both sides cubic its only shared-memory reads in the decode are the coefficient loads
+    (ld.shared.v4), the fields go through f16x2 fused multiply-adds; with cubic keys only
+    (``cubic-keys``) the values are still looked up (ld.shared.b16)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    c = _cubic_fmt(d)
-    const = gluon_mod.launch_constexprs(c, nq=nq, d=d, block_size=16, segs=16, async_ring=async_ring, arith=1)
+    c = _cubic_fmt(d, variant)
+    ar = gluon_mod.arith_bits(c)
+    const = gluon_mod.launch_constexprs(c, nq=nq, d=d, block_size=16, segs=16, async_ring=async_ring, arith=ar)
     fn = gluon_mod._gl_decode_kernel
     sig = {a: ("constexpr" if a in const else TYPES[a]) for a in fn.arg_names}
     try:
@@ -399,5 +431,5 @@ def test_arithmetic_decode_compiles_without_lookups(d, nq, async_ring):
             pytest.skip(f"no ptxas: {e}")
         raise
     ptx = k.asm["ptx"]
-    assert "fma.rn.f16x2" in ptx and "ld.shared.v4.b32" in ptx and "ld.shared.b16" not in ptx
+    assert "fma.rn.f16x2" in ptx and "ld.shared.v4.b32" in ptx and ("ld.shared.b16" in ptx) == (ar == 1)
     assert k.metadata.shared == const["BUFN"] * 4

@@ -27,14 +27,14 @@ from e8vllm.kernels.triton.cases import random_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
-def _write_both(case, slots=None, block_rows=None, parallel=None, candidates=None):
+def _write_both(case, slots=None, block_rows=None, parallel=None, candidates=None, rotation=None):
     """The reference writer's cache and the kernel's for ``case`` (K/V not yet written)."""
     slots = case.slots if slots is None else slots
     ref = torch.zeros_like(case.kv_cache)
     write_kv_cache(case.key, case.value, ref, slots, case.fmt)
     got = torch.zeros_like(case.kv_cache).to(DEV)
     triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, slots.to(DEV), case.fmt, block_rows=block_rows,
-                          parallel=parallel, candidates=candidates)
+                          parallel=parallel, candidates=candidates, rotation=rotation)
     return ref, got.cpu()
 
 
@@ -60,21 +60,29 @@ def test_write_rows_per_program(monkeypatch):
         _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), block_rows=3)
 
 
-@pytest.mark.parametrize("block_rows,parallel,candidates",
-                         [(2, True, None), (2, None, None), (1, None, None), (1, None, "ceil"), (16, None, None)],
-                         ids=["two-rows-parallel-scales", "two-rows-scale-loop", "one-row-parallel-scales",
-                              "one-row-parallel-scales-ceil", "dot-path"])
-@pytest.mark.parametrize("bits,variant", [((4, 4), ""), ((3, 2), ""), ((4, 4), "search")])
-def test_write_matches_reference_codes(bits, variant, block_rows, parallel, candidates, one_thread):
+_WRITE_PATHS = {"two-rows-parallel-scales": (2, True, None, "dot"), "two-rows-scale-loop": (2, None, None, "dot"),
+                "one-row-parallel-scales": (1, None, None, "dot"), "one-row-parallel-scales-ceil": (1, None, "ceil", "dot"),
+                "dot-path": (16, None, None, None), "one-row-butterflies": (1, None, None, "fwht"),
+                "two-rows-butterflies": (2, None, None, "fwht")}
+_WRITE_CASES = [(b, v, p) for b, v in (((4, 4), ""), ((3, 2), ""), ((4, 4), "search")) for p in list(_WRITE_PATHS)[:5]]
+_WRITE_CASES += [(b, "", p) for b in ((4, 4), (3, 2)) for p in ("one-row-butterflies", "two-rows-butterflies")]
+_WRITE_CASES += [((4, 4), "cubic-keys", "one-row-parallel-scales")]
+
+
+@pytest.mark.parametrize("bits,variant,block_rows,parallel,candidates,rotation",
+                         [(b, v, *_WRITE_PATHS[p]) for b, v, p in _WRITE_CASES],
+                         ids=[f"k{b[0]}v{b[1]}{'-' + v if v else ''}-{p}" for b, v, p in _WRITE_CASES])
+def test_write_matches_reference_codes(bits, variant, block_rows, parallel, candidates, rotation, one_thread):
     """Every write path gives the reference's codes: 16 rows per program (tl.dot rotation, scale
-    candidates in a loop), 2 or 1 rows (16-column rotation products) with the candidates side by
-    side (1 row: the small-write default; the first 8 of 9 side by side and the 9th after them, or
-    all 9 padded to 16 with ``ceil``) or in the loop; e8s (scale table) and e8 (fp16 scales)."""
+    candidates in a loop), 2 or 1 rows (16-column rotation products, or butterflies in the
+    reference's order) with the candidates side by side (1 row: the small-write default; the first 8
+    of 9 side by side and the 9th after them, or all 9 padded to 16 with ``ceil``) or in the loop;
+    e8s (scale table), e8 (fp16 scales) and e8c keys."""
     fmt = E8KVFormat.from_bits(64, *bits, variant)
     case = random_case(fmt, [37, 21], [1, 1], h_q=4, h_kv=2, write=False)
     slots = case.slots.clone()
     slots[5] = -1  # skipped token
-    ref, got = _write_both(case, slots, block_rows, parallel, candidates)
+    ref, got = _write_both(case, slots, block_rows, parallel, candidates, rotation)
     assert torch.equal(got, ref)
     blk, off = int(case.slots[5]) // 16, int(case.slots[5]) % 16
     assert int(got[blk, :, off].cpu().abs().sum()) == 0  # -1 was not written

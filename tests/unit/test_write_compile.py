@@ -23,9 +23,10 @@ PTRS = {"k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64", "cache_ptr": "*u
         **{f"{p}_{t}": "*fp32" for p in "kv" for t in ("pm1", "tab", "mid", "fac", "stab")}}
 
 
-@pytest.mark.parametrize("block_rows,par,how", [(1, True, "floor"), (1, True, "ceil"), (2, False, None)],
-                         ids=["one-row-parallel-8+1", "one-row-parallel-16", "two-rows-loop"])
-def test_write_kernel_compiles_for_sm90(block_rows, par, how):
+@pytest.mark.parametrize("block_rows,par,how,log_b", [(1, True, "floor", 0), (1, True, "ceil", 0), (2, False, None, 0),
+                                                     (1, True, "floor", 7)],
+                         ids=["one-row-parallel-8+1", "one-row-parallel-16", "two-rows-loop", "one-row-butterflies"])
+def test_write_kernel_compiles_for_sm90(block_rows, par, how, log_b):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -33,7 +34,7 @@ def test_write_kernel_compiles_for_sm90(block_rows, par, how):
     nc = e8_kv.par_candidates(9, how) if par else 1
     assert nc == {"floor": 8, "ceil": 16, None: 1}[how]
     const = dict(D=128, KB=4, VB=4, KNS=9, VNS=9, BLOCK_R=block_rows, KS=2, VS=2, KGB=2, VGB=2, PAR=par, KNC=nc,
-                 VNC=nc)
+                 VNC=nc, LOG_B=log_b)
     sig = {a: ("constexpr" if a in const else PTRS.get(a, "i32")) for a in fn.arg_names}
     try:
         k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),

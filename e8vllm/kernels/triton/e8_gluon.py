@@ -300,8 +300,15 @@ _AR_VALUE_ASM = gl.constexpr(
     + "mov.b32 {$0, $8}, x0; mov.b32 {$1, $9}, x1; mov.b32 {$2, $10}, x2; mov.b32 {$3, $11}, x3; "
     + "prmt.b32 s, w, u, 0x7632; " + _AR_MAGIC.format(s="s") + _AR_HORNER
     + "mov.b32 {$4, $12}, x0; mov.b32 {$5, $13}, x1; mov.b32 {$6, $14}, x2; mov.b32 {$7, $15}, x3; }")
-#: bytes of the arithmetic decode's coefficient image: 4 key entries, then 16 value pair entries, 16 bytes each
+#: bytes of the arithmetic decode's key coefficients (4 entries of 16 bytes) at shared-memory offset 0
 AR_KEY_BYTES = gl.constexpr(64)
+
+
+@gluon.constexpr_function
+def _value_coef_base(ar):
+    """Byte offset of the value pair coefficients (16 entries of 16 bytes) in the image of arithmetic
+    mode ``ar`` (:func:`_tables`): after the key coefficients (``ar`` 3) or after the key lookup table (2)."""
+    return 64 if ar & 1 else 128
 
 
 @gluon.jit
@@ -320,14 +327,15 @@ def _split_tokens(x, TN: gl.constexpr, G: gl.constexpr):
 
 
 @gluon.jit
-def _value_words_ar(w, cb, TN: gl.constexpr, G: gl.constexpr):
+def _value_words_ar(w, cb, TN: gl.constexpr, G: gl.constexpr, VCB: gl.constexpr):
     """Value words int32 [TN, G] (cb: as :func:`_word_values_ar`) -> fp16 [TN, G, 2, 2, 2], two tokens
-    (2i, 2i + 1) per asm call so that each fp16x2 result is one operand register."""
+    (2i, 2i + 1) per asm call so that each fp16x2 result is one operand register; the pair coefficients
+    start at byte VCB of shared memory."""
     wa, wb = _split_tokens(w, TN, G)
     ca, cc = _split_tokens(cb, TN, G)
     o = gl.inline_asm_elementwise(
         _AR_VALUE_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
-        [wa, wb, ca + 4 * cc + AR_KEY_BYTES], dtype=(gl.float16,) * 16, is_pure=True, pack=1)
+        [wa, wb, ca + 4 * cc + VCB], dtype=(gl.float16,) * 16, is_pure=True, pack=1)
     x = _join8(gl.join(o[0], o[8]), gl.join(o[1], o[9]), gl.join(o[2], o[10]), gl.join(o[3], o[11]),
                gl.join(o[4], o[12]), gl.join(o[5], o[13]), gl.join(o[6], o[14]),
                gl.join(o[7], o[15]))  # [TN/2, G, tok, b0, b1, b2]
@@ -416,7 +424,7 @@ def _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, limit, k_stab, v_sta
         swv = (scv >> 16) & 255
     else:
         swv = scv
-    if AR:  # arithmetic decode; operand pairs are fields (j, j + 4): κ = b2 + 2t + 8·b0 + 16·b1 + 32m
+    if AR & 1:  # arithmetic key decode; operand pairs are fields (j, j + 4): κ = b2 + 2t + 8·b0 + 16·b1 + 32m
         xk = _word_values_ar(wkk, _word_bits(wkk, swk, 4, KS, KGB, G, LK, 1)[1])
         xk = gl.permute(gl.reshape(xk, [TN, G // 4, 4, 2, 2, 2]), [0, 1, 4, 3, 2, 5])
     else:
@@ -446,8 +454,9 @@ def _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, limit, k_stab, v_sta
     pb = gl.convert_layout((p * sv[:, None]).to(gl.float16), OPB)
     if ORDER:  # the value lookups wait for the softmax (Σp <= TN·NP never exceeds 1e9): fewer live registers
         swv = swv | (gl.sum(gl.sum(p, axis=1), axis=0) > 1.0e9).to(gl.int32)
-    if AR:
-        xv = _value_words_ar(wvv, _word_bits(wvv, swv, 4, VS, VGB, G, LV, 1)[1], TN, G)  # [TN, G, 2, 2, 2]
+    if AR & 2:
+        xv = _value_words_ar(wvv, _word_bits(wvv, swv, 4, VS, VGB, G, LV, 1)[1], TN, G,
+                             _value_coef_base(AR))  # [TN, G, 2, 2, 2]
     elif LUT:
         xv = _word_values_b(wvv, swv, PAIR_BYTES if KP else 0, 1, VS, VGB, G, LV)  # [TN, G, 2, 2, 2]
     else:
@@ -529,7 +538,7 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
     # query operand [D, NP] in key operand order
     kk = gl.arange(0, D, gl.SliceLayout(1, OPB))
     hh = gl.arange(0, NP, gl.SliceLayout(0, OPB))
-    if AR:  # key_order(D, ar=True)
+    if AR & 1:  # key_order(D, ar=True)
         dn = 8 * (((kk >> 1) & 3) + 4 * (kk >> 5)) + 4 * (kk & 1) + ((kk >> 3) & 1) + 2 * ((kk >> 4) & 1)
     else:  # key_order(D)
         dn = 8 * (((kk >> 1) & 3) + 4 * (kk >> 5)) + (kk & 1) + 2 * ((kk >> 3) & 1) + 4 * ((kk >> 4) & 1)
@@ -624,36 +633,49 @@ def _byte_tables(fmt) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
     return out
 
 
-def arith_supported(fmt) -> bool:  # noqa: ANN001 - TritonE8Format
-    """True when both codecs of ``fmt`` have cubic level tables (``e8c-*``, :mod:`e8vllm.codecs.e8c`):
-    the kernel can then decode their fields arithmetically (``AR``) instead of looking them up."""
-    return fmt.k.poly is not None and fmt.v.poly is not None
+def arith_bits(fmt) -> int:  # noqa: ANN001 - TritonE8Format
+    """Which fields of ``fmt`` the kernel can decode arithmetically instead of looking them up: bit 0
+    the keys, bit 1 the values, set where that codec's level tables are cubic polynomials (``e8c-*``,
+    :mod:`e8vllm.codecs.e8c`)."""
+    return int(fmt.k.poly is not None) | 2 * int(fmt.v.poly is not None)
 
 
-def _coef_image(fmt) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
-    """The arithmetic decode's shared-memory image, int32 [80]: 4 key entries (entry c + 2·set: the
-    fp16x2 words (c3, c3), (c2, c2), (c1, c1), (c0, c0) of that table's cubic), then 16 value pair entries
-    (entry a + 4·b for the tables a of token 2i and b of token 2i + 1: (c3_a, c3_b), ..., (c0_a, c0_b))."""
-    kp = fmt.k.poly.reshape(4, 4)  # fp16 [set·2 + c, (c3, c2, c1, c0)]
-    vp = fmt.v.poly.reshape(4, 4)
-    keys = torch.stack([kp, kp], -1)  # [4, 4, 2]
-    pairs = torch.stack([vp[None, :, :].expand(4, 4, 4), vp[:, None, :].expand(4, 4, 4)], -1)  # [b, a, j, 2]
-    return torch.cat([keys.contiguous().view(torch.int32).reshape(-1), pairs.contiguous().view(torch.int32).reshape(-1)])
+def _coef_entries(fmt, arith: int) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 - TritonE8Format
+    """(key entries int32 [16], value pair entries int32 [64]) of the arithmetic decode (empty where
+    ``arith`` leaves that side to the lookups): key entry c + 2·set is the fp16x2 words (c3, c3), (c2, c2),
+    (c1, c1), (c0, c0) of that table's cubic; value pair entry a + 4·b, for the tables a of token 2i and
+    b of token 2i + 1, is (c3_a, c3_b), ..., (c0_a, c0_b)."""
+    keys = pairs = torch.zeros(0, dtype=torch.int32)
+    if arith & 1:
+        kp = fmt.k.poly.reshape(4, 4)  # fp16 [set·2 + c, (c3, c2, c1, c0)]
+        keys = torch.stack([kp, kp], -1).contiguous().view(torch.int32).reshape(-1)
+    if arith & 2:
+        vp = fmt.v.poly.reshape(4, 4)
+        pairs = torch.stack([vp[None, :, :].expand(4, 4, 4), vp[:, None, :].expand(4, 4, 4)], -1)  # [b, a, j, 2]
+        pairs = pairs.contiguous().view(torch.int32).reshape(-1)
+    return keys.to(fmt.k.table_h.device), pairs.to(fmt.k.table_h.device)
 
 
 def _image_words(key_pairs: bool, lut: int, arith: int = 0) -> int:
     """int32 words of the shared-memory table image (:func:`_tables`): a power of two."""
-    return 2048 if key_pairs else (128 if lut or arith else 64)
+    return 2048 if key_pairs else (128 if lut or arith & 2 else 64)
 
 
 def _tables(fmt, key_pairs: bool, lut: int = 0, arith: int = 0) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
     """The shared-memory image as int32 on the format's device: the K value table (fp16, 64 entries)
     or with ``key_pairs`` the K pair table (int32, 1,024 entries), then the V value table; with
     ``lut`` 1 the value tables in the byte layout (:func:`_byte_tables`, 128 int32) instead of both
-    value tables (after the pair table with ``key_pairs``); with ``arith`` 1 the cubic coefficients
-    (:func:`_coef_image`). Padded to :func:`_image_words`."""
+    value tables (after the pair table with ``key_pairs``). With the arithmetic decode (``arith``, bits
+    as :func:`arith_bits`): 3 = the key coefficients (16 words), then the value pair coefficients (64
+    words, byte 64 = :func:`_value_coef_base`); 1 = the key coefficients, then the V value table at byte
+    128 (``TABLE_BYTES``); 2 = the K value table, then the value pair coefficients at byte 128. Padded
+    to :func:`_image_words`."""
     if arith:
-        return _pad(_coef_image(fmt), _image_words(False, 0, 1)).contiguous()
+        keys, pairs = _coef_entries(fmt, arith)
+        kpart = keys if arith & 1 else _pad(fmt.k.table_h, 64).view(torch.int32)
+        vpart = pairs if arith & 2 else _pad(fmt.v.table_h, 64).view(torch.int32)
+        parts = [kpart, vpart] if arith == 3 else [_pad(kpart, 32), vpart]
+        return _pad(torch.cat(parts), _image_words(False, 0, arith)).contiguous()
     keys = [_pad(fmt.k.pairs, 1024)] if key_pairs else []
     if lut:
         parts = keys + [_byte_tables(fmt).view(torch.int32)]
@@ -682,16 +704,18 @@ def launch_constexprs(fmt, *, nq: int, d: int, block_size: int, segs: int, tile:
     kernel, :func:`_layout`), so that Triton's JIT hooks can serialize them. ``async_ring`` 1: the
     codes go through a two-stage ``cp.async`` ring in shared memory (with value lookups, no register
     prefetch, no diagnostics); its words sit after the table image and the tails (BUFN words in all).
-    ``arith`` 1: the cubic codes' arithmetic decode (:func:`arith_supported`; no key pairs, no byte tables)."""
-    if arith and not arith_supported(fmt):
-        raise ValueError("e8vllm: the arithmetic decode needs cubic level tables (e8c-*) for K and V")
+    ``arith``: the fields decoded arithmetically, bit 0 keys, bit 1 values (:func:`arith_bits`; no key
+    pairs, no byte tables)."""
+    if arith & ~3 or arith & ~arith_bits(fmt):
+        raise ValueError(f"e8vllm: arithmetic decode {arith} needs cubic level tables (e8c-*) where it is set "
+                         f"(bit 0 keys, bit 1 values); this format has {arith_bits(fmt)}")
     if arith and (key_pairs or lut):
         raise ValueError("e8vllm: the arithmetic decode takes gluon_kp 0 and gluon_lut 0")
     tabn = _image_words(key_pairs, lut, arith)
     c = dict(NQ=nq, NP=8 if nq <= 8 else 16, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=int(key_pairs),
              TABN=tabn, PF=int(prefetch), LUT=int(lut), LAZY=int(lazy), ORDER=int(order), DIAG=int(diag),
              KS=int(fmt.k.sets), VS=int(fmt.v.sets), KGB=int(fmt.k.group_blocks), VGB=int(fmt.v.group_blocks),
-             ASYNC=0, BUFN=tabn, RO=0, TO=0, AR=int(bool(arith)))
+             ASYNC=0, BUFN=tabn, RO=0, TO=0, AR=int(arith))
     if async_ring:
         if key_pairs or prefetch or diag:
             raise ValueError("e8vllm: the Gluon async ring takes value lookups (gluon_kp 0), no prefetch and no "

@@ -120,8 +120,8 @@ DIAGNOSTIC_KERNELS = ("nolut",)
 #: (the default since session 13: 363.8 against 370.8 us for e8c-4bit, 412.8 against 434.4 us for
 #: e8s-4bit, 64 x 8k; set explicitly it excludes key pairs, prefetches and diagnostics, inherited it
 #: gives way to them),
-#: ``gluon_maxnreg`` its register cap, ``gluon_arith`` 1 = cubic-level codes (``e8c-*``) decoded by
-#: arithmetic, not lookups (:func:`_gluon_arith`); the H200 timings of each are in :mod:`.e8_gluon`'s docstring);
+#: ``gluon_maxnreg`` its register cap, ``gluon_arith`` 1 = cubic-level fields (``e8c-*``, K or V or both) decoded
+#: by arithmetic, not lookups (:func:`_gluon_arith`); the H200 timings of each are in :mod:`.e8_gluon`'s docstring);
 #: other formats, and key centers, take the Triton kernel with the settings above.
 DECODE_CONFIG = {"kernel": DEFAULT_KERNEL, "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
                  "prefetch": 0, "maxnreg": 128, "gluon": int(GLUON), "gluon_tile": 16, "gluon_kp": 0,
@@ -237,6 +237,7 @@ class _CodecConsts:
     group_blocks: int = 1  # e8s-*: blocks per switch bit
     scales: torch.Tensor | None = None  # e8s-*: float32 [256] scale of each exponent byte (e8-*: unread)
     poly: torch.Tensor | None = None  # e8c-*: fp16 [S, 2, 4] cubic coefficients (c3, c2, c1, c0) per table
+    block: int = 0        # b: the Hadamard block size of the rotation
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ class TritonE8Format:
                                 float(torch.tensor(1.0 / b ** 0.5, dtype=torch.float32)),
                                 len(codes), group_blocks(codec.head_dim) if sw else 1,
                                 scale_table().to(dev) if sw else fs.to(dev),
-                                codec.poly.to(dev) if getattr(codec, "poly", None) is not None else None)
+                                codec.poly.to(dev) if getattr(codec, "poly", None) is not None else None, b)
 
         rk = fmt.k_rotation.matrix(torch.float64)
         rv = fmt.v_rotation.matrix(torch.float64)
@@ -388,16 +389,30 @@ def _best_of_sets(u, tab_ptr, mid_ptr, K: tl.constexpr, i8, BLOCK_R: tl.constexp
 
 
 @triton.jit
+def _fwht_rows(y, BLOCK_R: tl.constexpr, D: tl.constexpr, LOG_B: tl.constexpr):
+    """y float32 [R, D] -> y · blockdiag(H_b), b = 2^LOG_B (Sylvester order), by butterflies in the order
+    of ``hadamard.fwht``: stage h pairs the entries at distance h in groups of 2h into (a + b, a - b),
+    so the float32 sums are the reference's, bit for bit."""
+    for k in tl.static_range(LOG_B):  # h = 2^k
+        a, b = tl.split(tl.permute(tl.reshape(y, [BLOCK_R, D >> (k + 1), 2, 1 << k]), (0, 1, 3, 2)))
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [BLOCK_R, D])
+    return y
+
+
+@triton.jit
 def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_off, scale_off,
                 pm1_ptr, inv_sqrt_b, tab_ptr, mid_ptr, fac_ptr, stab_ptr, n_rows, H, block_size,
                 D: tl.constexpr, BITS: tl.constexpr, NS: tl.constexpr, BLOCK_R: tl.constexpr,
-                SETS: tl.constexpr, GB: tl.constexpr, PAR: tl.constexpr = False, NC: tl.constexpr = 1):
+                SETS: tl.constexpr, GB: tl.constexpr, PAR: tl.constexpr = False, NC: tl.constexpr = 1,
+                LOG_B: tl.constexpr = 0):
     """Rows r = pid·BLOCK_R ... of x [T, H, D] (r = t*H + h; last dim contiguous) -> codes into the
     cache slots: fields at byte ``code_off`` of the slot, the 2-byte tail at ``scale_off`` (SETS 1:
     the fp16 scale; SETS 2: the switch byte, then the exponent byte of the scale table ``stab``).
     With PAR the first NC scale candidates (NC: a power of two <= NS, :func:`par_candidates`) are
     searched side by side, the rest one after another: the same errors and the same winner (the first
-    of equal ones) as the loop over all NS, a shorter dependency chain for small writes."""
+    of equal ones) as the loop over all NS, a shorter dependency chain for small writes. With LOG_B > 0
+    (BLOCK_R < 16 only) the rotation is a butterfly transform (:func:`_fwht_rows`, Hadamard block
+    2^LOG_B; the signs are P's entries on each block's first column) instead of products with P."""
     G: tl.constexpr = D // 8
     K: tl.constexpr = 1 << BITS
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -412,6 +427,10 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
         x = tl.load(x_rows + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
         pm1 = tl.load(pm1_ptr + d[:, None] * D + d[None, :])
         y = tl.dot(x, pm1, input_precision="ieee") * inv_sqrt_b  # [R, D] rotated
+    elif LOG_B > 0:  # few rows per program, butterflies: (x ⊙ s) blockdiag(H_b), the reference's sums
+        sgn = tl.load(pm1_ptr + d * D + ((d >> LOG_B) << LOG_B))  # P[i, block start of i] = s_i
+        x = tl.load(x_rows + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        y = _fwht_rows(x * sgn[None, :], BLOCK_R, D, LOG_B) * inv_sqrt_b
     else:  # few rows per program (small writes: decode steps): x P as 16-column products, summed
         y = tl.zeros([BLOCK_R, D], dtype=tl.float32)
         i16 = tl.arange(0, 16)
@@ -497,16 +516,16 @@ def _e8_write_kernel(k_ptr, sk0, sk1, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0,
                      D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, KNS: tl.constexpr, VNS: tl.constexpr,
                      BLOCK_R: tl.constexpr, KS: tl.constexpr = 1, VS: tl.constexpr = 1, KGB: tl.constexpr = 1,
                      VGB: tl.constexpr = 1, PAR: tl.constexpr = False, KNC: tl.constexpr = 1,
-                     VNC: tl.constexpr = 1):
+                     VNC: tl.constexpr = 1, LOG_B: tl.constexpr = 0):
     """K (program axis 1 = 0) and V (= 1) of one write in one launch: :func:`_write_rows` each, so a
     decode step's few rows of K and V are encoded side by side on different SMs."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
         _write_rows(pid, k_ptr, sk0, sk1, slot_ptr, cache_ptr, cs0, cs1, cs2, k_off, k_soff, k_pm1, k_isb, k_tab,
-                    k_mid, k_fac, k_stab, n_rows, H, block_size, D, KB, KNS, BLOCK_R, KS, KGB, PAR, KNC)
+                    k_mid, k_fac, k_stab, n_rows, H, block_size, D, KB, KNS, BLOCK_R, KS, KGB, PAR, KNC, LOG_B)
     else:
         _write_rows(pid, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0, cs1, cs2, v_off, v_soff, v_pm1, v_isb, v_tab,
-                    v_mid, v_fac, v_stab, n_rows, H, block_size, D, VB, VNS, BLOCK_R, VS, VGB, PAR, VNC)
+                    v_mid, v_fac, v_stab, n_rows, H, block_size, D, VB, VNS, BLOCK_R, VS, VGB, PAR, VNC, LOG_B)
 
 
 #: writes of fewer (token, head) rows than SMALL_WRITE_LIMIT (decode steps, small chunks) take
@@ -539,6 +558,27 @@ if PAR_CANDIDATES not in ("floor", "ceil"):
     raise ValueError(f"E8VLLM_PAR_CANDIDATES must be 'floor' or 'ceil', not {PAR_CANDIDATES!r}")
 
 
+#: ``E8VLLM_WRITE_ROTATION``: how writes of fewer than 16 rows per program rotate: "dot" (x P as 16-column
+#: products, summed) or "fwht" (butterflies, the reference's float32 sums; :func:`_fwht_rows`)
+WRITE_ROTATION = os.environ.get("E8VLLM_WRITE_ROTATION", "dot")
+if WRITE_ROTATION not in ("dot", "fwht"):
+    raise ValueError(f"E8VLLM_WRITE_ROTATION must be 'dot' or 'fwht', not {WRITE_ROTATION!r}")
+
+
+def _small_write_warps(text: str) -> int:
+    try:
+        w = int(text or "0")
+    except ValueError:
+        w = -1
+    if w not in (1, 2, 4, 8):
+        raise ValueError(f"E8VLLM_SMALL_WRITE_WARPS must be 1, 2, 4 or 8, not {text!r}")
+    return w
+
+
+#: ``E8VLLM_SMALL_WRITE_WARPS``: warps per program of writes with fewer than 16 rows per program
+SMALL_WRITE_WARPS = _small_write_warps(os.environ.get("E8VLLM_SMALL_WRITE_WARPS", "4"))
+
+
 def par_candidates(ns: int, how: str | None = None) -> int:
     """Scale candidates searched side by side by the parallel write (``how``: :data:`PAR_CANDIDATES`)."""
     if (how or PAR_CANDIDATES) == "ceil":
@@ -553,7 +593,8 @@ def write_block_rows(n_rows: int) -> int:
 
 def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                           slot_mapping: torch.Tensor, fmt, *, block_rows: int | None = None,  # noqa: ANN001
-                          parallel: bool | None = None, candidates: str | None = None) -> None:
+                          parallel: bool | None = None, candidates: str | None = None, rotation: str | None = None,
+                          warps: int | None = None) -> None:
     """Fused rotate + E8 encode + pack + scatter (same contract as ``reference.write_kv_cache``).
 
     Args:
@@ -569,6 +610,9 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
             side, 33.9 us with 2 rows side by side, 31.8 us with 2 rows in the loop).
         candidates: with ``parallel``, "floor" or "ceil" (:func:`par_candidates`; default
             :data:`PAR_CANDIDATES`).
+        rotation: with fewer than 16 rows per program, "dot" or "fwht" (default :data:`WRITE_ROTATION`).
+        warps: warps per program with fewer than 16 rows per program (default :data:`SMALL_WRITE_WARPS`;
+            16 rows take 8).
     """
     t = slot_mapping.shape[0]
     if t == 0:
@@ -585,6 +629,15 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         raise ValueError(f"parallel scale search takes at most 2 rows per program, not {block_rows}")
     if candidates not in (None, "floor", "ceil"):
         raise ValueError(f"candidates must be 'floor' or 'ceil', not {candidates!r}")
+    rotation = WRITE_ROTATION if rotation is None else rotation
+    if rotation not in ("dot", "fwht"):
+        raise ValueError(f"rotation must be 'dot' or 'fwht', not {rotation!r}")
+    warps = (SMALL_WRITE_WARPS if warps is None else warps) if block_rows < 16 else 8
+    if warps not in (1, 2, 4, 8):
+        raise ValueError(f"warps must be 1, 2, 4 or 8, not {warps!r}")
+    log_b = c.k.block.bit_length() - 1 if rotation == "fwht" and block_rows < 16 else 0
+    if log_b and c.v.block != c.k.block:  # pragma: no cover - one head size, one rotation block
+        raise ValueError("e8vllm: the butterfly write needs the same Hadamard block for K and V")
     key = key if key.stride(2) == 1 else key.contiguous()
     value = value if value.stride(2) == 1 else value.contiguous()
     kns, vns = c.k.factors.shape[0], c.v.factors.shape[0]
@@ -595,8 +648,7 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         c.v.inv_sqrt_b, c.v.table, c.v.mids, c.v.factors, c.v.scales, n_rows, h, bs, D=d, KB=c.k.bits, VB=c.v.bits,
         KNS=kns, VNS=vns, BLOCK_R=block_rows, KS=c.k.sets, VS=c.v.sets,
         KGB=c.k.group_blocks, VGB=c.v.group_blocks, PAR=par, KNC=par_candidates(kns, candidates),
-        VNC=par_candidates(vns, candidates),
-        num_warps=8 if block_rows >= 16 else 4, num_stages=1)
+        VNC=par_candidates(vns, candidates), LOG_B=log_b, num_warps=warps, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1041,10 +1093,12 @@ def prepare_device_constants(fmt, device: str, scale: float) -> None:  # noqa: A
 
 
 def _gluon_arith(c: "TritonE8Format", dc: dict) -> int:
-    """1 when the Gluon decode decodes ``c``'s fields arithmetically: ``gluon_arith`` 1, cubic level
-    tables in K and V (``e8c-*``) and plain value lookups otherwise (``gluon_kp`` 0, ``gluon_lut`` 0)."""
-    return int(bool(dc.get("gluon_arith", 1)) and _gluon.arith_supported(c) and not dc["gluon_kp"]
-               and not dc["gluon_lut"])
+    """The fields the Gluon decode decodes arithmetically (bit 0 keys, bit 1 values): those with cubic
+    level tables (``e8c-*``, ``e8_gluon.arith_bits``) when ``gluon_arith`` is 1 and the lookups are the
+    plain ones (``gluon_kp`` 0, ``gluon_lut`` 0); else 0."""
+    if not dc.get("gluon_arith", 1) or dc["gluon_kp"] or dc["gluon_lut"]:
+        return 0
+    return _gluon.arith_bits(c)
 
 
 #: most KV segments the decode grid takes (the merge kernel holds segments x head size per program)
