@@ -185,7 +185,8 @@ def _e8_case(dtype: str, batch: int, ctx: int, decodes: list[dict] | None = None
     ending in ``+centers`` adds the logit bias of position-dependent key centers (a model with a
     RoPE KV calibration: :mod:`e8vllm.calibration`), fp16 position table as on the GPU; one ending in
     ``+search`` or ``+rms`` uses that codec variant (``E8VLLM_ENCODER``: the ``e8-*`` formats) instead
-    of the default ``e8s-*`` (``+cubic``: ``e8c-4bit`` at 4 bits)."""
+    of the default (``e8c-4bit`` keys at 4 bits, ``e8s-*`` otherwise; ``+switched``: ``e8s-*`` for both;
+    ``+cubic``: ``e8c-4bit`` for both at 4 bits)."""
     import torch
 
     from e8vllm.calibration import rope_bias_coeffs, rope_table
@@ -247,7 +248,7 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
     # (Session 11 timed tile 32, lazy rescaling and forced ordering: all slower.)
     g = {"gluon": 1, "gluon_tile": 16, "gluon_kp": 0, "gluon_maxnreg": 0, "segs": 16, "gluon_prefetch": 0,
          "gluon_lut": 0, "gluon_async": 0, "gluon_lazy": 0, "gluon_order": 0, "gluon_diag": 0, "gluon_arith": 1}
-    if _e8_format(dtype)[0].k_codec.name.startswith("e8c"):  # cubic levels (E8VLLM_ENCODER=cubic): the
+    if _e8_format(dtype)[0].k_codec.name.startswith("e8c"):  # cubic key levels (the default since session 14): the
         # arithmetic decode first, then the lookups on the same cache
         decodes += [{**g, **x} for x in (
             {}, {"gluon_async": 1}, {"gluon_maxnreg": 96}, {"gluon_async": 1, "gluon_maxnreg": 96},
@@ -449,7 +450,7 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
     import torch
 
     from e8vllm.kernels.triton import triton_write_kv_cache
-    from e8vllm.kernels.triton.e8_kv import PAR_CANDIDATES, SMALL_WRITE_WARPS, WRITE_ROTATION, write_block_rows
+    from e8vllm.kernels.triton.e8_kv import PAR_CANDIDATES, WRITE_ROTATION, small_write_warps, write_block_rows
 
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
@@ -469,7 +470,7 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
                 r = {"dtype": dt, "tokens": n, "block_rows": br, "parallel_scales": par, "candidates": how,
                      "rotation": rot if small else "dot", "warps": nw if small else 8,
                      "default": (br == write_block_rows(n * H_KV) and par == (br == 1) and how in (None, PAR_CANDIDATES)
-                                 and (not small or (rot == WRITE_ROTATION and nw == SMALL_WRITE_WARPS))),
+                                 and (not small or (rot == WRITE_ROTATION and nw == small_write_warps(n * H_KV)))),
                      "time_s": t, "graph": graphed}
                 rows.append(r)
                 print(f"write {dt:10s} {n:6d} tokens  block_rows {br:2d} {'parallel ' + how if par else 'loop':14s}"
@@ -508,7 +509,7 @@ def _dummy_llm(model_dir: str, dtype: str, backend: str, max_model_len: int, max
     from e8vllm.vllm_plugin.spec import ENCODER_ENV
 
     kv_dtype, _centers, variant = split_run_dtype(dtype)
-    os.environ[ENCODER_ENV] = variant or "switched"
+    os.environ[ENCODER_ENV] = variant or "cubic-keys"
 
     return LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=max_model_len,
                max_num_batched_tokens=8192, max_num_seqs=max_num_seqs, gpu_memory_utilization=0.85,
@@ -720,7 +721,7 @@ def report(src: Path = RESULTS) -> str:
                   f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write). E8 decode settings: "
                   f"{json.dumps(k['e8_decode_config']) if 'e8_decode_config' in k else 'not recorded'}; "
                   "`e8_*` dtypes in their default format (`e8s-*` since session 7), `+search` the `e8-*` format, "
-                  "`+cubic` `e8c-4bit` at 4 bits, `+switched` the default.",
+                  "`+cubic` `e8c-4bit` at 4 bits, `+cubic-keys` `e8c-4bit` for 4-bit keys only, `+switched` `e8s-*` for both.",
                   "",
                   "| batch | context | dtype | time (us) | bytes read (MB) | TB/s | % of copy BW | vs auto |",
                   "|---:|---:|---|---:|---:|---:|---:|---:|"]

@@ -51,8 +51,11 @@ does not tell the whole story: in vLLM with SmolLM2 (session 13, 20 windows of 1
 same run (paired t = 2.9; on the other, KV-side text +0.22 %, t = 0.85), and a cubic that keeps
 ``e8s``'s outermost levels (0.14 dB lower SNR) is +1.17 % above it. The cost is in the values:
 with ``e8c`` keys and ``e8s`` values the perplexity is +0.11 % (t = 0.46) above ``e8s`` for both,
-with ``e8s`` keys and ``e8c`` values +0.81 % (t = 2.87). So ``e8s-4bit`` stays the KV dtypes' default; ``E8VLLM_ENCODER=cubic`` selects this
-code for its faster decode on the GPU. Tables in ``e8c_tables.json`` beside this
+with ``e8s`` keys and ``e8c`` values +0.81 % (t = 2.87); on the KV-side text ``e8c`` keys with ``e8s``
+values are -0.55 % (t = -3.4) against ``e8s`` for both (session 14). So since session 14 the KV dtypes'
+4-bit keys use this code by default (``E8VLLM_ENCODER=cubic-keys``: the H200 decode kernel computes the
+keys, 386.9 against 414.7 us at 64 x 8k) and the values stay ``e8s-4bit``; ``E8VLLM_ENCODER=cubic``
+puts it in the values too (364.6 us). Tables in ``e8c_tables.json`` beside this
 file, key ``e8c-4``: ``poly`` [set][coset][c3, c2, c1, c0] and the ``levels`` they give; loading
 recomputes the levels from ``poly`` and refuses a file where they differ.
 """

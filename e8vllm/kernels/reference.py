@@ -64,17 +64,16 @@ FAST_ENCODE_MAX = 1024
 
 
 def codec_names(k_bits: int, v_bits: int, variant: str = "") -> tuple[str, str]:
-    """Registry names of the K and V codecs for a dtype's bits: '' or 'switched' (the default) =
-    ``e8s-{b}bit``, 'cubic' = ``e8c-4bit`` for 4 bits and ``e8s-{b}bit`` otherwise, 'cubic-keys' = 'cubic'
-    for the keys and ``e8s-{b}bit`` for the values, 'search' = ``e8-{b}bit``, 'rms' = ``e8-{b}bit-rms``."""
-    if variant in ("", "switched"):
-        return f"e8s-{k_bits}bit", f"e8s-{v_bits}bit"
-    if variant in ("cubic", "cubic-keys"):
-        kn = "e8c-4bit" if k_bits == 4 else f"e8s-{k_bits}bit"
+    """Registry names of the K and V codecs for a dtype's bits: '' or 'cubic-keys' (the default since
+    session 14) = ``e8c-4bit`` for 4-bit keys, ``e8s-{b}bit`` otherwise; 'switched' = ``e8s-{b}bit``
+    for both (the default of sessions 7-13); 'cubic' = ``e8c-4bit`` for every 4-bit side, ``e8s-{b}bit``
+    otherwise; 'search' = ``e8-{b}bit``; 'rms' = ``e8-{b}bit-rms``."""
+    if variant in ("", "cubic-keys", "switched", "cubic"):
+        kn = "e8c-4bit" if k_bits == 4 and variant != "switched" else f"e8s-{k_bits}bit"
         vn = "e8c-4bit" if v_bits == 4 and variant == "cubic" else f"e8s-{v_bits}bit"
         return kn, vn
     if variant not in ("search", "rms"):
-        raise ValueError(f"codec variant must be '', 'switched', 'cubic', 'cubic-keys', 'search' or 'rms', "
+        raise ValueError(f"codec variant must be '', 'cubic-keys', 'switched', 'cubic', 'search' or 'rms', "
                          f"got {variant!r}")
     suffix = "-rms" if variant == "rms" else ""
     return f"e8-{k_bits}bit{suffix}", f"e8-{v_bits}bit{suffix}"

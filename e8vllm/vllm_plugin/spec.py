@@ -62,20 +62,24 @@ __all__ = [
 E8_DTYPES: tuple[str, ...] = ("e8_k4v4", "e8_k3v3", "e8_k2v2", "e8_k4v2", "e8_k4v3", "e8_k3v2")
 _NAME = re.compile(r"^e8_k(\d)v(\d)$")
 
-#: Environment variable picking the codecs of the e8 dtypes: "switched" (the default: ``e8s-{b}bit``,
-#: two trained table sets with a switch bit per block and an 8-bit log scale), "cubic" (the 4-bit
-#: fields use ``e8c-4bit``: ``e8s-4bit``'s format with level tables that are cubic fp16 polynomials of
-#: the field, which the H200 decode kernel computes with fp16 FMAs instead of looking them up; session
-#: 13: decode attention 15 % faster, engine decode 1.13x, the same SNR, but SmolLM2 perplexity +0.79 %
-#: against e8s-4bit (+0.22 % on other text), so not the default; 2 and 3 bits keep ``e8s-{b}bit``),
-#: "cubic-keys" (``e8c-4bit`` for 4-bit keys only, ``e8s-{b}bit`` values: the cubic's perplexity cost
-#: was in the values, session 13: +0.11 % against e8s-4bit with cubic keys, t 0.46), "search" (``e8-{b}bit``:
-#: one table set, fp16 scale, best of 9 scales per vector; the format before e8s) or "rms"
-#: (``e8-{b}bit-rms``: the "search" format with one RMS scale, ~9x cheaper encode). The same bytes
-#: per token for all five; "search" and "rms" write the same format, the others each another at
-#: 4 bits (every process of one engine inherits the same environment).
+#: Environment variable picking the codecs of the e8 dtypes (the same bytes per token for all of them):
+#:
+#: * "cubic-keys" (the default since session 14): 4-bit keys in ``e8c-4bit`` (``e8s-4bit``'s format
+#:   and encoder with level tables that are cubic fp16 polynomials of the field, which the H200 decode
+#:   kernel computes with fp16 FMAs instead of looking them up), values and 2-/3-bit keys in
+#:   ``e8s-{b}bit``. SmolLM2 perplexity against "switched": +0.11 % (t 0.46) on the benchmark text,
+#:   -0.55 % (t -3.4) on the KV-side held-out text; H200 decode attention 64 x 8k 386.9 against 414.7 us
+#:   (session 14).
+#: * "switched" (the default of sessions 7-13): ``e8s-{b}bit`` for keys and values (two trained table
+#:   sets with a switch bit per block and an 8-bit log scale).
+#: * "cubic": ``e8c-4bit`` for the 4-bit values too: decode attention 364.6 us, but perplexity +0.79 %
+#:   against "switched" (t 2.9; +0.22 % on the held-out text): the cost is in the values (session 13).
+#: * "search" (``e8-{b}bit``: one table set, fp16 scale, best of 9 scales per vector; the format before
+#:   e8s) or "rms" (``e8-{b}bit-rms``: the "search" format with one RMS scale, ~9x cheaper encode).
+#:
+#: Every process of one engine inherits the same environment.
 ENCODER_ENV = "E8VLLM_ENCODER"
-ENCODER_VARIANTS = ("switched", "cubic", "cubic-keys", "search", "rms")
+ENCODER_VARIANTS = ("cubic-keys", "switched", "cubic", "search", "rms")
 
 
 class E8UnsupportedError(ValueError):
@@ -96,10 +100,10 @@ def parse_e8_dtype(name: str) -> tuple[int, int]:
 
 
 def encoder_variant() -> str:
-    """'' (the default, "switched"), 'cubic', 'cubic-keys', 'search' or 'rms', from ``$E8VLLM_ENCODER`` (ValueError on
-    other values)."""
-    v = os.environ.get(ENCODER_ENV, "switched").strip().lower()
-    if v in ("", "switched"):
+    """'' (the default, "cubic-keys"), 'switched', 'cubic', 'search' or 'rms', from ``$E8VLLM_ENCODER``
+    (ValueError on other values)."""
+    v = os.environ.get(ENCODER_ENV, "cubic-keys").strip().lower()
+    if v in ("", "cubic-keys"):
         return ""
     if v in ENCODER_VARIANTS:
         return v

@@ -78,7 +78,7 @@ def test_metrics_exist_and_match_vllm(e8_server) -> None:
     assert one(m, "e8kv_bits_per_value", tensor="key") == 4.25 == one(m, "e8kv_bits_per_value", tensor="value")
     (labels,) = m["e8kv_config_info"]
     d = dict(labels)
-    assert d == {"kv_cache_dtype": "e8_k4v4", "codec_key": "e8s-4bit", "codec_value": "e8s-4bit", "bits_key": "4.25",
+    assert d == {"kv_cache_dtype": "e8_k4v4", "codec_key": "e8c-4bit", "codec_value": "e8s-4bit", "bits_key": "4.25",
                  "bits_value": "4.25", "rotation": "hadamard(seed=0)", "model": MODEL, "kv_centering": "true"}
     calib = httpx.get(e8_server.url + "/v1/kv_cache", headers=e8_server.headers, timeout=30).json()["kv_calibration"]
     assert calib["kv_centering"] is True and calib["calibration_file"].endswith("e8vllm/kv_calibration.safetensors")
@@ -137,7 +137,7 @@ def test_error_counters_grow_with_traffic(e8_server) -> None:
     assert kv["kv_cache_dtype"] == "e8_k4v4" and kv["telemetry"]["enabled"] is True
     assert kv["capacity_tokens"]["e8"] == one(after, "e8kv_kv_cache_capacity_tokens", cache="e8")
     (proc,) = kv["telemetry"]["reported_by_engine"]
-    assert proc["codec_key"] == "e8s-4bit" and proc["rotation_key"] == "hadamard(seed=0)"
+    assert proc["codec_key"] == "e8c-4bit" and proc["rotation_key"] == "hadamard(seed=0)"
     for t in ("key", "value"):
         q = kv["quantization_error"][t]
         assert q["sampled_vectors"] >= one(after, "e8kv_quant_sampled_vectors_total", tensor=t)

@@ -7,14 +7,15 @@ import pytest
 from e8vllm.bench.gpu import _e8_format
 
 
-@pytest.mark.parametrize("dtype,k_codec,centers", [
-    ("e8_k4v4", "e8s-4bit", False), ("e8_k4v4+search", "e8-4bit", False), ("e8_k3v3+centers", "e8s-3bit", True),
-    ("e8_k4v4+centers+search", "e8-4bit", True), ("e8_k2v2+rms", "e8-2bit-rms", False),
-    ("e8_k4v4+switched", "e8s-4bit", False), ("e8_k4v4+cubic", "e8c-4bit", False),
-    ("e8_k4v4+centers+switched", "e8s-4bit", True)])
-def test_e8_format_suffixes(dtype: str, k_codec: str, centers: bool) -> None:
+@pytest.mark.parametrize("dtype,k_codec,v_codec,centers", [
+    ("e8_k4v4", "e8c-4bit", "e8s-4bit", False), ("e8_k4v4+search", "e8-4bit", "e8-4bit", False),
+    ("e8_k3v3+centers", "e8s-3bit", "e8s-3bit", True), ("e8_k4v4+centers+search", "e8-4bit", "e8-4bit", True),
+    ("e8_k2v2+rms", "e8-2bit-rms", "e8-2bit-rms", False), ("e8_k4v4+switched", "e8s-4bit", "e8s-4bit", False),
+    ("e8_k4v4+cubic", "e8c-4bit", "e8c-4bit", False), ("e8_k4v4+cubic-keys", "e8c-4bit", "e8s-4bit", False),
+    ("e8_k4v4+centers+switched", "e8s-4bit", "e8s-4bit", True)])
+def test_e8_format_suffixes(dtype: str, k_codec: str, v_codec: str, centers: bool) -> None:
     fmt, c = _e8_format(dtype)
-    assert (fmt.head_size, fmt.k_codec.name, fmt.v_codec.name, c) == (128, k_codec, k_codec, centers)
+    assert (fmt.head_size, fmt.k_codec.name, fmt.v_codec.name, c) == (128, k_codec, v_codec, centers)
 
 
 def test_e8_format_rejects_other_dtypes() -> None:

@@ -224,15 +224,18 @@ def test_kernel_helpers_see_a_switched_code() -> None:
 
 
 def test_cubic_encoder_variant(monkeypatch: pytest.MonkeyPatch) -> None:
-    """E8VLLM_ENCODER=cubic puts e8c-4bit in the 4-bit fields; the default stays e8s-{b}bit (session 13:
-    e8c-4bit costs +0.79 % SmolLM2 perplexity against e8s-4bit, README "Quality")."""
+    """The default ("cubic-keys", session 14) puts e8c-4bit in 4-bit keys only, E8VLLM_ENCODER=cubic in
+    every 4-bit field (session 13: e8c-4bit values cost +0.79 % SmolLM2 perplexity, README "Quality"),
+    "switched" e8s-{b}bit everywhere."""
     assert codec_names(4, 3, "cubic") == ("e8c-4bit", "e8s-3bit")
     assert codec_names(4, 4, "cubic") == ("e8c-4bit", "e8c-4bit")
     assert codec_names(3, 2, "cubic") == ("e8s-3bit", "e8s-2bit")
     assert codec_names(4, 4, "cubic-keys") == ("e8c-4bit", "e8s-4bit")
     assert codec_names(3, 3, "cubic-keys") == ("e8s-3bit", "e8s-3bit")
-    for variant in ("", "switched"):
-        assert codec_names(4, 4, variant) == ("e8s-4bit", "e8s-4bit")
+    for variant in ("", "cubic-keys"):
+        assert codec_names(4, 4, variant) == ("e8c-4bit", "e8s-4bit")
+        assert codec_names(3, 4, variant) == ("e8s-3bit", "e8s-4bit")
+    assert codec_names(4, 4, "switched") == ("e8s-4bit", "e8s-4bit")
     monkeypatch.setenv(spec.ENCODER_ENV, "cubic")
     assert spec.encoder_variant() == "cubic"
     fmt = spec.kv_format("e8_k4v3", 64)
@@ -240,10 +243,13 @@ def test_cubic_encoder_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fmt.pair_decoded
     assert fmt.slot_bytes == spec.slot_bytes("e8_k4v3", 64) == 34 + 26
     monkeypatch.setenv(spec.ENCODER_ENV, "switched")
+    assert spec.encoder_variant() == "switched"
+    assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8s-4bit"
+    monkeypatch.setenv(spec.ENCODER_ENV, "cubic-keys")
     assert spec.encoder_variant() == ""
     monkeypatch.delenv(spec.ENCODER_ENV)
     assert spec.encoder_variant() == ""
-    assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8s-4bit"
+    assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8c-4bit"
     monkeypatch.setenv(spec.ENCODER_ENV, "nope")
-    with pytest.raises(ValueError, match="switched, cubic, cubic-keys, search, rms"):
+    with pytest.raises(ValueError, match="cubic-keys, switched, cubic, search, rms"):
         spec.encoder_variant()

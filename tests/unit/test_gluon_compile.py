@@ -40,7 +40,7 @@ def _image_words(key_pairs: bool, lut: int) -> int:
 
 def _fmt(d: int, sets: int):
     """The e8s-4bit (sets 2: table lookups) or e8-4bit (sets 1) format's constants."""
-    return e8_kv.TritonE8Format.get(E8KVFormat.from_bits(d, 4, 4, "" if sets == 2 else "search"), "cpu")
+    return e8_kv.TritonE8Format.get(E8KVFormat.from_bits(d, 4, 4, "switched" if sets == 2 else "search"), "cpu")
 
 
 def _compile(d: int, nq: int, key_pairs: bool, sets: int = 2, tile: int = 16, lut: int = 0, pf: int = 0,

@@ -255,8 +255,11 @@ def test_fast_encoder_is_bit_exact(name: str) -> None:
 
 
 def test_formats_use_fast_encoder(fmt44: E8KVFormat, fmt32: E8KVFormat) -> None:
-    # e8s (the default) and e8c encode through their codec (compiled on CPU); the e8-* formats batch the search
-    assert fmt44.uses_fast_encoder == (False, False) and fmt44.k_codec.name == "e8s-4bit"
+    # e8c keys + e8s values (the default) encode through their codec (compiled on CPU); the e8-* formats batch
+    # the search
+    assert fmt44.uses_fast_encoder == (False, False) and (fmt44.k_codec.name, fmt44.v_codec.name) == ("e8c-4bit",
+                                                                                                     "e8s-4bit")
+    assert E8KVFormat.from_bits(64, 4, 4, "switched").uses_fast_encoder == (False, False)
     assert E8KVFormat.from_bits(64, 4, 4, "cubic").uses_fast_encoder == (False, False)
     assert E8KVFormat.from_bits(64, 4, 4, "search").uses_fast_encoder == (True, True)
     assert E8KVFormat.from_bits(64, 3, 2, "rms").uses_fast_encoder == (True, True)
@@ -275,12 +278,13 @@ def test_slot_bytes(fmt44: E8KVFormat, fmt32: E8KVFormat) -> None:
     assert fmt32.slot_bytes == 26 + 18
 
 
-@pytest.mark.parametrize("variant", ["", "search"])
+@pytest.mark.parametrize("variant", ["", "switched", "search"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("head", [64, 128])
 def test_pair_decode_matches_codec_decode(bits: int, head: int, variant: str) -> None:
     """The pair-table decode gives the codec's own rotated decode bit for bit (every field byte
-    pattern, both cosets, either parity, both table sets of e8s), and the formats use it."""
+    pattern, both cosets, either parity, both table sets of e8s / e8c), and the formats use it (K
+    and V with their own codecs: e8c-4bit keys and e8s-4bit values by default)."""
     from e8vllm.kernels.reference import _rotated_decode, decode_tail, fast_e8_decode_rotated, pair_table
 
     fmt = E8KVFormat.from_bits(head, bits, bits, variant)
@@ -290,19 +294,19 @@ def test_pair_decode_matches_codec_decode(bits: int, head: int, variant: str) ->
     g = torch.Generator().manual_seed(bits * 1000 + head)
     nb = head * bits // 8
     fb = torch.randint(0, 256, (2000, nb), generator=g, dtype=torch.uint8)
-    if variant == "":  # switch byte, exponent byte
+    if variant != "search":  # switch byte, exponent byte
         tail = torch.randint(0, 256, (2000, 2), generator=g, dtype=torch.uint8)
     else:  # fp16 scale
         tail = (torch.rand(2000, generator=g) * 4.0).half().view(torch.uint8).reshape(-1, 2)
     ref = _rotated_decode(codec, bits, fb, tail)
     scale, switch = decode_tail(codec, tail)
-    assert (switch is None) == (variant != "")
+    assert (switch is None) == (variant == "search")
     assert torch.equal(fast_e8_decode_rotated(pairs, bits, fb, scale, switch, max(1, head // 64)), ref)
     # and through the format: slots with these K and V fields decode to the same vectors
     slots = fmt.join_codes(torch.cat([fb, tail], 1), torch.cat([fb.flip(0), tail.flip(0)], 1))
     k, v = fmt.decode_kv_rotated(slots)
     assert torch.equal(k, ref)
-    assert torch.equal(v, _rotated_decode(codec, bits, fb.flip(0), tail.flip(0)))
+    assert torch.equal(v, _rotated_decode(fmt.v_codec, bits, fb.flip(0), tail.flip(0)))
     # the codec's decode_rotated is its decode without the inverse rotation
     codes = torch.cat([fb[:50], tail[:50]], 1)
     assert torch.allclose(codec.decode(codes), fmt.k_rotation.inverse(ref[:50]), atol=1e-5)

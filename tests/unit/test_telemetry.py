@@ -137,9 +137,9 @@ def test_sampler_measures_the_codes_in_the_cache(tmp_path: Path) -> None:
         assert got.squared_error == pytest.approx(exp.squared_error, rel=1e-4)
         assert got.signal_energy == pytest.approx(exp.signal_energy, rel=1e-9)
         assert got.cosine_sum == pytest.approx(exp.cosine_sum, rel=1e-6)
-        assert 20.0 < got.snr_db < 27.0  # e8s-4bit on Gaussian data: ~23.3 dB
+        assert 20.0 < got.snr_db < 27.0  # e8c-4bit / e8s-4bit on Gaussian data: ~23.3 dB
     (info,) = snap.info
-    assert info["codec_key"] == "e8s-4bit" and info["bits_key"] == 4.25
+    assert info["codec_key"] == "e8c-4bit" and info["codec_value"] == "e8s-4bit" and info["bits_key"] == 4.25
     assert info["rotation_key"].startswith("hadamard")
 
 

@@ -35,6 +35,9 @@ def test_slot_bytes() -> None:
 def test_encoder_variant_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(spec.ENCODER_ENV, raising=False)
     assert spec.encoder_variant() == ""
+    fmt = spec.kv_format("e8_k4v4", 64)
+    assert (fmt.k_codec.name, fmt.v_codec.name) == ("e8c-4bit", "e8s-4bit")
+    monkeypatch.setenv(spec.ENCODER_ENV, "switched")
     assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8s-4bit"
     monkeypatch.setenv(spec.ENCODER_ENV, "cubic")
     assert spec.kv_format("e8_k4v4", 64).k_codec.name == "e8c-4bit"

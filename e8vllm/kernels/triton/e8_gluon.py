@@ -25,8 +25,9 @@ table goes through shared memory:
   once per program in shared memory at offset 0; a value is one ``ld.shared.u16`` at byte offset
   ``((w >> (4i - 1)) & 0x1E) | cb`` with the word's table base cb = table | c << 5 | set << 6
   (inline PTX: shift, ``lop3``, load; the table is 128-byte aligned, so the base is or-ed in).
-* **Arithmetic decode** (``AR``, the default for cubic-level codes, ``e8c-4bit``: :mod:`e8vllm.codecs.e8c`;
-  session 13): a level is T[set, c, n] = ((c3·z + c2)·z + c1)·z + c0 in fp16 with z = n − 7, so no
+* **Arithmetic decode** (``AR``, bit 0 the keys, bit 1 the values: the default for cubic-level codes,
+  ``e8c-4bit``: :mod:`e8vllm.codecs.e8c`; session 13, per side since session 14, when the default
+  became ``e8c-4bit`` keys with ``e8s-4bit`` values): a level is T[set, c, n] = ((c3·z + c2)·z + c1)·z + c0 in fp16 with z = n − 7, so no
   lookup is needed. A ``lop3`` with mask 0x000F000F (or 0x00F000F0) and magic 0x64006400 (0x54005400)
   puts two 4-bit fields into the mantissas of an fp16x2 register (1024 + n, or 64 + n for the fields
   at bits 4-7); ``sub.f16x2`` gives z exactly and three ``fma.rn.f16x2`` the two levels, bit for bit
@@ -65,11 +66,14 @@ which stays at offset 0; no registers hold codes in flight (H200, session 13, 64
 Session 13, one cache of ``e8c-4bit`` codes (64 x 8k, ``tune_decode_s13_cubic.json``): arithmetic
 decode 370.8 us against 434.4 us for lookups of the same codes; with the ring 361.5-363.8 us; no code
 loads (timing floor) 314.5 us; 96 registers 405.7 us.
+Session 14 (``bench.gpu kernel``, one run, whole attention op, ring): 64 x 8k 414.7 us (``e8s`` lookups
+for both), 386.9 us (arithmetic keys, looked-up ``e8s`` values: the default), 364.6 us (both
+arithmetic); SASS per 16-token step with the ring (sm_90, offline) 870 / 812 / 756 instructions.
 Nsight Compute (session 12): the integer ALU pipe 68 % busy, 25 % of the stalls waiting on the code
 loads, 16 warps per SM at 128 registers.
 
 Supported: 4-bit K and V codes of the pair-table E8 codecs (``e8-4``, ``e8s-4``, ``e8c-4``: the last
-decoded arithmetically), head size 64 or 128, block size a multiple of the step, up to 16 query heads per kv head (:func:`gluon_supported`).
+decoded arithmetically, on either side), head size 64 or 128, block size a multiple of the step, up to 16 query heads per kv head (:func:`gluon_supported`).
 Gluon kernels do not run in ``TRITON_INTERPRET``; CPU tests compile them for sm_90 instead.
 """
 

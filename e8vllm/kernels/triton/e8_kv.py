@@ -558,9 +558,12 @@ if PAR_CANDIDATES not in ("floor", "ceil"):
     raise ValueError(f"E8VLLM_PAR_CANDIDATES must be 'floor' or 'ceil', not {PAR_CANDIDATES!r}")
 
 
-#: ``E8VLLM_WRITE_ROTATION``: how writes of fewer than 16 rows per program rotate: "dot" (x P as 16-column
-#: products, summed) or "fwht" (butterflies, the reference's float32 sums; :func:`_fwht_rows`)
-WRITE_ROTATION = os.environ.get("E8VLLM_WRITE_ROTATION", "dot")
+#: ``E8VLLM_WRITE_ROTATION``: how writes of fewer than 16 rows per program rotate: "fwht" (the default since
+#: session 14: butterflies, the reference's float32 sums; :func:`_fwht_rows`) or "dot" (x P as 16-column
+#: products, summed). H200, session 14, e8_k4v4 K and V of H_kv 8, 1 row per program (``bench.gpu write``,
+#: ``results/gpu/write_s14.json``): 8 tokens 11.5 us against 12.8 us (4 warps), 64 tokens 35.0 against
+#: 39.6 us (4 warps) and 32.7 us with 2 warps
+WRITE_ROTATION = os.environ.get("E8VLLM_WRITE_ROTATION", "fwht")
 if WRITE_ROTATION not in ("dot", "fwht"):
     raise ValueError(f"E8VLLM_WRITE_ROTATION must be 'dot' or 'fwht', not {WRITE_ROTATION!r}")
 
@@ -570,13 +573,22 @@ def _small_write_warps(text: str) -> int:
         w = int(text or "0")
     except ValueError:
         w = -1
-    if w not in (1, 2, 4, 8):
-        raise ValueError(f"E8VLLM_SMALL_WRITE_WARPS must be 1, 2, 4 or 8, not {text!r}")
+    if w not in (0, 1, 2, 4, 8):
+        raise ValueError(f"E8VLLM_SMALL_WRITE_WARPS must be 0 (by size), 1, 2, 4 or 8, not {text!r}")
     return w
 
 
-#: ``E8VLLM_SMALL_WRITE_WARPS``: warps per program of writes with fewer than 16 rows per program
-SMALL_WRITE_WARPS = _small_write_warps(os.environ.get("E8VLLM_SMALL_WRITE_WARPS", "4"))
+#: ``E8VLLM_SMALL_WRITE_WARPS``: warps per program of writes with fewer than 16 rows per program; 0 (the
+#: default): :func:`small_write_warps`
+SMALL_WRITE_WARPS = _small_write_warps(os.environ.get("E8VLLM_SMALL_WRITE_WARPS", "0"))
+
+
+def small_write_warps(n_rows: int) -> int:
+    """Warps per program of a small write of ``n_rows`` (token, head) rows: :data:`SMALL_WRITE_WARPS`, or
+    by size, 2 from 256 rows (more programs in flight per SM), else 4 (H200, session 14, butterflies, 1
+    row per program: 64 rows 11.5 us with 4 warps against 15.4 with 2; 512 rows 32.7 us with 2 against
+    35.0 with 4, 61.0 with 8)."""
+    return SMALL_WRITE_WARPS or (2 if n_rows >= 256 else 4)
 
 
 def par_candidates(ns: int, how: str | None = None) -> int:
@@ -611,7 +623,7 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         candidates: with ``parallel``, "floor" or "ceil" (:func:`par_candidates`; default
             :data:`PAR_CANDIDATES`).
         rotation: with fewer than 16 rows per program, "dot" or "fwht" (default :data:`WRITE_ROTATION`).
-        warps: warps per program with fewer than 16 rows per program (default :data:`SMALL_WRITE_WARPS`;
+        warps: warps per program with fewer than 16 rows per program (default :func:`small_write_warps`;
             16 rows take 8).
     """
     t = slot_mapping.shape[0]
@@ -632,7 +644,7 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
     rotation = WRITE_ROTATION if rotation is None else rotation
     if rotation not in ("dot", "fwht"):
         raise ValueError(f"rotation must be 'dot' or 'fwht', not {rotation!r}")
-    warps = (SMALL_WRITE_WARPS if warps is None else warps) if block_rows < 16 else 8
+    warps = (small_write_warps(n_rows) if warps is None else warps) if block_rows < 16 else 8
     if warps not in (1, 2, 4, 8):
         raise ValueError(f"warps must be 1, 2, 4 or 8, not {warps!r}")
     log_b = c.k.block.bit_length() - 1 if rotation == "fwht" and block_rows < 16 else 0
