@@ -136,8 +136,8 @@ def _block_tables(batch: int, ctx: int, device: str):  # noqa: ANN202
 
 def _e8_format(dtype: str) -> tuple[Any, bool]:
     """(``E8KVFormat`` at head size D, centers) of a benchmark dtype: ``e8_kXvY`` with optional
-    ``+centers`` (position-dependent key centers) and ``+search`` / ``+rms`` / ``+cubic`` (that codec
-    variant, ``E8VLLM_ENCODER``) suffixes (:func:`split_run_dtype`)."""
+    ``+centers`` (position-dependent key centers) and ``+search`` / ``+rms`` / ``+cubic`` / ``+switched`` /
+    ``+cubic-keys`` (that codec variant, ``E8VLLM_ENCODER``) suffixes (:func:`split_run_dtype`)."""
     from e8vllm.kernels.reference import E8KVFormat
     from e8vllm.vllm_plugin.spec import parse_e8_dtype
 
@@ -414,6 +414,9 @@ def run_kernel(batches: list[int], contexts: list[int], dtypes: list[str]) -> di
                 try:
                     r = _e8_case(dt, batch, ctx) if dt.startswith("e8_") else _vllm_case(dt, batch, ctx)
                     r.update(dtype=dt, batch=batch, context=ctx)
+                    if dt.startswith("e8_"):  # what the dtype meant in this run (the default changes)
+                        fmt = _e8_format(dt)[0]
+                        r["codecs"] = [fmt.k_codec.name, fmt.v_codec.name]
                     r["Bps"] = r["bytes"] / r["time_s"]
                     r["frac_copy_bw"] = r["Bps"] / bw
                 except Exception as e:  # noqa: BLE001 - record and go on
@@ -464,13 +467,14 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
             slots = torch.randperm(cache.shape[0] * BS, device="cuda")[:n]
             for br, par, how, rot, nw in _WRITE_SETTINGS:
                 fn = lambda br=br, par=par, how=how, rot=rot, nw=nw: triton_write_kv_cache(  # noqa: E731
-                    k, v, cache, slots, fmt, block_rows=br, parallel=par, candidates=how, rotation=rot, warps=nw)
+                    k, v, cache, slots, fmt, block_rows=br, parallel=par, candidates=how,
+                    rotation=rot if br < 16 else None, warps=nw if br < 16 else None)
                 t, graphed = _time_graph(fn)
                 small = br < 16
                 r = {"dtype": dt, "tokens": n, "block_rows": br, "parallel_scales": par, "candidates": how,
                      "rotation": rot if small else "dot", "warps": nw if small else 8,
                      "default": (br == write_block_rows(n * H_KV) and par == (br == 1) and how in (None, PAR_CANDIDATES)
-                                 and (not small or (rot == WRITE_ROTATION and nw == small_write_warps(n * H_KV)))),
+                                 and (not small or (rot == WRITE_ROTATION and nw == small_write_warps(n * H_KV, rot)))),
                      "time_s": t, "graph": graphed}
                 rows.append(r)
                 print(f"write {dt:10s} {n:6d} tokens  block_rows {br:2d} {'parallel ' + how if par else 'loop':14s}"
@@ -720,8 +724,10 @@ def report(src: Path = RESULTS) -> str:
         lines += [f"Kernel level, decode attention, one layer (H_q 32, H_kv 8, D 128), {k['device']}; "
                   f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write). E8 decode settings: "
                   f"{json.dumps(k['e8_decode_config']) if 'e8_decode_config' in k else 'not recorded'}; "
-                  "`e8_*` dtypes in their default format (`e8s-*` since session 7), `+search` the `e8-*` format, "
-                  "`+cubic` `e8c-4bit` at 4 bits, `+cubic-keys` `e8c-4bit` for 4-bit keys only, `+switched` `e8s-*` for both.",
+                  "`e8_*` dtypes in the default format of their run (rows that recorded it name their K / V codecs; "
+                  "`e8s-*` for both from session 7 to session 14's runs, `e8c-4bit` keys since), `+search` the `e8-*` "
+                  "format, `+cubic` `e8c-4bit` at 4 bits, `+cubic-keys` `e8c-4bit` for 4-bit keys only, `+switched` "
+                  "`e8s-*` for both.",
                   "",
                   "| batch | context | dtype | time (us) | bytes read (MB) | TB/s | % of copy BW | vs auto |",
                   "|---:|---:|---|---:|---:|---:|---:|---:|"]
@@ -732,7 +738,8 @@ def report(src: Path = RESULTS) -> str:
                 continue
             b = base.get((r["batch"], r["context"]))
             sp = f"{b / r['time_s']:.2f}x" if b else ""
-            lines.append(f"| {r['batch']} | {r['context']} | {r['dtype']} | {r['time_s'] * 1e6:.1f} | "
+            dt = r["dtype"] + (f" ({' / '.join(r['codecs'])})" if r.get("codecs") else "")
+            lines.append(f"| {r['batch']} | {r['context']} | {dt} | {r['time_s'] * 1e6:.1f} | "
                          f"{r['bytes'] / 1e6:.1f} | {r['Bps'] / 1e12:.2f} | {100 * r['frac_copy_bw']:.1f} | {sp} |")
         lines.append("")
     tunes = [(p, "decode") for p in sorted(src.glob("tune_decode*.json"))]

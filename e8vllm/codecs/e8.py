@@ -20,7 +20,7 @@ nearest level; if the index sum is odd, move the one coordinate whose move to it
 costs least; keep the better coset.
 
 Nothing in that search needs the levels to be uniform. The **companded E8 code** (``e8-*``;
-the KV dtypes' default, ``e8s-*`` in :mod:`e8vllm.codecs.e8s`, builds on it) keeps the E8 index
+the KV dtypes' default, ``e8s-*`` in :mod:`e8vllm.codecs.e8s` and ``e8c-4bit`` for 4-bit keys, builds on it) keeps the E8 index
 structure (cosets, parity rule, the same encoder) but replaces the uniform levels by two sorted tables T_0, T_1 of 2^b levels trained by Lloyd's algorithm
 on rotated Gaussian data (encode with the parity rule → each level = centroid of the values
 that chose it → repeat). The lattice keeps its granular gain (the parity rule), the tables add

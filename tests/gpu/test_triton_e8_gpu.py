@@ -52,7 +52,7 @@ def test_write_codes_cuda():
                                     (4, 4, [40, 24], 1, "ceil"), (2, 2, [40, 24], 1, None),
                                     (4, 4, [40, 24], 1, "fwht"), (4, 4, [40, 24], 1, "fwht8"),
                                     (3, 3, [40, 24], 2, "fwht2")):
-        rot, nw = ("fwht", int(how[4:] or 4)) if how and how.startswith("fwht") else (None, None)
+        rot, nw = ("fwht", int(how[4:] or 4)) if how and how.startswith("fwht") else ("dot" if rows < 16 else None, None)
         fmt = E8KVFormat.from_bits(128, kb, vb)
         case = random_case(fmt, toks, [1] * len(toks), h_q=32, h_kv=8, write=False, device="cuda")
         ref = torch.zeros_like(case.kv_cache)

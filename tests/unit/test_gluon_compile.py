@@ -321,7 +321,15 @@ def test_decode_segments_grow_for_small_batches(monkeypatch):
 
 
 def _cubic_fmt(d: int = 128, variant: str = "cubic"):
-    return e8_kv.TritonE8Format.get(E8KVFormat.from_bits(d, 4, 4, variant), "cpu")
+    """A format with cubic levels on both sides ("cubic"), the keys ("cubic-keys") or the values only
+    ("cubic-values": no encoder variant names it; built from the codecs)."""
+    if variant == "cubic-values":
+        from e8vllm import codecs
+
+        fmt = E8KVFormat(d, codecs.get("e8s-4bit", head_dim=d), codecs.get("e8c-4bit", head_dim=d))
+    else:
+        fmt = E8KVFormat.from_bits(d, 4, 4, variant)
+    return e8_kv.TritonE8Format.get(fmt, "cpu")
 
 
 def _field_values(w: int) -> tuple[int, list[int]]:
@@ -374,11 +382,7 @@ def test_arithmetic_decode_image_with_one_side_cubic():
     assert img.numel() == 64 and torch.equal(img[:16], both[:16]) and not img[16:32].any()
     vt = ck.v.table_h.view(torch.int32)
     assert torch.equal(img[gluon_mod.TABLE_BYTES.value // 4:][:vt.numel()], vt)
-    # values cubic, keys looked up: a format built from the codecs directly (no variant names it)
-    from e8vllm import codecs
-
-    rev = e8_kv.TritonE8Format.get(E8KVFormat(128, codecs.get("e8s-4bit", head_dim=128),
-                                              codecs.get("e8c-4bit", head_dim=128)), "cpu")
+    rev = _cubic_fmt(128, "cubic-values")  # values cubic, keys looked up
     assert gluon_mod.arith_bits(rev) == 2
     img2 = gluon_mod._tables(rev, key_pairs=False, arith=2)
     assert img2.numel() == 128 and torch.equal(img2[:32], rev.k.table_h.view(torch.int32))
@@ -409,12 +413,12 @@ def test_arithmetic_decode_settings():
 
 @pytest.mark.parametrize("d,nq,async_ring,variant", [(128, 4, 0, "cubic"), (128, 16, 1, "cubic"), (64, 3, 0, "cubic"),
                                                      (64, 3, 1, "cubic"), (128, 4, 1, "cubic-keys"),
-                                                     (64, 3, 0, "cubic-keys")])
+                                                     (64, 3, 0, "cubic-keys"), (128, 4, 1, "cubic-values")])
 def test_arithmetic_decode_compiles_without_lookups(d, nq, async_ring, variant):
     """The arithmetic decode compiles for sm_90 (every operand conversion a register renaming); with
     both sides cubic its only shared-memory reads in the decode are the coefficient loads
-    (ld.shared.v4), the fields go through f16x2 fused multiply-adds; with cubic keys only
-    (``cubic-keys``) the values are still looked up (ld.shared.b16)."""
+    (ld.shared.v4), the fields go through f16x2 fused multiply-adds; with one side cubic (``cubic-keys``;
+    values only: ``AR`` 2, no default) the other side is still looked up (ld.shared.b16)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -431,5 +435,5 @@ def test_arithmetic_decode_compiles_without_lookups(d, nq, async_ring, variant):
             pytest.skip(f"no ptxas: {e}")
         raise
     ptx = k.asm["ptx"]
-    assert "fma.rn.f16x2" in ptx and "ld.shared.v4.b32" in ptx and ("ld.shared.b16" in ptx) == (ar == 1)
+    assert "fma.rn.f16x2" in ptx and "ld.shared.v4.b32" in ptx and ("ld.shared.b16" in ptx) == (ar != 3)
     assert k.metadata.shared == const["BUFN"] * 4

@@ -60,7 +60,8 @@ def test_write_rows_per_program(monkeypatch):
         _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), block_rows=3)
     # warps per program of small writes: by size (2 from 256 rows, else 4) unless E8VLLM_SMALL_WRITE_WARPS
     monkeypatch.setattr(e8_kv, "SMALL_WRITE_WARPS", e8_kv._small_write_warps("0"))
-    assert [e8_kv.small_write_warps(n) for n in (8, 255, 256, 1023)] == [4, 4, 2, 2]
+    assert [e8_kv.small_write_warps(n, "fwht") for n in (8, 255, 256, 1023)] == [4, 4, 2, 2]
+    assert e8_kv.small_write_warps(512, "dot") == 4  # the 16-column products keep sessions 11-13's 4 warps
     monkeypatch.setattr(e8_kv, "SMALL_WRITE_WARPS", e8_kv._small_write_warps("8"))
     assert e8_kv.small_write_warps(8) == e8_kv.small_write_warps(512) == 8
     for bad in ("3", "16", "-1", "many"):
@@ -68,6 +69,8 @@ def test_write_rows_per_program(monkeypatch):
             e8_kv._small_write_warps(bad)
     with pytest.raises(ValueError, match="rotation must be 'dot' or 'fwht'"):
         _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), rotation="matmul")
+    with pytest.raises(ValueError, match="16 rows per program rotate by tl.dot"):
+        _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), block_rows=16, rotation="fwht")
 
 
 _WRITE_PATHS = {"two-rows-parallel-scales": (2, True, None, "dot"), "two-rows-scale-loop": (2, None, None, "dot"),

@@ -304,14 +304,11 @@ _AR_VALUE_ASM = gl.constexpr(
     + "mov.b32 {$0, $8}, x0; mov.b32 {$1, $9}, x1; mov.b32 {$2, $10}, x2; mov.b32 {$3, $11}, x3; "
     + "prmt.b32 s, w, u, 0x7632; " + _AR_MAGIC.format(s="s") + _AR_HORNER
     + "mov.b32 {$4, $12}, x0; mov.b32 {$5, $13}, x1; mov.b32 {$6, $14}, x2; mov.b32 {$7, $15}, x3; }")
-#: bytes of the arithmetic decode's key coefficients (4 entries of 16 bytes) at shared-memory offset 0
-AR_KEY_BYTES = gl.constexpr(64)
-
-
 @gluon.constexpr_function
 def _value_coef_base(ar):
     """Byte offset of the value pair coefficients (16 entries of 16 bytes) in the image of arithmetic
-    mode ``ar`` (:func:`_tables`): after the key coefficients (``ar`` 3) or after the key lookup table (2)."""
+    mode ``ar`` (:func:`_tables`): after the key coefficients (``ar`` 3: 4 entries of 16 bytes) or after
+    the key lookup table (2: 64 fp16)."""
     return 64 if ar & 1 else 128
 
 

@@ -5,10 +5,11 @@ against, and :mod:`e8vllm.codecs.e8`, which defines the code):
 
 * rotation: R = blockdiag(H_b/√b) · diag(s) (``e8vllm.hadamard``). With P = diag(s) · blockdiag(H_b)
   (entries ±1, exact in float32) a row vector rotates as y = x P / √b and rotates back as
-  x = y Pᵀ / √b. The write kernel computes x P with an IEEE-float32 ``tl.dot`` (16 rows per program;
-  fewer rows per program, x P summed from 16-column products: :func:`write_block_rows`) and
-  multiplies by float32(1/√b) (the reference does the same sum with a butterfly, so y can differ in
-  the last ulp).
+  x = y Pᵀ / √b. The write kernel computes x P with an IEEE-float32 ``tl.dot`` when it takes 16 rows
+  per program (the reference does the same sum with a butterfly, so y can differ in the last ulp);
+  with fewer rows per program (:func:`write_block_rows`) by butterflies in the reference's order
+  (:func:`_fwht_rows`, bit for bit the reference's y; since session 14) or, with
+  ``E8VLLM_WRITE_ROTATION=dot``, as a sum of 16-column products; then times float32(1/√b).
 * encode (per vector y ∈ R^D, D = 8G): for each scale factor f of the codec (9 factors in
   [0.75, 1.25], or f = 1 for the ``-rms`` codecs) s = fp16(RMS(y)·f), u = y / s, and per 8-block of u
   the nearest point of the companded E8 code: per coset c ∈ {0, 1} every coordinate's nearest level
@@ -16,7 +17,7 @@ against, and :mod:`e8vllm.codecs.e8`, which defines the code):
   coordinate whose move to a neighbouring level costs least moves; keep the better coset. The
   factor with the smallest s²·Σ‖u − û‖² (first one on ties) wins. Stored: 8 fields of b bits per block
   (fields 0..6 = v_0..v_6, field 7 = (v_7 with its low bit replaced by c)), little-endian bit stream,
-  and the fp16 scale. Switched codes (``e8s-*``, the default of the e8 dtypes, :mod:`e8vllm.codecs.e8s`, and ``e8c-4bit``, the same with cubic tables):
+  and the fp16 scale. Switched codes (``e8s-*``, the e8 dtypes' default except for 4-bit keys, :mod:`e8vllm.codecs.e8s`, and ``e8c-4bit``, the same with cubic tables: 4-bit keys by default since session 14):
   the scale candidates are the 9 entries of a 256-entry scale table from exponent
   ⌊10·log2(0.75·RMS)⌋ + 130 up, each 8-block is coded with both table sets and each group of GB
   blocks (GB = 1 at D = 64, 2 at D = 128) keeps the set with the smaller error; the 2-byte tail is
@@ -563,7 +564,7 @@ if PAR_CANDIDATES not in ("floor", "ceil"):
 #: products, summed). H200, session 14, e8_k4v4 K and V of H_kv 8, 1 row per program (``bench.gpu write``,
 #: ``results/gpu/write_s14.json``): 8 tokens 11.5 us against 12.8 us (4 warps), 64 tokens 35.0 against
 #: 39.6 us (4 warps) and 32.7 us with 2 warps
-WRITE_ROTATION = os.environ.get("E8VLLM_WRITE_ROTATION", "fwht")
+WRITE_ROTATION = os.environ.get("E8VLLM_WRITE_ROTATION", "").strip().lower() or "fwht"
 if WRITE_ROTATION not in ("dot", "fwht"):
     raise ValueError(f"E8VLLM_WRITE_ROTATION must be 'dot' or 'fwht', not {WRITE_ROTATION!r}")
 
@@ -583,12 +584,18 @@ def _small_write_warps(text: str) -> int:
 SMALL_WRITE_WARPS = _small_write_warps(os.environ.get("E8VLLM_SMALL_WRITE_WARPS", "0"))
 
 
-def small_write_warps(n_rows: int) -> int:
-    """Warps per program of a small write of ``n_rows`` (token, head) rows: :data:`SMALL_WRITE_WARPS`, or
-    by size, 2 from 256 rows (more programs in flight per SM), else 4 (H200, session 14, butterflies, 1
-    row per program: 64 rows 11.5 us with 4 warps against 15.4 with 2; 512 rows 32.7 us with 2 against
-    35.0 with 4, 61.0 with 8)."""
-    return SMALL_WRITE_WARPS or (2 if n_rows >= 256 else 4)
+def small_write_warps(n_rows: int, rotation: str | None = None) -> int:
+    """Warps per program of a small write of ``n_rows`` (token, head) rows with ``rotation`` (default
+    :data:`WRITE_ROTATION`): :data:`SMALL_WRITE_WARPS`, or for butterflies by size, 2 from 256 rows (more
+    programs in flight per SM), else 4 (H200, session 14, 1 row per program: 64 rows 11.5 us with 4 warps
+    against 15.4 with 2; 512 rows 32.7 us with 2 against 35.0 with 4, 61.0 with 8; 256 lies between the
+    two sizes measured); for the 16-column products 4 (sessions 11-13's setting; 8 warps: 97.2 against
+    39.6 us at 512 rows)."""
+    if SMALL_WRITE_WARPS:
+        return SMALL_WRITE_WARPS
+    if (rotation or WRITE_ROTATION) == "dot":
+        return 4
+    return 2 if n_rows >= 256 else 4
 
 
 def par_candidates(ns: int, how: str | None = None) -> int:
@@ -624,7 +631,7 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
             :data:`PAR_CANDIDATES`).
         rotation: with fewer than 16 rows per program, "dot" or "fwht" (default :data:`WRITE_ROTATION`).
         warps: warps per program with fewer than 16 rows per program (default :func:`small_write_warps`;
-            16 rows take 8).
+            16 rows take 8; ``rotation`` "fwht" or other warps with 16 rows raise ValueError).
     """
     t = slot_mapping.shape[0]
     if t == 0:
@@ -641,10 +648,13 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         raise ValueError(f"parallel scale search takes at most 2 rows per program, not {block_rows}")
     if candidates not in (None, "floor", "ceil"):
         raise ValueError(f"candidates must be 'floor' or 'ceil', not {candidates!r}")
+    if block_rows >= 16 and (rotation == "fwht" or warps not in (None, 8)):
+        raise ValueError(f"16 rows per program rotate by tl.dot with 8 warps (rotation {rotation!r}, warps {warps!r} "
+                         "apply to fewer rows per program)")
     rotation = WRITE_ROTATION if rotation is None else rotation
     if rotation not in ("dot", "fwht"):
         raise ValueError(f"rotation must be 'dot' or 'fwht', not {rotation!r}")
-    warps = (small_write_warps(n_rows) if warps is None else warps) if block_rows < 16 else 8
+    warps = (small_write_warps(n_rows, rotation) if warps is None else warps) if block_rows < 16 else 8
     if warps not in (1, 2, 4, 8):
         raise ValueError(f"warps must be 1, 2, 4 or 8, not {warps!r}")
     log_b = c.k.block.bit_length() - 1 if rotation == "fwht" and block_rows < 16 else 0
