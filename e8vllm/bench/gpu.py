@@ -435,11 +435,12 @@ def run_kernel(batches: list[int], contexts: list[int], dtypes: list[str]) -> di
 
 
 #: the write benchmark's settings: (rows per program, candidates side by side, "floor" / "ceil", small-write
-#: rotation, warps per program); the session-11 ones (ceil, 2 rows side by side or in a loop with the
-#: 16-column products) are in ``results/gpu/write_s11.json`` and ``write_s12.json``
+#: rotation, warps per program; None: the 16-row path's tl.dot and 8 warps); the session-11 ones (ceil,
+#: 2 rows side by side or in a loop with the 16-column products) are in ``results/gpu/write_s11.json``
+#: and ``write_s12.json``
 _WRITE_SETTINGS = ((1, True, "floor", "dot", 4), (1, True, "floor", "fwht", 4), (1, True, "floor", "fwht", 8),
                    (1, True, "floor", "dot", 8), (1, True, "floor", "fwht", 2), (2, True, "floor", "fwht", 4),
-                   (2, False, None, "fwht", 4), (4, False, None, "fwht", 4), (16, False, None, "dot", 8))
+                   (2, False, None, "fwht", 4), (4, False, None, "fwht", 4), (16, False, None, None, None))
 
 
 def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
@@ -467,12 +468,11 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
             slots = torch.randperm(cache.shape[0] * BS, device="cuda")[:n]
             for br, par, how, rot, nw in _WRITE_SETTINGS:
                 fn = lambda br=br, par=par, how=how, rot=rot, nw=nw: triton_write_kv_cache(  # noqa: E731
-                    k, v, cache, slots, fmt, block_rows=br, parallel=par, candidates=how,
-                    rotation=rot if br < 16 else None, warps=nw if br < 16 else None)
+                    k, v, cache, slots, fmt, block_rows=br, parallel=par, candidates=how, rotation=rot, warps=nw)
                 t, graphed = _time_graph(fn)
                 small = br < 16
                 r = {"dtype": dt, "tokens": n, "block_rows": br, "parallel_scales": par, "candidates": how,
-                     "rotation": rot if small else "dot", "warps": nw if small else 8,
+                     "rotation": rot or "dot", "warps": nw or 8,  # 16 rows: tl.dot, 8 warps
                      "default": (br == write_block_rows(n * H_KV) and par == (br == 1) and how in (None, PAR_CANDIDATES)
                                  and (not small or (rot == WRITE_ROTATION and nw == small_write_warps(n * H_KV, rot)))),
                      "time_s": t, "graph": graphed}

@@ -37,7 +37,7 @@ table goes through shared memory:
   :func:`key_order` with ``ar``); for values the same field of tokens 2i and 2i + 1 (their words
   byte-permuted together first, ``prmt``). The coefficients of a key word's (set, coset), as four
   (c, c) fp16x2 words, or of a value word pair's two (set, coset)s, as (c_a, c_b), are one
-  ``ld.shared.v4`` from an 80-word image (:func:`_coef_image`). The parity fix of field 7 is an
+  ``ld.shared.v4`` from an 80-word image (:func:`_tables`). The parity fix of field 7 is an
   ``and``, a multiply ((w & 0x1111111) · 0x11111110 sums fields 0..6's low bits into bit 28) and a
   ``lop3``. SASS (sm_90, offline): 741 instructions per 16-token step against 832 with lookups, 256 of
   them fp16x2 FMA-pipe operations and about half the integer ALU work.
@@ -641,20 +641,19 @@ def arith_bits(fmt) -> int:  # noqa: ANN001 - TritonE8Format
     return int(fmt.k.poly is not None) | 2 * int(fmt.v.poly is not None)
 
 
-def _coef_entries(fmt, arith: int) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 - TritonE8Format
-    """(key entries int32 [16], value pair entries int32 [64]) of the arithmetic decode (empty where
-    ``arith`` leaves that side to the lookups): key entry c + 2·set is the fp16x2 words (c3, c3), (c2, c2),
-    (c1, c1), (c0, c0) of that table's cubic; value pair entry a + 4·b, for the tables a of token 2i and
-    b of token 2i + 1, is (c3_a, c3_b), ..., (c0_a, c0_b)."""
-    keys = pairs = torch.zeros(0, dtype=torch.int32)
-    if arith & 1:
-        kp = fmt.k.poly.reshape(4, 4)  # fp16 [set·2 + c, (c3, c2, c1, c0)]
-        keys = torch.stack([kp, kp], -1).contiguous().view(torch.int32).reshape(-1)
-    if arith & 2:
-        vp = fmt.v.poly.reshape(4, 4)
-        pairs = torch.stack([vp[None, :, :].expand(4, 4, 4), vp[:, None, :].expand(4, 4, 4)], -1)  # [b, a, j, 2]
-        pairs = pairs.contiguous().view(torch.int32).reshape(-1)
-    return keys.to(fmt.k.table_h.device), pairs.to(fmt.k.table_h.device)
+def _key_coefs(fmt) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
+    """The arithmetic decode's key entries, int32 [16]: entry c + 2·set is the fp16x2 words (c3, c3),
+    (c2, c2), (c1, c1), (c0, c0) of that table's cubic."""
+    kp = fmt.k.poly.reshape(4, 4)  # fp16 [set·2 + c, (c3, c2, c1, c0)]
+    return torch.stack([kp, kp], -1).contiguous().view(torch.int32).reshape(-1)
+
+
+def _pair_coefs(fmt) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
+    """The arithmetic decode's value pair entries, int32 [64]: entry a + 4·b, for the tables a of token 2i
+    and b of token 2i + 1, is (c3_a, c3_b), ..., (c0_a, c0_b)."""
+    vp = fmt.v.poly.reshape(4, 4)
+    pairs = torch.stack([vp[None, :, :].expand(4, 4, 4), vp[:, None, :].expand(4, 4, 4)], -1)  # [b, a, j, 2]
+    return pairs.contiguous().view(torch.int32).reshape(-1)
 
 
 def _image_words(key_pairs: bool, lut: int, arith: int = 0) -> int:
@@ -671,12 +670,11 @@ def _tables(fmt, key_pairs: bool, lut: int = 0, arith: int = 0) -> torch.Tensor:
     words, byte 64 = :func:`_value_coef_base`); 1 = the key coefficients, then the V value table at byte
     128 (``TABLE_BYTES``); 2 = the K value table, then the value pair coefficients at byte 128. Padded
     to :func:`_image_words`."""
-    if arith:
-        keys, pairs = _coef_entries(fmt, arith)
-        kpart = keys if arith & 1 else _pad(fmt.k.table_h, 64).view(torch.int32)
-        vpart = pairs if arith & 2 else _pad(fmt.v.table_h, 64).view(torch.int32)
-        parts = [kpart, vpart] if arith == 3 else [_pad(kpart, 32), vpart]
-        return _pad(torch.cat(parts), _image_words(False, 0, arith)).contiguous()
+    if arith:  # the value part starts at the byte the kernel reads it from
+        kpart = _key_coefs(fmt) if arith & 1 else _pad(fmt.k.table_h, 64).view(torch.int32)
+        vpart = _pair_coefs(fmt) if arith & 2 else _pad(fmt.v.table_h, 64).view(torch.int32)
+        voff = _value_coef_base(arith) if arith & 2 else TABLE_BYTES.value
+        return _pad(torch.cat([_pad(kpart, voff // 4), vpart]), _image_words(False, 0, arith)).contiguous()
     keys = [_pad(fmt.k.pairs, 1024)] if key_pairs else []
     if lut:
         parts = keys + [_byte_tables(fmt).view(torch.int32)]

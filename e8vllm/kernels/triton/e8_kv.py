@@ -538,14 +538,20 @@ def _e8_write_kernel(k_ptr, sk0, sk1, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0,
 SMALL_WRITE_LIMIT = 1024
 
 
-def _small_write_rows(text: str) -> int:
+def _small_write_setting(text: str, name: str, zero: str) -> int:
+    """The value of environment variable ``name`` (text ``text``, empty = 0): 0 (meaning ``zero``) or a
+    power of two below 16; ValueError otherwise."""
     try:
-        r = int(text or "0")
+        v = int(text or "0")
     except ValueError:
-        r = -1
-    if r != 0 and not (1 <= r < 16 and r & (r - 1) == 0):
-        raise ValueError(f"E8VLLM_SMALL_WRITE_ROWS must be 0 (off) or a power of two below 16, not {text!r}")
-    return r
+        v = -1
+    if v not in (0, 1, 2, 4, 8):
+        raise ValueError(f"{name} must be 0 ({zero}) or a power of two below 16, not {text!r}")
+    return v
+
+
+def _small_write_rows(text: str) -> int:
+    return _small_write_setting(text, "E8VLLM_SMALL_WRITE_ROWS", "off")
 
 
 SMALL_WRITE_ROWS = _small_write_rows(os.environ.get("E8VLLM_SMALL_WRITE_ROWS", "1"))
@@ -570,13 +576,7 @@ if WRITE_ROTATION not in ("dot", "fwht"):
 
 
 def _small_write_warps(text: str) -> int:
-    try:
-        w = int(text or "0")
-    except ValueError:
-        w = -1
-    if w not in (0, 1, 2, 4, 8):
-        raise ValueError(f"E8VLLM_SMALL_WRITE_WARPS must be 0 (by size), 1, 2, 4 or 8, not {text!r}")
-    return w
+    return _small_write_setting(text, "E8VLLM_SMALL_WRITE_WARPS", "by size")
 
 
 #: ``E8VLLM_SMALL_WRITE_WARPS``: warps per program of writes with fewer than 16 rows per program; 0 (the
