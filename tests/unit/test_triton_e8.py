@@ -183,7 +183,7 @@ def test_attention_key_bias_both_grids(kernel, one_thread):
     assert (plain.cpu().double() - ref).abs().max().item() > 20 * err
 
 
-@pytest.mark.parametrize("segs", [1, 4])
+@pytest.mark.parametrize("segs", [1, 3, 4])
 @pytest.mark.parametrize("decode", [{"kernel": "pairs"}, {"kernel": "pairs", "tile_n": 16}, {"kernel": "pairs_l1"},
                                     {"kernel": "values", "tile_n": 32}, {"kernel": "values", "tile_n": 16, "prefetch": 1},
                                     {"kernel": "pairs", "tile_n": 32, "prefetch": 1},
@@ -212,6 +212,33 @@ def test_attention_rows_past_batch_are_zero(one_thread):
     triton_paged_attention(q, case.kv_cache.to(DEV), case.query_start_loc.to(DEV), case.seq_lens.to(DEV),
                            case.block_table.to(DEV), fmt, max_query_len=1, out=out)
     assert torch.all(out[1:] == 0)
+
+
+
+def test_attention_decode_rows_skip_empty_sequences(one_thread):
+    """A decode batch with sequences of no query token (padding) before, between and after the
+    others: each query row gets its own sequence's output (the output kernel finds a row's sequence
+    by query_start_loc), the same as without the empty ones; a strided fp16 query (a slice of a fused
+    qkv tensor, as vLLM passes it) gives an fp16 output within the fp16 rounding of the float32 one."""
+    fmt = E8KVFormat.from_bits(64, 4, 4)
+    case = random_case(fmt, [150, 9, 64], [1, 1, 1], h_q=8, h_kv=2, seed=21)
+    dev = [x.to(DEV) for x in (case.query, case.kv_cache, case.query_start_loc, case.seq_lens, case.block_table)]
+    base = triton_paged_attention(*dev, case.fmt, max_query_len=1, num_segs=4).cpu()
+    order = [None, 0, None, 1, 2, None]  # None: an empty sequence
+    qsl = torch.tensor([0] + list(torch.cumsum(torch.tensor([0 if i is None else 1 for i in order]), 0)),
+                       dtype=torch.int32)
+    seq_lens = torch.tensor([5 if i is None else int(case.seq_lens[i]) for i in order], dtype=torch.int32)
+    bt = torch.stack([case.block_table[0 if i is None else i] for i in order])
+    got = triton_paged_attention(dev[0], dev[1], qsl.to(DEV), seq_lens.to(DEV), bt.to(DEV), case.fmt, max_query_len=1,
+                                 num_segs=4).cpu()
+    torch.testing.assert_close(got, base, rtol=0, atol=1e-6)
+    qkv = torch.randn(3, 8 + 2 * 2, 64, dtype=torch.float16)
+    qkv[:, :8] = case.query.half()
+    out = triton_paged_attention(qkv[:, :8].to(DEV), *dev[1:], case.fmt, max_query_len=1, num_segs=4).cpu()
+    assert out.dtype == torch.float16
+    ref32 = triton_paged_attention(case.query.half().float().to(DEV), *dev[1:], case.fmt, max_query_len=1,
+                                   num_segs=4).cpu()
+    torch.testing.assert_close(out.float(), ref32, rtol=2e-3, atol=1e-3)
 
 
 def test_supported_formats():

@@ -1057,27 +1057,98 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
     tl.store(o_ptr + (tok * so0 + head * so1)[:, None] + d[None, :], acc, mask=rvalid[:, None])
 
 
+#: query heads per program of the query-rotation and output kernels (``tl.dot`` needs 16 rows; fewer
+#: heads are masked) and the width of their column chunks (one [16, KC] x [KC, D] product per chunk)
+HEAD_BLOCK = 16
+COL_CHUNK = 32
+
+
 @triton.jit
-def _e8_reduce_kernel(o_ptr, so0, so1, ws_m_ptr, ws_l_ptr, ws_o_ptr, qsl_ptr, num_heads,
-                      D: tl.constexpr, NUM_SEGS: tl.constexpr):
-    """Merge the NUM_SEGS partial softmax results of one (decode sequence, query head)."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_start = tl.load(qsl_ptr + seq)
-    if tl.load(qsl_ptr + seq + 1) - q_start != 1:
-        return
-    tok = q_start.to(tl.int64)
-    sg = tl.arange(0, NUM_SEGS)
+def _e8_rotate_q_kernel(q_ptr, sq0, sq1, qr_ptr, m_ptr, num_heads, D: tl.constexpr, BH: tl.constexpr,
+                        KC: tl.constexpr):
+    """q̃ = q · M for BH query heads of one token row (program (row, head block)): q [T, H_q, D] in
+    its own dtype and strides (last dim contiguous), M = R_kᵀ · scale · log2(e) float32 [D, D], q̃ float32
+    [T, H_q, D] contiguous; the product in float32 (``ieee``), one column chunk of q at a time. One
+    kernel instead of a cast and a GEMM."""
+    row = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BH + tl.arange(0, BH)
+    hmask = heads < num_heads
     d = tl.arange(0, D)
-    wi = (seq.to(tl.int64) * num_heads + head) * NUM_SEGS + sg
-    m = tl.load(ws_m_ptr + wi)
-    l_ = tl.load(ws_l_ptr + wi)
-    mx = tl.max(m, axis=0)
-    w = tl.exp2(m - mx)
-    tot = tl.sum(l_ * w, axis=0)
-    acc = tl.sum(tl.load(ws_o_ptr + wi[:, None] * D + d[None, :]) * w[:, None], axis=0)
-    o = acc / tl.where(tot > 0, tot, 1.0)
-    tl.store(o_ptr + tok * so0 + head * so1 + d, o)
+    kc = tl.arange(0, KC)
+    acc = tl.zeros([BH, D], dtype=tl.float32)
+    for c in tl.static_range(D // KC):
+        qc = tl.load(q_ptr + row * sq0 + heads[:, None].to(tl.int64) * sq1 + c * KC + kc[None, :],
+                     mask=hmask[:, None], other=0.0).to(tl.float32)
+        mc = tl.load(m_ptr + (c * KC + kc)[:, None] * D + d[None, :])
+        acc += tl.dot(qc, mc, input_precision="ieee")
+    tl.store(qr_ptr + (row * num_heads + heads[:, None]) * D + d[None, :], acc, mask=hmask[:, None])
+
+
+@triton.jit
+def _row_seq(qsl_ptr, row, num_seqs):
+    """The sequence owning query row ``row``: the largest i < num_seqs with query_start_loc[i] <= row
+    (empty sequences starting at the same row come before it and are skipped)."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid) <= row:
+            lo = mid + 1
+        else:
+            hi = mid
+    return tl.maximum(lo - 1, 0)
+
+
+@triton.jit
+def _e8_output_kernel(out_ptr, so0, so1, o_ptr, oo0, oo1, ws_m_ptr, ws_l_ptr, ws_o_ptr, qsl_ptr, num_seqs,
+                      num_heads, u_ptr, D: tl.constexpr, NUM_SEGS: tl.constexpr, SEGS_P2: tl.constexpr,
+                      BH: tl.constexpr, KC: tl.constexpr, WS: tl.constexpr, HAS_O: tl.constexpr):
+    """The attention output of BH query heads of one token row (program (row, head block)), un-rotated
+    and stored in ``out``'s dtype: out[row] = õ[row] · U with U = R_v float32 [D, D] (``ieee``).
+
+    õ: for a row that is the only query token of its sequence, when the split-KV decode grid ran
+    (WS), the merge of its NUM_SEGS partials (m, l in base 2, unnormalized o: workspaces [B, H_q,
+    NUM_SEGS(, D)] per sequence; SEGS_P2 the next power of two); for any other row below query_start_loc[-1] the tile grid's
+    normalized output o [T, H_q, D] float32 (HAS_O); rows past the batch get zeros. One kernel
+    instead of a merge, a GEMM and a copy; the merge and the product one column chunk at a time."""
+    row = tl.program_id(0)
+    heads = tl.program_id(1) * BH + tl.arange(0, BH)
+    hmask = heads < num_heads
+    d = tl.arange(0, D)
+    kc = tl.arange(0, KC)
+    seq = _row_seq(qsl_ptr, row, num_seqs)
+    in_batch = row < tl.load(qsl_ptr + num_seqs)
+    alone = (tl.load(qsl_ptr + seq) == row) & (tl.load(qsl_ptr + seq + 1) == row + 1)
+    decoded = (in_batch & alone).to(tl.int32) * WS  # WS: 0 or 1
+    res = tl.zeros([BH, D], dtype=tl.float32)
+    if decoded != 0:
+        wi = (seq.to(tl.int64) * num_heads + heads) * NUM_SEGS  # [BH]
+        sg = tl.arange(0, SEGS_P2)
+        smask = hmask[:, None] & (sg[None, :] < NUM_SEGS)
+        m = tl.load(ws_m_ptr + wi[:, None] + sg[None, :], mask=smask, other=-float("inf"))
+        l_ = tl.load(ws_l_ptr + wi[:, None] + sg[None, :], mask=smask, other=0.0)
+        mx = tl.max(m, axis=1)
+        mx = tl.where(mx > -float("inf"), mx, 0.0)  # masked heads
+        tot = tl.sum(l_ * tl.exp2(m - mx[:, None]), axis=1)
+        inv = 1.0 / tl.where(tot > 0, tot, 1.0)
+        for c in tl.static_range(D // KC):
+            oc = tl.zeros([BH, KC], dtype=tl.float32)
+            for s in range(NUM_SEGS):
+                w = tl.exp2(tl.load(ws_m_ptr + wi + s, mask=hmask, other=0.0) - mx)
+                oc += w[:, None] * tl.load(ws_o_ptr + (wi[:, None] + s) * D + c * KC + kc[None, :],
+                                           mask=hmask[:, None], other=0.0)
+            uc = tl.load(u_ptr + (c * KC + kc)[:, None] * D + d[None, :])
+            res += tl.dot(oc * inv[:, None], uc, input_precision="ieee")
+    else:
+        if HAS_O:
+            if in_batch:
+                for c in tl.static_range(D // KC):
+                    oc = tl.load(o_ptr + row.to(tl.int64) * oo0 + heads[:, None] * oo1 + c * KC + kc[None, :],
+                                 mask=hmask[:, None], other=0.0)
+                    uc = tl.load(u_ptr + (c * KC + kc)[:, None] * D + d[None, :])
+                    res += tl.dot(oc, uc, input_precision="ieee")
+    tl.store(out_ptr + row.to(tl.int64) * so0 + heads[:, None] * so1 + d[None, :],
+             res.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
 
 
 def _launch(cfg: dict) -> dict:
@@ -1200,7 +1271,12 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
     # settings validated once at import; an explicit (benchmark) setting is validated here
     dc = DECODE_CONFIG if decode is None else kernel_config(DECODE_CONFIG, decode, "decode settings", True)
     pc = PREFILL_CONFIG if prefill is None else kernel_config(PREFILL_CONFIG, prefill, "prefill settings", True)
-    qr = torch.matmul(query.reshape(t * h_q, d).to(torch.float32), _q_matrix(c, scale)).view(t, h_q, d)
+    if query.stride(2) != 1:
+        query = query.contiguous()
+    hb = triton.cdiv(h_q, HEAD_BLOCK)
+    qr = torch.empty((t, h_q, d), dtype=torch.float32, device=query.device)
+    _e8_rotate_q_kernel[(t, hb)](query, query.stride(0), query.stride(1), qr, _q_matrix(c, scale), h_q, D=d,
+                                 BH=HEAD_BLOCK, KC=COL_CHUNK, num_warps=4)
     w, trig, first = key_bias if key_bias is not None else (None, None, None)
     bias, sink = w is not None, first is not None
     qb = sb = qr  # placeholders when unused
@@ -1226,12 +1302,12 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
     sets = dict(k_stab=c.k.scales, v_stab=c.v.scales, KS=c.k.sets, VS=c.v.sets, KGB=c.k.group_blocks,
                 VGB=c.v.group_blocks)
     strides = (words.stride(0), words.stride(1), words.stride(2))
-    o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # rows past qsl[-1] stay 0
     split = max_query_len > 1 and bool(pc["split_decode"])
     if max_query_len > 1:
         nq_pad = triton.next_power_of_2(nq)
         block_m = max(pc["block_m"], nq_pad)
         block_q = block_m // nq_pad
+        o = torch.zeros((t, h_q, d), dtype=torch.float32, device=query.device)  # normalized, still rotated
         _e8_tile_attn_kernel[(t // block_q + b, h_kv)](
             qr, qr.stride(0), qr.stride(1), o, o.stride(0), o.stride(1), words, *strides, *tabs, block_table,
             block_table.stride(0), query_start_loc, seq_lens, b, qb, trig, sb, h_q, NQ=nq, NQ_PAD=nq_pad,
@@ -1259,10 +1335,19 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
                 BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits,
                 BLOCK_SIZE=bs, NUM_SEGS=segs, LUT=KERNELS[dc["kernel"]], BIAS=bias, SINK=sink,
                 PREFETCH=bool(dc["prefetch"]), **sets, **_launch(dc))
-        _e8_reduce_kernel[(b, h_q)](o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o, query_start_loc, h_q,
-                                    D=d, NUM_SEGS=segs, num_warps=4)
-    res = torch.matmul(o.view(t * h_q, d), c.o_unrot).view(t, h_q, d)
-    out[:t].copy_(res)
+    ws = max_query_len <= 1 or split
+    if not ws:  # placeholders, unread
+        ws_m = ws_l = ws_o = qr
+    if max_query_len <= 1:
+        o = qr  # placeholder, unread
+    # merge (decode rows), un-rotation and the store in out's dtype in one kernel
+    dst = out if out.stride(2) == 1 else torch.empty((t, h_q, d), dtype=out.dtype, device=out.device)
+    _e8_output_kernel[(t, hb)](dst, dst.stride(0), dst.stride(1), o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o,
+                               query_start_loc, b, h_q, c.o_unrot, D=d, NUM_SEGS=segs if ws else 1,
+                               SEGS_P2=triton.next_power_of_2(segs if ws else 1), BH=HEAD_BLOCK,
+                               KC=COL_CHUNK, WS=int(ws), HAS_O=max_query_len > 1, num_warps=4)
+    if dst is not out:
+        out[:t].copy_(dst)
     return out
 
 
