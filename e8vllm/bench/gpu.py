@@ -486,6 +486,61 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
     return res
 
 
+def compiled_resources() -> list[dict[str, Any]]:
+    """Registers, spills, shared memory and warps of every compiled variant of the attention op's
+    kernels in this process (Triton's per-device kernel caches; empty where the layout of those
+    caches differs)."""
+    from e8vllm.kernels.triton import e8_gluon, e8_kv
+
+    out: list[dict[str, Any]] = []
+    for fn in (e8_gluon._gl_decode_kernel, e8_kv._e8_rotate_q_kernel, e8_kv._e8_output_kernel):
+        for entry in getattr(fn, "device_caches", {}).values():
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            for k in getattr(cache, "values", lambda: [])():
+                md = getattr(k, "metadata", None)
+                out.append({"kernel": getattr(fn, "__name__", str(fn)), "n_regs": getattr(k, "n_regs", None),
+                            "n_spills": getattr(k, "n_spills", None), "shared": getattr(md, "shared", None),
+                            "num_warps": getattr(md, "num_warps", None)})
+    return out
+
+
+def run_segs(batches: list[int], contexts: list[int], segs: list[int], dtype: str = "e8_k4v4") -> dict[str, Any]:
+    """The whole decode attention op (query rotation, split-KV decode grid, merge + un-rotation) over
+    the number of KV segments of the grid, explicit (``num_segs``) and the default
+    (:func:`e8vllm.kernels.triton.e8_kv.decode_segments`, marked), one cache per batch x context,
+    each timing in a CUDA graph; saves ``segs.json``."""
+    import torch
+
+    from e8vllm.kernels.triton import triton_paged_attention
+    from e8vllm.kernels.triton.e8_kv import DECODE_CONFIG, decode_segments
+
+    torch.manual_seed(0)
+    fmt, _ = _e8_format(dtype)
+    rows: list[dict[str, Any]] = []
+    for b in batches:
+        for ctx in contexts:
+            cache, bt, q, qsl, sl = decode_inputs(fmt, b, ctx)
+            out = torch.empty_like(q)
+            default = decode_segments(b, H_KV, torch.device("cuda"), DECODE_CONFIG, fmt=fmt, block_size=BS, nq=H_Q // H_KV)
+            nbytes = b * ctx * H_KV * fmt.slot_bytes
+            for ns in sorted(set(segs) | {default}):
+                fn = lambda ns=ns: triton_paged_attention(q, cache, qsl, sl, bt, fmt, max_query_len=1,  # noqa: E731
+                                                          num_kv_heads=H_KV, scale=D ** -0.5, out=out, num_segs=ns)
+                t, graphed = _time_graph(fn)
+                r = {"dtype": dtype, "batch": b, "context": ctx, "segs": ns, "programs": b * H_KV * ns,
+                     "default": ns == default, "time_s": t, "bytes_per_s": nbytes / t, "graph": graphed}
+                rows.append(r)
+                print(f"segs B={b:4d} ctx={ctx:6d} segs {ns:3d} ({r['programs']:6d} programs)"
+                      f"{' (default)' if r['default'] else '          '}  {t * 1e6:9.1f} us"
+                      f"  {nbytes / t / 1e12:5.2f} TB/s", flush=True)
+            del cache
+    res = {"device": torch.cuda.get_device_name(), "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+           "kernels": compiled_resources(), "rows": rows}
+    print("kernels", json.dumps(res["kernels"]), flush=True)
+    (_out_dir() / "segs.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 # ---------------------------------------------------------------------------------------------
 # engine level
 # ---------------------------------------------------------------------------------------------
@@ -907,8 +962,16 @@ def main(argv: list[str] | None = None) -> None:
     pw = sub.add_parser("write")
     pw.add_argument("--tokens", default="1,8,64,256,512,8192")
     pw.add_argument("--dtypes", default="e8_k4v4,e8_k4v4+search")
+    pg = sub.add_parser("segs")
+    pg.add_argument("--batches", default="8,32,64,128")
+    pg.add_argument("--contexts", default="8192,32768")
+    pg.add_argument("--segs", default="4,6,8,12,16,24,32")
+    pg.add_argument("--dtype", default="e8_k4v4")
     sub.add_parser("report")
     a = p.parse_args(argv)
+    if a.cmd == "segs":
+        run_segs([int(x) for x in a.batches.split(",")], [int(x) for x in a.contexts.split(",")],
+                 [int(x) for x in a.segs.split(",")], a.dtype)
     if a.cmd == "write":
         run_write([int(x) for x in a.tokens.split(",")], a.dtypes.split(","))
     if a.cmd == "tune":

@@ -1220,6 +1220,23 @@ def _gluon_segs(num_seqs: int, h_kv: int, device: torch.device, base: int) -> in
     return segs
 
 
+def _use_gluon(c: TritonE8Format, dc: dict, block_size: int, nq: int, device: torch.device, biased: bool) -> bool:
+    """Whether the decode grid is :mod:`.e8_gluon`'s kernel (else the Triton one)."""
+    return (bool(dc["gluon"]) and not biased and _gluon.gluon_supported(c, block_size, nq, dc["gluon_tile"])
+            and _mma_v2_capable(device))
+
+
+def decode_segments(num_seqs: int, h_kv: int, device: torch.device, dc: dict | None = None, *, fmt=None,  # noqa: ANN001
+                    block_size: int = 16, nq: int = 1, biased: bool = False) -> int:
+    """KV segments of the decode grid that :func:`triton_paged_attention` takes by default for a
+    decode batch of ``num_seqs`` sequences (``dc``: decode settings, default :data:`DECODE_CONFIG`;
+    ``fmt`` the ``E8KVFormat``, ``nq`` query heads per kv head, ``biased`` with key centers)."""
+    dc = DECODE_CONFIG if dc is None else dc
+    if fmt is not None and _use_gluon(TritonE8Format.get(fmt, str(device)), dc, block_size, nq, device, biased):
+        return _gluon_segs(num_seqs, h_kv, device, dc["segs"])
+    return dc["segs"]
+
+
 def _cache_words(kv_cache: torch.Tensor) -> torch.Tensor:
     """The uint8 cache [num_blocks, H_kv, block_size, slot_bytes] as int32 words (a view)."""
     if kv_cache.shape[3] % 4 or any(st % 4 for st in kv_cache.stride()[:3]) or kv_cache.stride(3) != 1:
@@ -1294,8 +1311,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         if first.shape != (t, h_q):
             raise ValueError(f"key_bias first {tuple(first.shape)} does not fit query {tuple(query.shape)}")
         sb = (first.to(torch.float32) * (scale * LOG2E)).contiguous()
-    use_gluon = (bool(dc["gluon"]) and not (bias or sink) and _gluon.gluon_supported(c, bs, nq, dc["gluon_tile"])
-                 and _mma_v2_capable(query.device))
+    use_gluon = _use_gluon(c, dc, bs, nq, query.device, bias or sink)
     segs = num_segs if num_segs is not None else (
         _gluon_segs(b, h_kv, query.device, dc["segs"]) if use_gluon else dc["segs"])
     tabs = (c.k.table_h, c.v.table_h, c.k.pairs, c.v.pairs)
