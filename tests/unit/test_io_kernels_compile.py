@@ -1,7 +1,7 @@
 """The query-rotation and output kernels around the decode grid
 (:func:`e8vllm.kernels.triton.e8_kv._e8_rotate_q_kernel`, ``_e8_output_kernel``) compiled for sm_90
 on a machine without a GPU: the interpreter tests (``test_triton_e8.py``) run their arithmetic, the
-compiler type-checks them (the runtime branches on a scalar, the segment loop, the ``ieee`` products)."""
+compiler type-checks them (the runtime branches on a scalar, the butterflies' reshapes)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def _compile(fn, ptrs: dict[str, str], const: dict):
 
 @pytest.mark.parametrize("d", [64, 128])
 def test_rotate_q_kernel_compiles_for_sm90(d):
-    k = _compile(e8_kv._e8_rotate_q_kernel, {"q_ptr": "*bf16", "qr_ptr": "*fp32", "m_ptr": "*fp32"},
-                 dict(D=d, BH=e8_kv.HEAD_BLOCK, KC=e8_kv.COL_CHUNK))
+    k = _compile(e8_kv._e8_rotate_q_kernel, {"q_ptr": "*bf16", "qr_ptr": "*fp32", "pm1_ptr": "*fp32", "mul": "fp32"},
+                 dict(D=d, BH=e8_kv.HEAD_BLOCK, LOG_B=d.bit_length() - 1))
     assert "st.global" in k.asm["ptx"]
 
 
@@ -42,7 +42,7 @@ def test_rotate_q_kernel_compiles_for_sm90(d):
                          ids=["decode", "mixed", "decode-6-segments", "tile-grid-only"])
 def test_output_kernel_compiles_for_sm90(ws, has_o, segs, out):
     ptrs = {"out_ptr": out, "o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "ws_o_ptr": "*fp32",
-            "qsl_ptr": "*i32", "u_ptr": "*fp32"}
-    k = _compile(e8_kv._e8_output_kernel, ptrs, dict(D=128, NUM_SEGS=segs, SEGS_P2=triton.next_power_of_2(segs), BH=e8_kv.HEAD_BLOCK, KC=e8_kv.COL_CHUNK,
+            "qsl_ptr": "*i32", "pm1_ptr": "*fp32", "inv_sqrt_b": "fp32"}
+    k = _compile(e8_kv._e8_output_kernel, ptrs, dict(D=128, NUM_SEGS=segs, SEGS_P2=triton.next_power_of_2(segs), LOG_B=7,
                                                      WS=ws, HAS_O=has_o))
     assert "st.global" in k.asm["ptx"]

@@ -335,13 +335,25 @@ def test_prepare_device_constants_caches_what_attention_uses():
     fmt = E8KVFormat.from_bits(64, 3, 2)
     e8_kv.prepare_device_constants(fmt, DEV, 0.125)
     c = e8_kv.TritonE8Format.get(fmt, DEV)
-    m = e8_kv._Q_MATRICES[(id(c), 0.125)]
-    assert m.device.type == torch.device(DEV).type
-    torch.testing.assert_close(m, c.q_rot * (0.125 * e8_kv.LOG2E))
+    assert c.k.pm1.device.type == torch.device(DEV).type
     case = random_case(fmt, [20], [1], h_q=4, h_kv=2)
     triton_paged_attention(case.query.to(DEV), case.kv_cache.to(DEV), case.query_start_loc.to(DEV),
                            case.seq_lens.to(DEV), case.block_table.to(DEV), fmt, max_query_len=1, scale=0.125)
-    assert e8_kv.TritonE8Format.get(fmt, DEV) is c and e8_kv._Q_MATRICES[(id(c), 0.125)] is m
+    assert e8_kv.TritonE8Format.get(fmt, DEV) is c
+
+
+@pytest.mark.parametrize("d,bits,variant", [(64, (3, 2), ""), (128, (4, 4), ""), (128, (4, 4), "switched")])
+def test_rotations_are_signed_block_hadamards(d, bits, variant):
+    """The query-rotation and output kernels rotate by butterflies: that is exact only because the
+    codecs' rotations are R_kᵀ = diag(s) blockdiag(H_b) / √b (``pm1`` / √b) and R_v = its transpose for
+    the values' signs; the dense matrices of the formats say so."""
+    from e8vllm.kernels.triton import e8_kv
+
+    fmt = E8KVFormat.from_bits(d, *bits, variant)
+    c = e8_kv.TritonE8Format.get(fmt, "cpu")
+    torch.testing.assert_close(c.q_rot, c.k.pm1 * c.k.inv_sqrt_b, rtol=0, atol=1e-7)
+    torch.testing.assert_close(c.o_unrot, c.v.pm1.t() * c.v.inv_sqrt_b, rtol=0, atol=1e-7)
+    assert c.k.block & (c.k.block - 1) == 0 and d % c.k.block == 0 and c.v.block == c.k.block
 
 
 def test_constants_ignore_the_default_device():

@@ -23,17 +23,21 @@ PTRS = {"k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64", "cache_ptr": "*u
         **{f"{p}_{t}": "*fp32" for p in "kv" for t in ("pm1", "tab", "mid", "fac", "stab")}}
 
 
-@pytest.mark.parametrize("block_rows,par,how,log_b", [(1, True, "floor", 0), (1, True, "ceil", 0), (2, False, None, 0),
-                                                     (1, True, "floor", 7)],
-                         ids=["one-row-parallel-8+1", "one-row-parallel-16", "two-rows-loop", "one-row-butterflies"])
-def test_write_kernel_compiles_for_sm90(block_rows, par, how, log_b):
+@pytest.mark.parametrize("block_rows,par,how,log_b,sets", [(1, True, "floor", 0, 2), (1, True, "ceil", 0, 2),
+                                                          (2, False, None, 0, 2), (1, True, "floor", 7, 2),
+                                                          (2, True, "floor", 0, 1), (1, True, "floor", 7, 1)],
+                         ids=["one-row-parallel-8+1", "one-row-parallel-16", "two-rows-loop", "one-row-butterflies",
+                              "fp16-scales-two-rows-parallel", "fp16-scales-one-row-butterflies"])
+def test_write_kernel_compiles_for_sm90(block_rows, par, how, log_b, sets):
+    """Each small-write setting; ``sets`` 1: the ``e8-*`` formats (fp16 scales, a candidate loop over
+    scale factors), 2: ``e8s-*`` / ``e8c-*`` (table sets, exponent bytes)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = e8_kv._e8_write_kernel
     nc = e8_kv.par_candidates(9, how) if par else 1
     assert nc == {"floor": 8, "ceil": 16, None: 1}[how]
-    const = dict(D=128, KB=4, VB=4, KNS=9, VNS=9, BLOCK_R=block_rows, KS=2, VS=2, KGB=2, VGB=2, PAR=par, KNC=nc,
+    const = dict(D=128, KB=4, VB=4, KNS=9, VNS=9, BLOCK_R=block_rows, KS=sets, VS=sets, KGB=sets, VGB=sets, PAR=par, KNC=nc,
                  VNC=nc, LOG_B=log_b)
     sig = {a: ("constexpr" if a in const else PTRS.get(a, "i32")) for a in fn.arg_names}
     try:

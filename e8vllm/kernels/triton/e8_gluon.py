@@ -45,7 +45,7 @@ table goes through shared memory:
   with fp16 operands and float32 accumulation, scaled per key by its scale s_k, an online softmax in
   base 2 per query head, P^T·s_v in fp16 moved to the B-operand layout (16 × N values, within the
   warp), O^T += Ṽ^T·P^T. Partials (m, l, unnormalized o in the natural rotated order) go to the same
-  workspace as the Triton kernel's and are merged by its reduce kernel. The numbers are the Triton
+  workspace as the Triton kernel's and are merged by the same output kernel. The numbers are the Triton
   kernel's (same operand precision), only summed in another order.
 
 Settings (``e8_kv.DECODE_CONFIG``, keys ``gluon_*``; timed on the H200 in sessions 11 and 12, 64 x 8k,
@@ -732,7 +732,7 @@ def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.
                  maxnreg: int = 0, tile: int = TILE, key_pairs: bool = False, prefetch: int = 0, lut: int = 0,
                  lazy: bool = False, order: bool = False, diag: int = 0, async_ring: int = 0, arith: int = 0) -> None:
     """Launch the decode grid (num_seqs, H_kv, segs) writing the workspaces of
-    ``e8_kv._e8_reduce_kernel``. qr: float32 [T, H_q, D] rotated and scaled (natural order)."""
+    ``e8_kv._e8_output_kernel``. qr: float32 [T, H_q, D] rotated and scaled (natural order)."""
     h_q, d = qr.shape[1], qr.shape[2]
     consts = launch_constexprs(fmt, nq=h_q // num_kv_heads, d=d, block_size=block_size, segs=segs, tile=tile,
                                key_pairs=key_pairs, prefetch=prefetch, lut=lut, lazy=lazy, order=order, diag=diag,

@@ -52,13 +52,17 @@ Kernels:
   default on GPUs) the same with each index built by one inline-PTX ``lop3`` (the compiler would
   otherwise add the coset's table offset to every value's address with a separate multiply-add).
   :func:`_e8_decode_kernel`: flash-decoding (one query token per sequence, the context split in
-  ``segs`` segments, partials merged by :func:`_e8_reduce_kernel`); for 4-bit codes without key
+  ``segs`` segments, partials merged by :func:`_e8_output_kernel`); for 4-bit codes without key
   centers the decode grid is :mod:`.e8_gluon`'s kernel instead (``gluon`` setting; the same
   partials, the same merge); :func:`_e8_tile_attn_kernel`: the
   general grid (prefill, chunked prefill, mixed batches; query tiles found by a binary search over
   ``query_start_loc`` like vLLM's ``triton_unified_attention``). The query tile holds ``BLOCK_Q``
   query tokens × the query heads of one kv head, so every code is decoded once per tile for all
   heads that use it. Settings: :data:`DECODE_CONFIG`, :data:`PREFILL_CONFIG`.
+* around them, :func:`_e8_rotate_q_kernel` (the queries rotated by the keys' rotation and scaled,
+  butterflies) and :func:`_e8_output_kernel` (the decode grid's partials merged, every row un-rotated
+  by the values' rotation, butterflies, and stored in the output's dtype): a decode layer is four
+  launches, the write, these two and the decode grid.
 
 Nothing here synchronizes with the host: sequence lengths, block tables and slot mappings are
 read on the device; the host only uses tensor shapes and the metadata's Python ints
@@ -250,8 +254,8 @@ class TritonE8Format:
     v: _CodecConsts
     k_bytes: int
     slot_bytes: int
-    q_rot: torch.Tensor   # float32 [D, D]: R_kᵀ (q̃ = q @ q_rot)
-    o_unrot: torch.Tensor  # float32 [D, D]: R_v (o = õ @ o_unrot)
+    q_rot: torch.Tensor   # float32 [D, D]: R_kᵀ (q̃ = q @ q_rot) = k.pm1 / √b: the kernels use the butterflies
+    o_unrot: torch.Tensor  # float32 [D, D]: R_v (o = õ @ o_unrot) = v.pm1ᵀ / √b (references and tests)
 
     @property
     def v_fields_off(self) -> int:
@@ -479,8 +483,8 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
         if SETS == 2:
             s = tl.load(stab_ptr + e0 + si)
         else:
-            f = tl.load(fac_ptr + si)
-            s = tl.minimum(tl.maximum(rms * f, -_FP16_MAX), _FP16_MAX).to(tl.float16).to(tl.float32)
+            f1 = tl.load(fac_ptr + si)  # not ``f``: the side-by-side search's f is a tensor (a loop-carried type)
+            s = tl.minimum(tl.maximum(rms * f1, -_FP16_MAX), _FP16_MAX).to(tl.float16).to(tl.float32)
             s = tl.where(s > 0, s, 1.0)
         u1 = tl.math.div_rn(y3, s[:, None, None])  # (names apart from the side-by-side search's: other shapes)
         v1, c1, sw1, err1 = _best_of_sets(u1, tab_ptr, mid_ptr, K, i8, BLOCK_R, G, SETS, GB)
@@ -1057,31 +1061,28 @@ def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, 
     tl.store(o_ptr + (tok * so0 + head * so1)[:, None] + d[None, :], acc, mask=rvalid[:, None])
 
 
-#: query heads per program of the query-rotation and output kernels (``tl.dot`` needs 16 rows; fewer
-#: heads are masked) and the width of their column chunks (one [16, KC] x [KC, D] product per chunk)
+#: query heads per program of the query-rotation kernel
 HEAD_BLOCK = 16
-COL_CHUNK = 32
 
 
 @triton.jit
-def _e8_rotate_q_kernel(q_ptr, sq0, sq1, qr_ptr, m_ptr, num_heads, D: tl.constexpr, BH: tl.constexpr,
-                        KC: tl.constexpr):
-    """q̃ = q · M for BH query heads of one token row (program (row, head block)): q [T, H_q, D] in
-    its own dtype and strides (last dim contiguous), M = R_kᵀ · scale · log2(e) float32 [D, D], q̃ float32
-    [T, H_q, D] contiguous; the product in float32 (``ieee``), one column chunk of q at a time. One
-    kernel instead of a cast and a GEMM."""
+def _e8_rotate_q_kernel(q_ptr, sq0, sq1, qr_ptr, pm1_ptr, mul, num_heads, D: tl.constexpr, BH: tl.constexpr,
+                        LOG_B: tl.constexpr):
+    """q̃ = ((q ⊙ s) · blockdiag(H_b)) · mul for BH query heads of one token row (program (row, head
+    block)), i.e. q · R_kᵀ · scale · log2(e) with mul = scale · log2(e) / √b: the keys' rotation
+    (P = diag(s) blockdiag(H_b), :class:`_CodecConsts` ``pm1``; the signs s are P's entries on each
+    block's first column) by butterflies in float32 (:func:`_fwht_rows`). q [T, H_q, D] in its own
+    dtype and strides (last dim contiguous); q̃ float32 [T, H_q, D] contiguous. One kernel and no
+    matrix instead of a cast and a GEMM."""
     row = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     hmask = heads < num_heads
     d = tl.arange(0, D)
-    kc = tl.arange(0, KC)
-    acc = tl.zeros([BH, D], dtype=tl.float32)
-    for c in tl.static_range(D // KC):
-        qc = tl.load(q_ptr + row * sq0 + heads[:, None].to(tl.int64) * sq1 + c * KC + kc[None, :],
-                     mask=hmask[:, None], other=0.0).to(tl.float32)
-        mc = tl.load(m_ptr + (c * KC + kc)[:, None] * D + d[None, :])
-        acc += tl.dot(qc, mc, input_precision="ieee")
-    tl.store(qr_ptr + (row * num_heads + heads[:, None]) * D + d[None, :], acc, mask=hmask[:, None])
+    sgn = tl.load(pm1_ptr + d * D + ((d >> LOG_B) << LOG_B))
+    x = tl.load(q_ptr + row * sq0 + heads[:, None].to(tl.int64) * sq1 + d[None, :], mask=hmask[:, None],
+                other=0.0).to(tl.float32)
+    y = _fwht_rows(x * sgn[None, :], BH, D, LOG_B) * mul
+    tl.store(qr_ptr + (row * num_heads + heads[:, None]) * D + d[None, :], y, mask=hmask[:, None])
 
 
 @triton.jit
@@ -1101,54 +1102,43 @@ def _row_seq(qsl_ptr, row, num_seqs):
 
 @triton.jit
 def _e8_output_kernel(out_ptr, so0, so1, o_ptr, oo0, oo1, ws_m_ptr, ws_l_ptr, ws_o_ptr, qsl_ptr, num_seqs,
-                      num_heads, u_ptr, D: tl.constexpr, NUM_SEGS: tl.constexpr, SEGS_P2: tl.constexpr,
-                      BH: tl.constexpr, KC: tl.constexpr, WS: tl.constexpr, HAS_O: tl.constexpr):
-    """The attention output of BH query heads of one token row (program (row, head block)), un-rotated
-    and stored in ``out``'s dtype: out[row] = õ[row] · U with U = R_v float32 [D, D] (``ieee``).
+                      num_heads, pm1_ptr, inv_sqrt_b, D: tl.constexpr, NUM_SEGS: tl.constexpr,
+                      SEGS_P2: tl.constexpr, LOG_B: tl.constexpr, WS: tl.constexpr, HAS_O: tl.constexpr):
+    """The attention output of one (token row, query head) (program (row, head)), un-rotated and stored
+    in ``out``'s dtype: out = õ · R_v = ((õ · blockdiag(H_b)) ⊙ s) / √b (P = diag(s) blockdiag(H_b) the
+    values' ``pm1``), by butterflies in float32 (:func:`_fwht_rows`).
 
     õ: for a row that is the only query token of its sequence, when the split-KV decode grid ran
     (WS), the merge of its NUM_SEGS partials (m, l in base 2, unnormalized o: workspaces [B, H_q,
-    NUM_SEGS(, D)] per sequence; SEGS_P2 the next power of two); for any other row below query_start_loc[-1] the tile grid's
-    normalized output o [T, H_q, D] float32 (HAS_O); rows past the batch get zeros. One kernel
-    instead of a merge, a GEMM and a copy; the merge and the product one column chunk at a time."""
+    NUM_SEGS(, D)] per sequence; SEGS_P2 the next power of two); for any other row below
+    query_start_loc[-1] the tile grid's normalized output o [T, H_q, D] float32 (HAS_O); rows past
+    the batch get zeros. One kernel and no matrix instead of a merge, a GEMM and a copy."""
     row = tl.program_id(0)
-    heads = tl.program_id(1) * BH + tl.arange(0, BH)
-    hmask = heads < num_heads
+    head = tl.program_id(1)
     d = tl.arange(0, D)
-    kc = tl.arange(0, KC)
     seq = _row_seq(qsl_ptr, row, num_seqs)
     in_batch = row < tl.load(qsl_ptr + num_seqs)
     alone = (tl.load(qsl_ptr + seq) == row) & (tl.load(qsl_ptr + seq + 1) == row + 1)
     decoded = (in_batch & alone).to(tl.int32) * WS  # WS: 0 or 1
-    res = tl.zeros([BH, D], dtype=tl.float32)
+    o = tl.zeros([D], dtype=tl.float32)
     if decoded != 0:
-        wi = (seq.to(tl.int64) * num_heads + heads) * NUM_SEGS  # [BH]
         sg = tl.arange(0, SEGS_P2)
-        smask = hmask[:, None] & (sg[None, :] < NUM_SEGS)
-        m = tl.load(ws_m_ptr + wi[:, None] + sg[None, :], mask=smask, other=-float("inf"))
-        l_ = tl.load(ws_l_ptr + wi[:, None] + sg[None, :], mask=smask, other=0.0)
-        mx = tl.max(m, axis=1)
-        mx = tl.where(mx > -float("inf"), mx, 0.0)  # masked heads
-        tot = tl.sum(l_ * tl.exp2(m - mx[:, None]), axis=1)
-        inv = 1.0 / tl.where(tot > 0, tot, 1.0)
-        for c in tl.static_range(D // KC):
-            oc = tl.zeros([BH, KC], dtype=tl.float32)
-            for s in range(NUM_SEGS):
-                w = tl.exp2(tl.load(ws_m_ptr + wi + s, mask=hmask, other=0.0) - mx)
-                oc += w[:, None] * tl.load(ws_o_ptr + (wi[:, None] + s) * D + c * KC + kc[None, :],
-                                           mask=hmask[:, None], other=0.0)
-            uc = tl.load(u_ptr + (c * KC + kc)[:, None] * D + d[None, :])
-            res += tl.dot(oc * inv[:, None], uc, input_precision="ieee")
+        smask = sg < NUM_SEGS
+        wi = (seq.to(tl.int64) * num_heads + head) * NUM_SEGS + sg
+        m = tl.load(ws_m_ptr + wi, mask=smask, other=-float("inf"))
+        l_ = tl.load(ws_l_ptr + wi, mask=smask, other=0.0)
+        w = tl.exp2(m - tl.max(m, axis=0))
+        tot = tl.sum(l_ * w, axis=0)
+        acc = tl.sum(tl.load(ws_o_ptr + wi[:, None] * D + d[None, :], mask=smask[:, None], other=0.0) * w[:, None],
+                     axis=0)
+        o = acc / tl.where(tot > 0, tot, 1.0)
     else:
         if HAS_O:
             if in_batch:
-                for c in tl.static_range(D // KC):
-                    oc = tl.load(o_ptr + row.to(tl.int64) * oo0 + heads[:, None] * oo1 + c * KC + kc[None, :],
-                                 mask=hmask[:, None], other=0.0)
-                    uc = tl.load(u_ptr + (c * KC + kc)[:, None] * D + d[None, :])
-                    res += tl.dot(oc, uc, input_precision="ieee")
-    tl.store(out_ptr + row.to(tl.int64) * so0 + heads[:, None] * so1 + d[None, :],
-             res.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+                o = tl.load(o_ptr + row.to(tl.int64) * oo0 + head * oo1 + d)
+    sgn = tl.load(pm1_ptr + d * D + ((d >> LOG_B) << LOG_B))
+    y = tl.reshape(_fwht_rows(tl.reshape(o, [1, D]), 1, D, LOG_B), [D]) * sgn * inv_sqrt_b
+    tl.store(out_ptr + row.to(tl.int64) * so0 + head * so1 + d, y.to(out_ptr.dtype.element_ty))
 
 
 def _launch(cfg: dict) -> dict:
@@ -1160,26 +1150,13 @@ def _launch(cfg: dict) -> dict:
     return opts
 
 
-_Q_MATRICES: dict[tuple[int, float], torch.Tensor] = {}
-
-
-def _q_matrix(c: TritonE8Format, scale: float) -> torch.Tensor:
-    """R_kᵀ · scale · log2(e), float32 [D, D]; cached."""
-    key = (id(c), scale)
-    m = _Q_MATRICES.get(key)
-    if m is None:
-        m = _Q_MATRICES[key] = c.q_rot * (scale * LOG2E)
-    return m
-
-
 def prepare_device_constants(fmt, device: str, scale: float) -> None:  # noqa: ANN001
-    """Build (and cache) the kernels' constants of ``fmt`` on ``device`` and the query matrix for
-    ``scale`` ahead of time: the first attention call may run inside a CUDA-graph capture, where
+    """Build (and cache) the kernels' constants of ``fmt`` on ``device`` ahead of time (``scale``: the
+    layer's softmax scale, a kernel argument): the first attention call may run inside a CUDA-graph capture, where
     host-to-device copies are not allowed. ``device`` as ``str(kv_cache.device)`` will name it.
     Safe under a default-device context (vLLM builds models under ``torch.device("cuda")``): the
     constants are built on the host and copied to ``device`` explicitly."""
     c = TritonE8Format.get(fmt, device)
-    _q_matrix(c, float(scale))
     if GLUON and c.k.bits == 4 and c.v.bits == 4:  # the table image of the configured key lookup
         _gluon.gluon_tables(c, bool(DECODE_CONFIG["gluon_kp"]), DECODE_CONFIG["gluon_lut"],
                             _gluon_arith(c, DECODE_CONFIG))
@@ -1290,10 +1267,10 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
     pc = PREFILL_CONFIG if prefill is None else kernel_config(PREFILL_CONFIG, prefill, "prefill settings", True)
     if query.stride(2) != 1:
         query = query.contiguous()
-    hb = triton.cdiv(h_q, HEAD_BLOCK)
     qr = torch.empty((t, h_q, d), dtype=torch.float32, device=query.device)
-    _e8_rotate_q_kernel[(t, hb)](query, query.stride(0), query.stride(1), qr, _q_matrix(c, scale), h_q, D=d,
-                                 BH=HEAD_BLOCK, KC=COL_CHUNK, num_warps=4)
+    _e8_rotate_q_kernel[(t, triton.cdiv(h_q, HEAD_BLOCK))](
+        query, query.stride(0), query.stride(1), qr, c.k.pm1, c.k.inv_sqrt_b * scale * LOG2E, h_q, D=d,
+        BH=HEAD_BLOCK, LOG_B=c.k.block.bit_length() - 1, num_warps=4)
     w, trig, first = key_bias if key_bias is not None else (None, None, None)
     bias, sink = w is not None, first is not None
     qb = sb = qr  # placeholders when unused
@@ -1358,10 +1335,10 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
         o = qr  # placeholder, unread
     # merge (decode rows), un-rotation and the store in out's dtype in one kernel
     dst = out if out.stride(2) == 1 else torch.empty((t, h_q, d), dtype=out.dtype, device=out.device)
-    _e8_output_kernel[(t, hb)](dst, dst.stride(0), dst.stride(1), o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o,
-                               query_start_loc, b, h_q, c.o_unrot, D=d, NUM_SEGS=segs if ws else 1,
-                               SEGS_P2=triton.next_power_of_2(segs if ws else 1), BH=HEAD_BLOCK,
-                               KC=COL_CHUNK, WS=int(ws), HAS_O=max_query_len > 1, num_warps=4)
+    _e8_output_kernel[(t, h_q)](dst, dst.stride(0), dst.stride(1), o, o.stride(0), o.stride(1), ws_m, ws_l, ws_o,
+                                query_start_loc, b, h_q, c.v.pm1, c.v.inv_sqrt_b, D=d, NUM_SEGS=segs if ws else 1,
+                                SEGS_P2=triton.next_power_of_2(segs if ws else 1), LOG_B=c.v.block.bit_length() - 1,
+                                WS=int(ws), HAS_O=max_query_len > 1, num_warps=4)
     if dst is not out:
         out[:t].copy_(dst)
     return out
