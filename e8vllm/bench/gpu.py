@@ -614,11 +614,24 @@ def engine_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: i
     print("RESULT", json.dumps(rec), flush=True)
 
 
+def _kernel_totals(prof: Any) -> dict[str, tuple[float, int]]:
+    """{name: (self device time in us, calls)} of a torch.profiler run (CUDA kernels and ops)."""
+    out: dict[str, tuple[float, int]] = {}
+    for e in prof.key_averages():
+        t = float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
+        if t > 0:
+            prev = out.get(e.key, (0.0, 0))
+            out[e.key] = (prev[0] + t, prev[1] + int(e.count))
+    return out
+
+
 def profile_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: int, steps: int, out: str) -> None:
-    """One engine: prefill ``seqs`` prompts, then profile a generate of ``steps`` tokens over the
-    cached prompts (torch.profiler in the engine's process: CUDA kernels and host ops). Writes
-    ``profile_<dtype>.txt`` (the top ops by self CUDA and by self CPU time) next to ``out`` and
-    appends a JSON line (wall time per step, profiled and not) to ``out``."""
+    """One engine: prefill ``seqs`` prompts, then profile (torch.profiler in the engine's process: CUDA
+    kernels, CUDA-graph replays included) a generate of one token over the cached prompts (the
+    prefill step alone) and one of ``steps`` + 1 tokens: their difference per kernel is the decode
+    steps' time. Writes ``profile_<dtype>.txt`` (the top kernels of the long run, and the decode
+    steps' kernels in us per decode step) next to ``out`` and appends a JSON line (wall time per
+    step, the decode kernels per step) to ``out``."""
     import torch
     from vllm import SamplingParams
 
@@ -626,27 +639,36 @@ def profile_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: 
     prompts = [{"prompt_token_ids": [(7919 * i + 104729 * j) % 120000 + 100 for j in range(prompt)]}
                for i in range(seqs)]
     sp = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True, detokenize=False)
-    llm.generate(prompts, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+    llm.generate(prompts, one, use_tqdm=False)
     t = time.time()
     llm.generate(prompts, sp, use_tqdm=False)
     plain = (time.time() - t) / steps
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as p_one:
+        llm.generate(prompts, one, use_tqdm=False)
+        torch.cuda.synchronize()
     with torch.profiler.profile(activities=acts) as prof:
         t = time.time()
         llm.generate(prompts, sp, use_tqdm=False)
         torch.cuda.synchronize()
         profiled = (time.time() - t) / steps
-    ka = prof.key_averages()
+    long_run, prefill = _kernel_totals(prof), _kernel_totals(p_one)
+    decode = {k: ((v[0] - prefill.get(k, (0.0, 0))[0]) / steps, (v[1] - prefill.get(k, (0.0, 0))[1]) / steps)
+              for k, v in long_run.items()}
+    decode = {k: v for k, v in sorted(decode.items(), key=lambda kv: -kv[1][0]) if v[0] > 0.5}
+    lines = [f"{'kernel or op (decode steps: long run minus the prefill-only run)':80s} {'us/step':>10s} {'calls/step':>10s}"]
+    lines += [f"{k[:80]:80s} {v[0]:10.1f} {v[1]:10.2f}" for k, v in list(decode.items())[:40]]
     text = (f"{dtype} ({backend}) {seqs} x {prompt}, {steps} steps: {plain * 1e3:.2f} ms/step "
-            f"({profiled * 1e3:.2f} profiled)\n\n"
-            + ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70) + "\n\n"
-            + ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+            f"({profiled * 1e3:.2f} profiled)\n\n" + "\n".join(lines) + "\n\nlong run (prefill step + decode steps):\n"
+            + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
     Path(out).with_name(f"profile_{safe_label(dtype)}.txt").write_text(text)
     rec = {"dtype": dtype, "backend": backend, "seqs": seqs, "prompt": prompt, "steps": steps,
-           "cuda_graphs": _graphs(), "ms_per_step": plain * 1e3, "ms_per_step_profiled": profiled * 1e3}
+           "cuda_graphs": _graphs(), "ms_per_step": plain * 1e3, "ms_per_step_profiled": profiled * 1e3,
+           "decode_us_per_step": {k: round(v[0], 1) for k, v in list(decode.items())[:40]}}
     with open(out, "a") as f:
         f.write(json.dumps(rec) + "\n")
-    print("PROFILE", json.dumps(rec), flush=True)
+    print("PROFILE", json.dumps(rec)[:3000], flush=True)
     print(text[:6000], flush=True)
 
 
