@@ -487,9 +487,10 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
 
 
 def compiled_resources() -> list[dict[str, Any]]:
-    """Registers, spills, shared memory and warps of every compiled variant of the attention op's
-    kernels in this process (Triton's per-device kernel caches; empty where the layout of those
-    caches differs)."""
+    """Registers, spills, shared memory and warps of every compiled variant, in this process, of the
+    decode path's kernels: the Gluon decode grid, the query rotation and the output kernel (Triton's
+    per-device kernel caches; empty where the layout of those caches differs). The Triton decode and
+    query-tile kernels are not listed."""
     from e8vllm.kernels.triton import e8_gluon, e8_kv
 
     out: list[dict[str, Any]] = []

@@ -232,13 +232,22 @@ def test_attention_decode_rows_skip_empty_sequences(one_thread):
     got = triton_paged_attention(dev[0], dev[1], qsl.to(DEV), seq_lens.to(DEV), bt.to(DEV), case.fmt, max_query_len=1,
                                  num_segs=4).cpu()
     torch.testing.assert_close(got, base, rtol=0, atol=1e-6)
-    qkv = torch.randn(3, 8 + 2 * 2, 64, dtype=torch.float16)
-    qkv[:, :8] = case.query.half()
-    out = triton_paged_attention(qkv[:, :8].to(DEV), *dev[1:], case.fmt, max_query_len=1, num_segs=4).cpu()
+    qkv = torch.randn(3, 8 + 2 * 2, 64, dtype=torch.float16).to(DEV)
+    qkv[:, :8] = case.query.half().to(DEV)
+    q = qkv[:, :8]  # strided on the device
+    assert not q.is_contiguous()
+    out = triton_paged_attention(q, *dev[1:], case.fmt, max_query_len=1, num_segs=4).cpu()
     assert out.dtype == torch.float16
     ref32 = triton_paged_attention(case.query.half().float().to(DEV), *dev[1:], case.fmt, max_query_len=1,
                                    num_segs=4).cpu()
     torch.testing.assert_close(out.float(), ref32, rtol=2e-3, atol=1e-3)
+    # an output whose last dim is strided takes a contiguous buffer and a copy; a wrong shape is refused
+    wide = torch.full((3, 8, 128), 5.0, device=DEV)
+    triton_paged_attention(*dev, case.fmt, max_query_len=1, num_segs=4, out=wide[..., ::2])
+    torch.testing.assert_close(wide[..., ::2].cpu(), base, rtol=0, atol=1e-6)
+    assert torch.all(wide[..., 1::2] == 5.0)
+    with pytest.raises(ValueError, match="does not fit"):
+        triton_paged_attention(*dev, case.fmt, max_query_len=1, out=torch.empty(3, 8, 32, device=DEV))
 
 
 def test_supported_formats():

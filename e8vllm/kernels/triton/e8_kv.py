@@ -1171,7 +1171,7 @@ def _gluon_arith(c: "TritonE8Format", dc: dict) -> int:
     return _gluon.arith_bits(c)
 
 
-#: most KV segments the decode grid takes (the merge kernel holds segments x head size per program)
+#: most KV segments the decode grid takes by default (the output kernel holds segments x head size per program)
 MAX_SEGMENTS = 64
 
 
@@ -1257,6 +1257,8 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if out is None:
         out = torch.zeros(query.shape, dtype=query.dtype, device=query.device)
+    elif out.dim() != 3 or out.shape[0] < t or tuple(out.shape[1:]) != (h_q, d):
+        raise ValueError(f"out {tuple(out.shape)} does not fit query {tuple(query.shape)}")
     b = query_start_loc.shape[0] - 1
     if t == 0 or b <= 0:
         return out
