@@ -329,12 +329,46 @@ def _hadamard(b: int) -> torch.Tensor:
 # write path
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _bucket16(u, mb):
+    """#{k : u > mids[k]} for the 15 increasing midpoints mids = mb[0..14] of a 16-level table, by a
+    branch-free binary search: four comparisons, each against the midpoint its interval's earlier
+    answers select (uniform values), instead of fifteen comparisons and additions. The same count
+    for every u (NaN: 0), so the same codes. Offline (sm_90, Triton 3.6, the default one-row write at
+    2 warps): 5,920 instead of 7,920 SASS instructions, 202 registers and no stack instead of 255 and
+    an 88-byte stack."""
+    m0 = tl.load(mb + 0)
+    m1 = tl.load(mb + 1)
+    m2 = tl.load(mb + 2)
+    m3 = tl.load(mb + 3)
+    m4 = tl.load(mb + 4)
+    m5 = tl.load(mb + 5)
+    m6 = tl.load(mb + 6)
+    m7 = tl.load(mb + 7)
+    m8 = tl.load(mb + 8)
+    m9 = tl.load(mb + 9)
+    m10 = tl.load(mb + 10)
+    m11 = tl.load(mb + 11)
+    m12 = tl.load(mb + 12)
+    m13 = tl.load(mb + 13)
+    m14 = tl.load(mb + 14)
+    b3 = u > m7
+    b2 = u > tl.where(b3, m11, m3)
+    b1 = u > tl.where(b3, tl.where(b2, m13, m9), tl.where(b2, m5, m1))
+    b0 = u > tl.where(b3, tl.where(b2, tl.where(b1, m14, m12), tl.where(b1, m10, m8)),
+                      tl.where(b2, tl.where(b1, m6, m4), tl.where(b1, m2, m0)))
+    return b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
+
+
+@triton.jit
 def _nearest_coset(u, tab_ptr, mid_ptr, C: tl.constexpr, K: tl.constexpr, i8):
     """u float32 [R, G, 8] -> (levels int32 [R, G, 8], squared error float32 [R, G]) in coset C."""
-    v = tl.zeros(u.shape, dtype=tl.int32)
-    for k in tl.static_range(K - 1):
-        m = tl.load(mid_ptr + C * (K - 1) + k)
-        v += (u > m).to(tl.int32)
+    if K == 16:
+        v = _bucket16(u, mid_ptr + C * (K - 1))
+    else:
+        v = tl.zeros(u.shape, dtype=tl.int32)
+        for k in tl.static_range(K - 1):
+            m = tl.load(mid_ptr + C * (K - 1) + k)
+            v += (u > m).to(tl.int32)
     tv = tl.load(tab_ptr + C * K + v)
     base = (u - tv) * (u - tv)
     tu = tl.load(tab_ptr + C * K + tl.minimum(v + 1, K - 1))
