@@ -655,18 +655,18 @@ def profile_worker(model_dir: str, dtype: str, backend: str, seqs: int, prompt: 
         torch.cuda.synchronize()
         profiled = (time.time() - t) / steps
     long_run, prefill = _kernel_totals(prof), _kernel_totals(p_one)
-    decode = {k: ((v[0] - prefill.get(k, (0.0, 0))[0]) / steps, (v[1] - prefill.get(k, (0.0, 0))[1]) / steps)
-              for k, v in long_run.items()}
-    decode = {k: v for k, v in sorted(decode.items(), key=lambda kv: -kv[1][0]) if v[0] > 0.5}
+    decode = {k: ((t - prefill.get(k, (0.0, 0))[0]) / steps, (n - prefill.get(k, (0.0, 0))[1]) / steps)
+              for k, (t, n) in long_run.items()}
+    top = [(k, v) for k, v in sorted(decode.items(), key=lambda kv: -kv[1][0]) if v[0] > 0.5][:40]
     lines = [f"{'kernel or op (decode steps: long run minus the prefill-only run)':80s} {'us/step':>10s} {'calls/step':>10s}"]
-    lines += [f"{k[:80]:80s} {v[0]:10.1f} {v[1]:10.2f}" for k, v in list(decode.items())[:40]]
+    lines += [f"{k[:80]:80s} {v[0]:10.1f} {v[1]:10.2f}" for k, v in top]
     text = (f"{dtype} ({backend}) {seqs} x {prompt}, {steps} steps: {plain * 1e3:.2f} ms/step "
             f"({profiled * 1e3:.2f} profiled)\n\n" + "\n".join(lines) + "\n\nlong run (prefill step + decode steps):\n"
             + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
     Path(out).with_name(f"profile_{safe_label(dtype)}.txt").write_text(text)
     rec = {"dtype": dtype, "backend": backend, "seqs": seqs, "prompt": prompt, "steps": steps,
            "cuda_graphs": _graphs(), "ms_per_step": plain * 1e3, "ms_per_step_profiled": profiled * 1e3,
-           "decode_us_per_step": {k: round(v[0], 1) for k, v in list(decode.items())[:40]}}
+           "decode_us_per_step": {k: round(v[0], 1) for k, v in top}}
     with open(out, "a") as f:
         f.write(json.dumps(rec) + "\n")
     print("PROFILE", json.dumps(rec)[:3000], flush=True)

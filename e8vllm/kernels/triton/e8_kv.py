@@ -439,6 +439,14 @@ def _fwht_rows(y, BLOCK_R: tl.constexpr, D: tl.constexpr, LOG_B: tl.constexpr):
 
 
 @triton.jit
+def _rotation_signs(pm1_ptr, D: tl.constexpr, LOG_B: tl.constexpr):
+    """The signs s float32 [D] of P = diag(s) blockdiag(H_b) (b = 2^LOG_B): P's entries on each block's
+    first column (H_b's first column is all ones)."""
+    d = tl.arange(0, D)
+    return tl.load(pm1_ptr + d * D + ((d >> LOG_B) << LOG_B))
+
+
+@triton.jit
 def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_off, scale_off,
                 pm1_ptr, inv_sqrt_b, tab_ptr, mid_ptr, fac_ptr, stab_ptr, n_rows, H, block_size,
                 D: tl.constexpr, BITS: tl.constexpr, NS: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -467,7 +475,7 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
         pm1 = tl.load(pm1_ptr + d[:, None] * D + d[None, :])
         y = tl.dot(x, pm1, input_precision="ieee") * inv_sqrt_b  # [R, D] rotated
     elif LOG_B > 0:  # few rows per program, butterflies: (x ⊙ s) blockdiag(H_b), the reference's sums
-        sgn = tl.load(pm1_ptr + d * D + ((d >> LOG_B) << LOG_B))  # P[i, block start of i] = s_i
+        sgn = _rotation_signs(pm1_ptr, D, LOG_B)
         x = tl.load(x_rows + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
         y = _fwht_rows(x * sgn[None, :], BLOCK_R, D, LOG_B) * inv_sqrt_b
     else:  # few rows per program (small writes: decode steps): x P as 16-column products, summed
@@ -1104,15 +1112,14 @@ def _e8_rotate_q_kernel(q_ptr, sq0, sq1, qr_ptr, pm1_ptr, mul, num_heads, D: tl.
                         LOG_B: tl.constexpr):
     """q̃ = ((q ⊙ s) · blockdiag(H_b)) · mul for BH query heads of one token row (program (row, head
     block)), i.e. q · R_kᵀ · scale · log2(e) with mul = scale · log2(e) / √b: the keys' rotation
-    (P = diag(s) blockdiag(H_b), :class:`_CodecConsts` ``pm1``; the signs s are P's entries on each
-    block's first column) by butterflies in float32 (:func:`_fwht_rows`). q [T, H_q, D] in its own
+    (P = diag(s) blockdiag(H_b), :class:`_CodecConsts` ``pm1``; :func:`_rotation_signs`) by butterflies in float32 (:func:`_fwht_rows`). q [T, H_q, D] in its own
     dtype and strides (last dim contiguous); q̃ float32 [T, H_q, D] contiguous. One kernel and no
     matrix instead of a cast and a GEMM."""
     row = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     hmask = heads < num_heads
     d = tl.arange(0, D)
-    sgn = tl.load(pm1_ptr + d * D + ((d >> LOG_B) << LOG_B))
+    sgn = _rotation_signs(pm1_ptr, D, LOG_B)
     x = tl.load(q_ptr + row * sq0 + heads[:, None].to(tl.int64) * sq1 + d[None, :], mask=hmask[:, None],
                 other=0.0).to(tl.float32)
     y = _fwht_rows(x * sgn[None, :], BH, D, LOG_B) * mul
@@ -1170,7 +1177,7 @@ def _e8_output_kernel(out_ptr, so0, so1, o_ptr, oo0, oo1, ws_m_ptr, ws_l_ptr, ws
         if HAS_O:
             if in_batch:
                 o = tl.load(o_ptr + row.to(tl.int64) * oo0 + head * oo1 + d)
-    sgn = tl.load(pm1_ptr + d * D + ((d >> LOG_B) << LOG_B))
+    sgn = _rotation_signs(pm1_ptr, D, LOG_B)
     y = tl.reshape(_fwht_rows(tl.reshape(o, [1, D]), 1, D, LOG_B), [D]) * sgn * inv_sqrt_b
     tl.store(out_ptr + row.to(tl.int64) * so0 + head * so1 + d, y.to(out_ptr.dtype.element_ty))
 
@@ -1237,15 +1244,19 @@ def _use_gluon(c: TritonE8Format, dc: dict, block_size: int, nq: int, device: to
             and _mma_v2_capable(device))
 
 
+def _default_segs(use_gluon: bool, num_seqs: int, h_kv: int, device: torch.device, dc: dict) -> int:
+    """KV segments of the decode grid: :func:`_gluon_segs` for the Gluon kernel, else ``dc["segs"]``."""
+    return _gluon_segs(num_seqs, h_kv, device, dc["segs"]) if use_gluon else dc["segs"]
+
+
 def decode_segments(num_seqs: int, h_kv: int, device: torch.device, dc: dict | None = None, *, fmt=None,  # noqa: ANN001
                     block_size: int = 16, nq: int = 1, biased: bool = False) -> int:
     """KV segments of the decode grid that :func:`triton_paged_attention` takes by default for a
     decode batch of ``num_seqs`` sequences (``dc``: decode settings, default :data:`DECODE_CONFIG`;
     ``fmt`` the ``E8KVFormat``, ``nq`` query heads per kv head, ``biased`` with key centers)."""
     dc = DECODE_CONFIG if dc is None else dc
-    if fmt is not None and _use_gluon(TritonE8Format.get(fmt, str(device)), dc, block_size, nq, device, biased):
-        return _gluon_segs(num_seqs, h_kv, device, dc["segs"])
-    return dc["segs"]
+    gluon = fmt is not None and _use_gluon(TritonE8Format.get(fmt, str(device)), dc, block_size, nq, device, biased)
+    return _default_segs(gluon, num_seqs, h_kv, device, dc)
 
 
 def _cache_words(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -1325,13 +1336,13 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             raise ValueError(f"key_bias first {tuple(first.shape)} does not fit query {tuple(query.shape)}")
         sb = (first.to(torch.float32) * (scale * LOG2E)).contiguous()
     use_gluon = _use_gluon(c, dc, bs, nq, query.device, bias or sink)
-    segs = num_segs if num_segs is not None else (
-        _gluon_segs(b, h_kv, query.device, dc["segs"]) if use_gluon else dc["segs"])
+    segs = num_segs if num_segs is not None else _default_segs(use_gluon, b, h_kv, query.device, dc)
     tabs = (c.k.table_h, c.v.table_h, c.k.pairs, c.v.pairs)
     sets = dict(k_stab=c.k.scales, v_stab=c.v.scales, KS=c.k.sets, VS=c.v.sets, KGB=c.k.group_blocks,
                 VGB=c.v.group_blocks)
     strides = (words.stride(0), words.stride(1), words.stride(2))
     split = max_query_len > 1 and bool(pc["split_decode"])
+    ws = max_query_len <= 1 or split  # the split-KV decode grid runs (its partials go to the output kernel)
     if max_query_len > 1:
         nq_pad = triton.next_power_of_2(nq)
         block_m = max(pc["block_m"], nq_pad)
@@ -1342,7 +1353,7 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
             block_table.stride(0), query_start_loc, seq_lens, b, qb, trig, sb, h_q, NQ=nq, NQ_PAD=nq_pad,
             BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=pc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits, BLOCK_SIZE=bs,
             LUT=KERNELS[pc["kernel"]], BIAS=bias, SINK=sink, SKIP_DECODE=split, **sets, **_launch(pc))
-    if max_query_len <= 1 or split:
+    if ws:
         # the split-KV decode grid over the sequences with one query token (all of them in a decode
         # batch; in a mixed batch the ones the tile grid skipped); workspaces per sequence, not per
         # query token (a mixed batch holds a prefill chunk's tokens as well)
@@ -1364,7 +1375,6 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
                 BLOCK_M=max(16, triton.next_power_of_2(nq)), TILE_N=dc["tile_n"], D=d, KB=c.k.bits, VB=c.v.bits,
                 BLOCK_SIZE=bs, NUM_SEGS=segs, LUT=KERNELS[dc["kernel"]], BIAS=bias, SINK=sink,
                 PREFETCH=bool(dc["prefetch"]), **sets, **_launch(dc))
-    ws = max_query_len <= 1 or split
     if not ws:  # placeholders, unread
         ws_m = ws_l = ws_o = qr
     if max_query_len <= 1:
