@@ -1153,11 +1153,19 @@ def _e8_output_kernel(out_ptr, so0, so1, o_ptr, oo0, oo1, ws_m_ptr, ws_l_ptr, ws
     (WS), the merge of its NUM_SEGS partials (m, l in base 2, unnormalized o: workspaces [B, H_q,
     NUM_SEGS(, D)] per sequence; SEGS_P2 the next power of two); for any other row below
     query_start_loc[-1] the tile grid's normalized output o [T, H_q, D] float32 (HAS_O); rows past
-    the batch get zeros. One kernel and no matrix instead of a merge, a GEMM and a copy."""
+    the batch get zeros. One kernel and no matrix instead of a merge, a GEMM and a copy. A row r that is
+    the only query token of sequence r (every row of a decode batch) skips the search for its sequence
+    (:func:`_row_seq`: log2(B) dependent loads)."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     d = tl.arange(0, D)
-    seq = _row_seq(qsl_ptr, row, num_seqs)
+    direct = False  # row r the only query token of sequence r (a decode batch): no search
+    if row < num_seqs:
+        direct = (tl.load(qsl_ptr + row) == row) & (tl.load(qsl_ptr + row + 1) == row + 1)
+    if direct:
+        seq = row
+    else:
+        seq = _row_seq(qsl_ptr, row, num_seqs)
     in_batch = row < tl.load(qsl_ptr + num_seqs)
     alone = (tl.load(qsl_ptr + seq) == row) & (tl.load(qsl_ptr + seq + 1) == row + 1)
     decoded = (in_batch & alone).to(tl.int32) * WS  # WS: 0 or 1
