@@ -435,12 +435,13 @@ def run_kernel(batches: list[int], contexts: list[int], dtypes: list[str]) -> di
 
 
 #: the write benchmark's settings: (rows per program, candidates side by side, "floor" / "ceil", small-write
-#: rotation, warps per program; None: the 16-row path's tl.dot and 8 warps); the session-11 ones (ceil,
-#: 2 rows side by side or in a loop with the 16-column products) are in ``results/gpu/write_s11.json``
-#: and ``write_s12.json``
-_WRITE_SETTINGS = ((1, True, "floor", "dot", 4), (1, True, "floor", "fwht", 4), (1, True, "floor", "fwht", 8),
-                   (1, True, "floor", "dot", 8), (1, True, "floor", "fwht", 2), (2, True, "floor", "fwht", 4),
-                   (2, False, None, "fwht", 4), (4, False, None, "fwht", 4), (16, False, None, None, None))
+#: rotation, warps per program, register cap (0: none); None: the 16-row path's tl.dot and 8 warps); the
+#: session-11 ones (2 rows side by side or in a loop with the 16-column products) are in
+#: ``results/gpu/write_s11.json`` and ``write_s12.json``, session 14's ('dot', 8 warps) in ``write_s14.json``
+_WRITE_SETTINGS = ((1, True, "floor", "fwht", 2, 0), (1, True, "floor", "fwht", 4, 0), (1, True, "floor", "fwht", 1, 0),
+                   (1, True, "floor", "fwht", 2, 128), (1, True, "floor", "fwht", 2, 168),
+                   (1, True, "floor", "fwht", 4, 128), (1, True, "ceil", "fwht", 2, 0), (1, True, "ceil", "fwht", 4, 0),
+                   (2, True, "floor", "fwht", 4, 0), (16, False, None, None, None, 0))
 
 
 def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
@@ -450,11 +451,13 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
     :func:`e8vllm.kernels.triton.e8_kv.write_block_rows`, is marked), the scale candidates side by
     side ('parallel', 1 or 2 rows) or in a loop, the small-write rotation (16-column products 'dot'
     or butterflies 'fwht', ``E8VLLM_WRITE_ROTATION``) and warps per program
-    (``E8VLLM_SMALL_WRITE_WARPS``), each in a CUDA graph; saves ``write.json``."""
+    (``E8VLLM_SMALL_WRITE_WARPS``) and register cap (``E8VLLM_SMALL_WRITE_MAXNREG``), each in a CUDA graph;
+    saves ``write.json``."""
     import torch
 
     from e8vllm.kernels.triton import triton_write_kv_cache
-    from e8vllm.kernels.triton.e8_kv import PAR_CANDIDATES, WRITE_ROTATION, small_write_warps, write_block_rows
+    from e8vllm.kernels.triton.e8_kv import (PAR_CANDIDATES, SMALL_WRITE_MAXNREG, WRITE_ROTATION, small_write_warps,
+                                             write_block_rows)
 
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
@@ -466,19 +469,21 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
             k = torch.randn(n, H_KV, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
             slots = torch.randperm(cache.shape[0] * BS, device="cuda")[:n]
-            for br, par, how, rot, nw in _WRITE_SETTINGS:
-                fn = lambda br=br, par=par, how=how, rot=rot, nw=nw: triton_write_kv_cache(  # noqa: E731
-                    k, v, cache, slots, fmt, block_rows=br, parallel=par, candidates=how, rotation=rot, warps=nw)
+            for br, par, how, rot, nw, mr in _WRITE_SETTINGS:
+                fn = lambda br=br, par=par, how=how, rot=rot, nw=nw, mr=mr: triton_write_kv_cache(  # noqa: E731
+                    k, v, cache, slots, fmt, block_rows=br, parallel=par, candidates=how, rotation=rot, warps=nw,
+                    maxnreg=mr)
                 t, graphed = _time_graph(fn)
                 small = br < 16
                 r = {"dtype": dt, "tokens": n, "block_rows": br, "parallel_scales": par, "candidates": how,
-                     "rotation": rot or "dot", "warps": nw or 8,  # 16 rows: tl.dot, 8 warps
+                     "rotation": rot or "dot", "warps": nw or 8, "maxnreg": mr,  # 16 rows: tl.dot, 8 warps
                      "default": (br == write_block_rows(n * H_KV) and par == (br == 1) and how in (None, PAR_CANDIDATES)
-                                 and (not small or (rot == WRITE_ROTATION and nw == small_write_warps(n * H_KV, rot)))),
+                                 and (not small or (rot == WRITE_ROTATION and nw == small_write_warps(n * H_KV, rot)
+                                                    and mr == SMALL_WRITE_MAXNREG))),
                      "time_s": t, "graph": graphed}
                 rows.append(r)
                 print(f"write {dt:10s} {n:6d} tokens  block_rows {br:2d} {'parallel ' + how if par else 'loop':14s}"
-                      f" {r['rotation']:4s} {r['warps']} warps"
+                      f" {r['rotation']:4s} {r['warps']} warps{f' maxnreg {mr}' if mr else ''}"
                       f"{' (default)' if r['default'] else '          '}  {t * 1e6:9.1f} us", flush=True)
             del cache
     res = {"device": torch.cuda.get_device_name(), "rows": rows}
@@ -886,20 +891,21 @@ def report(src: Path = RESULTS) -> str:
         lines += [f"Write op ({wj.name}): rotate + encode + pack + scatter of K and V (H_kv 8, D 128) for n new "
                   "tokens, by rows per program, in a CUDA graph (us; * = the default then).", "",
                   ]
-        # columns: (rows per program, scale candidates side by side, rotation, warps) in the order first seen
-        cols: list[tuple[int, bool, str, str, int]] = []
-        by: dict[tuple[str, int], dict[tuple[int, bool, str, str, int], str]] = {}
+        # columns: (rows per program, scale candidates side by side, rotation, warps, register cap) in the order first seen
+        cols: list[tuple[int, bool, str, str, int, int]] = []
+        by: dict[tuple[str, int], dict[tuple[int, bool, str, str, int, int], str]] = {}
         for r in rows:
             par = bool(r.get("parallel_scales", False))
             small = r["block_rows"] < 16
             key = (r["block_rows"], par, (r.get("candidates") or "ceil") if par else "",
-                   r.get("rotation", "dot"), r.get("warps", 4 if small else 8))
+                   r.get("rotation", "dot"), r.get("warps", 4 if small else 8), r.get("maxnreg") or 0)
             if key not in cols:
                 cols.append(key)
             by.setdefault((r["dtype"], r["tokens"]), {})[key] = (
                 f"{r['time_s'] * 1e6:.1f}{'*' if r.get('default') else ''}")
         names = [f"{br} row{'s' if br > 1 else ''}{f' (parallel scales, {how})' if par else ''}"
-                 + (f", {rot}, {nw} warps" if br < 16 else "") for br, par, how, rot, nw in cols]
+                 + (f", {rot}, {nw} warps" if br < 16 else "") + (f", maxnreg {mr}" if mr else "")
+                 for br, par, how, rot, nw, mr in cols]
         lines += ["| dtype | tokens | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(cols)]
         for (dt, n), t in by.items():
             lines.append(f"| {dt} | {n} | " + " | ".join(t.get(c, "") for c in cols) + " |")

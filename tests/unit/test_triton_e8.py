@@ -27,14 +27,14 @@ from e8vllm.kernels.triton.cases import random_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
-def _write_both(case, slots=None, block_rows=None, parallel=None, candidates=None, rotation=None):
+def _write_both(case, slots=None, block_rows=None, parallel=None, candidates=None, rotation=None, maxnreg=None):
     """The reference writer's cache and the kernel's for ``case`` (K/V not yet written)."""
     slots = case.slots if slots is None else slots
     ref = torch.zeros_like(case.kv_cache)
     write_kv_cache(case.key, case.value, ref, slots, case.fmt)
     got = torch.zeros_like(case.kv_cache).to(DEV)
     triton_write_kv_cache(case.key.to(DEV), case.value.to(DEV), got, slots.to(DEV), case.fmt, block_rows=block_rows,
-                          parallel=parallel, candidates=candidates, rotation=rotation)
+                          parallel=parallel, candidates=candidates, rotation=rotation, maxnreg=maxnreg)
     return ref, got.cpu()
 
 
@@ -69,6 +69,14 @@ def test_write_rows_per_program(monkeypatch):
             e8_kv._small_write_warps(bad)
     with pytest.raises(ValueError, match="rotation must be 'dot' or 'fwht'"):
         _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), rotation="matmul")
+    # a register cap for small writes: 0 (none) or 24..255
+    assert e8_kv._small_write_maxnreg("") == e8_kv._small_write_maxnreg("0") == 0
+    assert e8_kv._small_write_maxnreg("128") == 128
+    for bad in ("16", "256", "-1", "lots"):
+        with pytest.raises(ValueError, match="E8VLLM_SMALL_WRITE_MAXNREG"):
+            e8_kv._small_write_maxnreg(bad)
+    with pytest.raises(ValueError, match="maxnreg must be 0"):
+        _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), block_rows=1, maxnreg=300)
     with pytest.raises(ValueError, match="16 rows per program rotate by tl.dot"):
         _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), block_rows=16, rotation="fwht")
 

@@ -23,14 +23,17 @@ PTRS = {"k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64", "cache_ptr": "*u
         **{f"{p}_{t}": "*fp32" for p in "kv" for t in ("pm1", "tab", "mid", "fac", "stab")}}
 
 
-@pytest.mark.parametrize("block_rows,par,how,log_b,sets", [(1, True, "floor", 0, 2), (1, True, "ceil", 0, 2),
-                                                          (2, False, None, 0, 2), (1, True, "floor", 7, 2),
-                                                          (2, True, "floor", 0, 1), (1, True, "floor", 7, 1)],
+@pytest.mark.parametrize("block_rows,par,how,log_b,sets,maxnreg", [(1, True, "floor", 0, 2, 0), (1, True, "ceil", 0, 2, 0),
+                                                                  (2, False, None, 0, 2, 0), (1, True, "floor", 7, 2, 0),
+                                                                  (2, True, "floor", 0, 1, 0), (1, True, "floor", 7, 1, 0),
+                                                                  (1, True, "floor", 7, 2, 128)],
                          ids=["one-row-parallel-8+1", "one-row-parallel-16", "two-rows-loop", "one-row-butterflies",
-                              "fp16-scales-two-rows-parallel", "fp16-scales-one-row-butterflies"])
-def test_write_kernel_compiles_for_sm90(block_rows, par, how, log_b, sets):
+                              "fp16-scales-two-rows-parallel", "fp16-scales-one-row-butterflies",
+                              "one-row-butterflies-maxnreg-128"])
+def test_write_kernel_compiles_for_sm90(block_rows, par, how, log_b, sets, maxnreg):
     """Each small-write setting; ``sets`` 1: the ``e8-*`` formats (fp16 scales, a candidate loop over
-    scale factors), 2: ``e8s-*`` / ``e8c-*`` (table sets, exponent bytes)."""
+    scale factors), 2: ``e8s-*`` / ``e8c-*`` (table sets, exponent bytes); ``maxnreg``: a register cap
+    (``E8VLLM_SMALL_WRITE_MAXNREG``), which the compiled kernel keeps."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -40,11 +43,13 @@ def test_write_kernel_compiles_for_sm90(block_rows, par, how, log_b, sets):
     const = dict(D=128, KB=4, VB=4, KNS=9, VNS=9, BLOCK_R=block_rows, KS=sets, VS=sets, KGB=sets, VGB=sets, PAR=par, KNC=nc,
                  VNC=nc, LOG_B=log_b)
     sig = {a: ("constexpr" if a in const else PTRS.get(a, "i32")) for a in fn.arg_names}
+    opts = {"num_warps": 4, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
     try:
-        k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": 4, "num_stages": 1})
+        k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32), options=opts)
     except RuntimeError as e:  # pragma: no cover - no ptxas for this platform
         if "ptxas" in str(e):
             pytest.skip(f"no ptxas: {e}")
         raise
     assert "st.global" in k.asm["ptx"]
+    if maxnreg:
+        assert f".maxnreg {maxnreg}" in k.asm["ptx"]

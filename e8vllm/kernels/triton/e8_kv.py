@@ -630,6 +630,21 @@ def _small_write_warps(text: str) -> int:
 SMALL_WRITE_WARPS = _small_write_warps(os.environ.get("E8VLLM_SMALL_WRITE_WARPS", "0"))
 
 
+def _small_write_maxnreg(text: str) -> int:
+    try:
+        v = int(text or "0")
+    except ValueError:
+        v = -1
+    if v != 0 and not 24 <= v <= 255:
+        raise ValueError(f"E8VLLM_SMALL_WRITE_MAXNREG must be 0 (no cap) or 24..255 registers, not {text!r}")
+    return v
+
+
+#: ``E8VLLM_SMALL_WRITE_MAXNREG``: a register cap (``maxnreg``) for writes with fewer than 16 rows per program;
+#: 0 (the default): none (more programs resident per SM against possible spills)
+SMALL_WRITE_MAXNREG = _small_write_maxnreg(os.environ.get("E8VLLM_SMALL_WRITE_MAXNREG", "0"))
+
+
 def small_write_warps(n_rows: int, rotation: str | None = None) -> int:
     """Warps per program of a small write of ``n_rows`` (token, head) rows with ``rotation`` (default
     :data:`WRITE_ROTATION`): :data:`SMALL_WRITE_WARPS`, or for butterflies by size, 2 from 256 rows (more
@@ -659,7 +674,7 @@ def write_block_rows(n_rows: int) -> int:
 def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                           slot_mapping: torch.Tensor, fmt, *, block_rows: int | None = None,  # noqa: ANN001
                           parallel: bool | None = None, candidates: str | None = None, rotation: str | None = None,
-                          warps: int | None = None) -> None:
+                          warps: int | None = None, maxnreg: int | None = None) -> None:
     """Fused rotate + E8 encode + pack + scatter (same contract as ``reference.write_kv_cache``).
 
     Args:
@@ -678,6 +693,8 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         rotation: with fewer than 16 rows per program, "dot" or "fwht" (default :data:`WRITE_ROTATION`).
         warps: warps per program with fewer than 16 rows per program (default :func:`small_write_warps`;
             16 rows take 8; ``rotation`` "fwht" or other warps with 16 rows raise ValueError).
+        maxnreg: register cap with fewer than 16 rows per program (default :data:`SMALL_WRITE_MAXNREG`;
+            0: none).
     """
     t = slot_mapping.shape[0]
     if t == 0:
@@ -703,6 +720,10 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
     warps = (small_write_warps(n_rows, rotation) if warps is None else warps) if block_rows < 16 else 8
     if warps not in (1, 2, 4, 8):
         raise ValueError(f"warps must be 1, 2, 4 or 8, not {warps!r}")
+    maxnreg = (SMALL_WRITE_MAXNREG if maxnreg is None else maxnreg) if block_rows < 16 else 0
+    if maxnreg and not 24 <= maxnreg <= 255:
+        raise ValueError(f"maxnreg must be 0 (no cap) or 24..255, not {maxnreg!r}")
+    opts = {"maxnreg": maxnreg} if maxnreg else {}
     log_b = c.k.block.bit_length() - 1 if rotation == "fwht" and block_rows < 16 else 0
     if log_b and c.v.block != c.k.block:  # pragma: no cover - one head size, one rotation block
         raise ValueError("e8vllm: the butterfly write needs the same Hadamard block for K and V")
@@ -716,7 +737,7 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         c.v.inv_sqrt_b, c.v.table, c.v.mids, c.v.factors, c.v.scales, n_rows, h, bs, D=d, KB=c.k.bits, VB=c.v.bits,
         KNS=kns, VNS=vns, BLOCK_R=block_rows, KS=c.k.sets, VS=c.v.sets,
         KGB=c.k.group_blocks, VGB=c.v.group_blocks, PAR=par, KNC=par_candidates(kns, candidates),
-        VNC=par_candidates(vns, candidates), LOG_B=log_b, num_warps=warps, num_stages=1)
+        VNC=par_candidates(vns, candidates), LOG_B=log_b, num_warps=warps, num_stages=1, **opts)
 
 
 # ---------------------------------------------------------------------------------------------
