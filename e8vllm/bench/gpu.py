@@ -456,7 +456,7 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
     import torch
 
     from e8vllm.kernels.triton import triton_write_kv_cache
-    from e8vllm.kernels.triton.e8_kv import (PAR_CANDIDATES, SMALL_WRITE_MAXNREG, WRITE_ROTATION, small_write_warps,
+    from e8vllm.kernels.triton.e8_kv import (PAR_CANDIDATES, WRITE_ROTATION, small_write_maxnreg, small_write_warps,
                                              write_block_rows)
 
     torch.manual_seed(0)
@@ -479,7 +479,7 @@ def run_write(tokens: list[int], dtypes: list[str]) -> dict[str, Any]:
                      "rotation": rot or "dot", "warps": nw or 8, "maxnreg": mr,  # 16 rows: tl.dot, 8 warps
                      "default": (br == write_block_rows(n * H_KV) and par == (br == 1) and how in (None, PAR_CANDIDATES)
                                  and (not small or (rot == WRITE_ROTATION and nw == small_write_warps(n * H_KV, rot)
-                                                    and mr == SMALL_WRITE_MAXNREG))),
+                                                    and mr == small_write_maxnreg(nw, rot)))),
                      "time_s": t, "graph": graphed}
                 rows.append(r)
                 print(f"write {dt:10s} {n:6d} tokens  block_rows {br:2d} {'parallel ' + how if par else 'loop':14s}"

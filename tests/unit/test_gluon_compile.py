@@ -30,7 +30,7 @@ from e8vllm.kernels.reference import E8KVFormat  # noqa: E402
 from e8vllm.kernels.triton import e8_kv  # noqa: E402
 
 TYPES = dict(q_ptr="*fp32", sq0="i32", sq1="i32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", ws_o_ptr="*fp32",
-             cache_ptr="*i32", cs0="i32", cs1="i32", cs2="i32", tab_ptr="*i32", k_stab="*fp32", v_stab="*fp32",
+             cache_ptr="*i32", cs0="i32", cs1="i32", tab_ptr="*i32", k_stab="*fp32", v_stab="*fp32",
              bt_ptr="*i32", sbt0="i32", qsl_ptr="*i32", sl_ptr="*i32", num_heads="i32")
 
 

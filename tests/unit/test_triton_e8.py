@@ -40,18 +40,20 @@ def _write_both(case, slots=None, block_rows=None, parallel=None, candidates=Non
 
 def test_write_rows_per_program(monkeypatch):
     """Small writes (decode steps) take E8VLLM_SMALL_WRITE_ROWS rows per program (default 1), larger
-    ones 16 (the tl.dot rotation); 0 turns the small-write path off."""
+    ones 16 (the tl.dot rotation): up to 2,048 rows with butterflies, 1,023 with the 16-column
+    products; 0 turns the small-write path off."""
     from e8vllm.kernels.triton import e8_kv
 
     assert e8_kv._small_write_rows("1") == 1 and e8_kv._small_write_rows("0") == 0
     monkeypatch.setattr(e8_kv, "SMALL_WRITE_ROWS", e8_kv._small_write_rows("1"))
-    assert e8_kv.write_block_rows(64 * 8) == e8_kv.write_block_rows(e8_kv.SMALL_WRITE_LIMIT - 1) == 1
-    assert e8_kv.write_block_rows(e8_kv.SMALL_WRITE_LIMIT) == e8_kv.write_block_rows(8192 * 8) == 16
+    assert e8_kv.write_block_rows(64 * 8, "fwht") == e8_kv.write_block_rows(2048, "fwht") == 1
+    assert e8_kv.write_block_rows(2049, "fwht") == e8_kv.write_block_rows(8192 * 8, "fwht") == 16
+    assert e8_kv.write_block_rows(1023, "dot") == 1 and e8_kv.write_block_rows(1024, "dot") == 16
     monkeypatch.setattr(e8_kv, "SMALL_WRITE_ROWS", e8_kv._small_write_rows("0"))
     assert e8_kv.write_block_rows(8 * 8) == 16
     monkeypatch.setattr(e8_kv, "SMALL_WRITE_ROWS", e8_kv._small_write_rows("2"))
-    assert e8_kv.write_block_rows(8 * 8) == e8_kv.write_block_rows(e8_kv.SMALL_WRITE_LIMIT - 1) == 2
-    assert e8_kv.write_block_rows(e8_kv.SMALL_WRITE_LIMIT) == 16
+    assert e8_kv.write_block_rows(8 * 8, "fwht") == e8_kv.write_block_rows(2048, "fwht") == 2
+    assert e8_kv.write_block_rows(2049, "fwht") == 16
     for bad in ("3", "16", "-2", "two"):
         with pytest.raises(ValueError, match="E8VLLM_SMALL_WRITE_ROWS"):
             e8_kv._small_write_rows(bad)
@@ -69,9 +71,14 @@ def test_write_rows_per_program(monkeypatch):
             e8_kv._small_write_warps(bad)
     with pytest.raises(ValueError, match="rotation must be 'dot' or 'fwht'"):
         _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), rotation="matmul")
-    # a register cap for small writes: 0 (none) or 24..255
-    assert e8_kv._small_write_maxnreg("") == e8_kv._small_write_maxnreg("0") == 0
+    # a register cap for small writes: by setting (128 for butterflies at 2 warps), 0 (none) or 24..255
+    assert e8_kv._small_write_maxnreg("") == -1 and e8_kv._small_write_maxnreg("0") == 0
     assert e8_kv._small_write_maxnreg("128") == 128
+    monkeypatch.setattr(e8_kv, "SMALL_WRITE_MAXNREG", -1)
+    assert e8_kv.small_write_maxnreg(2, "fwht") == 128
+    assert e8_kv.small_write_maxnreg(4, "fwht") == e8_kv.small_write_maxnreg(2, "dot") == 0
+    monkeypatch.setattr(e8_kv, "SMALL_WRITE_MAXNREG", 0)
+    assert e8_kv.small_write_maxnreg(2, "fwht") == 0
     for bad in ("16", "256", "-1", "lots"):
         with pytest.raises(ValueError, match="E8VLLM_SMALL_WRITE_MAXNREG"):
             e8_kv._small_write_maxnreg(bad)

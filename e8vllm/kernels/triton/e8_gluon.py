@@ -391,8 +391,13 @@ def _ring_issue(ring_st, tails_st, cache_ptr, bt_row, kvh_off, cs0, cs2, jj, seg
     n0 = jj * TN
     blk = gl.load(bt_row + n0 // BLOCK_SIZE, mask=n0 < seg_end, other=0)
     base = cache_ptr + (blk.to(gl.int64) * cs0 + kvh_off + (n0 % BLOCK_SIZE) * cs2)
-    _cp_async(ring_st, base + (ct * cs2)[:, None] + cw[None, :], mask=((n0 + ct) < seg_end)[:, None])
-    _cp_async(tails_st, base + tt * cs2 + 2 * G, mask=(n0 + tt) < seg_end)
+    if n0 + TN <= seg_end:  # a whole tile (all but a segment's last): no masks; with the slot stride a
+        # constexpr every copy's address is one base plus an immediate offset
+        _cp_async(ring_st, base + (ct * cs2)[:, None] + cw[None, :])
+        _cp_async(tails_st, base + tt * cs2 + 2 * G)
+    else:
+        _cp_async(ring_st, base + (ct * cs2)[:, None] + cw[None, :], mask=((n0 + ct) < seg_end)[:, None])
+        _cp_async(tails_st, base + tt * cs2 + 2 * G, mask=(n0 + tt) < seg_end)
     async_copy.commit_group()
 
 
@@ -497,18 +502,19 @@ def _ring_step(ring, tails, CUR: gl.constexpr, j, cache_ptr, bt_row, kvh_off, cs
 
 
 @gluon.jit
-def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, cs0, cs1, cs2, tab_ptr,
+def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, cs0, cs1, tab_ptr,
                       k_stab, v_stab, bt_ptr, sbt0, qsl_ptr, sl_ptr, num_heads,
                       NQ: gl.constexpr, NP: gl.constexpr, D: gl.constexpr, BLOCK_SIZE: gl.constexpr,
                       NUM_SEGS: gl.constexpr, TN: gl.constexpr, KP: gl.constexpr, TABN: gl.constexpr,
                       PF: gl.constexpr, LUT: gl.constexpr, LAZY: gl.constexpr, ORDER: gl.constexpr, DIAG: gl.constexpr,
                       KS: gl.constexpr, VS: gl.constexpr, KGB: gl.constexpr,
                       VGB: gl.constexpr, ASYNC: gl.constexpr, BUFN: gl.constexpr, RO: gl.constexpr,
-                      TO: gl.constexpr, AR: gl.constexpr):
+                      TO: gl.constexpr, AR: gl.constexpr, CS2: gl.constexpr):
     """Flash-decoding partials of one (sequence, kv head, segment) with one warp (module docstring).
 
     q: float32 [T, H_q, D] rotated (natural order), scaled by scale·log2(e); cache_ptr: the cache as
-    int32 words (strides cs0, cs1, cs2); tab_ptr: the shared-memory image int32 [TABN] (:func:`_tables`);
+    int32 words (strides cs0, cs1, CS2; the slot stride CS2 a constexpr, so that the ring's copies
+    address one base plus immediate offsets); tab_ptr: the shared-memory image int32 [TABN] (:func:`_tables`);
     k_stab / v_stab: float32 [256] scale tables (e8s) or unread. Writes ws_m / ws_l [B, H_q, S], ws_o [B, H_q, S, D].
     """
     G: gl.constexpr = D // 8
@@ -570,33 +576,33 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
         ct = gl.arange(0, TN, gl.SliceLayout(1, CP))
         cw = gl.arange(0, 2 * G, gl.SliceLayout(0, CP))
         tt = gl.arange(0, TN, CPT)
-        _ring_issue(ring.slice(0, TN), tails.slice(0, TN), cache_ptr, bt_row, kvh_off, cs0, cs2, j0, seg_end, ct, cw,
+        _ring_issue(ring.slice(0, TN), tails.slice(0, TN), cache_ptr, bt_row, kvh_off, cs0, CS2, j0, seg_end, ct, cw,
                     tt, TN, BLOCK_SIZE, G)
         for j in range(j0, j1, 2):  # tiles past j1 (an odd count) are masked: seg_end
-            m_i, l_i, acc = _ring_step(ring, tails, 0, j, cache_ptr, bt_row, kvh_off, cs0, cs2, seg_end, ct, cw, tt, q,
+            m_i, l_i, acc = _ring_step(ring, tails, 0, j, cache_ptr, bt_row, kvh_off, cs0, CS2, seg_end, ct, cw, tt, q,
                                        m_i, l_i, acc, ts, k_stab, v_stab, TN, BLOCK_SIZE, NP, D, G, LUT, LAZY, ORDER,
                                        KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, AR)
-            m_i, l_i, acc = _ring_step(ring, tails, 1, j + 1, cache_ptr, bt_row, kvh_off, cs0, cs2, seg_end, ct, cw, tt,
+            m_i, l_i, acc = _ring_step(ring, tails, 1, j + 1, cache_ptr, bt_row, kvh_off, cs0, CS2, seg_end, ct, cw, tt,
                                        q, m_i, l_i, acc, ts, k_stab, v_stab, TN, BLOCK_SIZE, NP, D, G, LUT, LAZY, ORDER,
                                        KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, AR)
         async_copy.wait_group(0)
     else:
         if PF == 1:  # the next tile's words in flight during this one
             wkk, sck, wvv, scv = _tile_words(cache_ptr, _tile_block(bt_row, j0, seg_end, TN, BLOCK_SIZE), kvh_off, cs0,
-                                             cs2, j0, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
+                                             CS2, j0, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
         if PF == 2:  # the next tile's block id in flight during this one (one register)
             blk = _tile_block(bt_row, j0, seg_end, TN, BLOCK_SIZE)
         for j in range(j0, j1):
             if PF == 1:
                 nk, nsk, nv, nsv = _tile_words(cache_ptr, _tile_block(bt_row, j + 1, seg_end, TN, BLOCK_SIZE), kvh_off,
-                                               cs0, cs2, j + 1, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
+                                               cs0, CS2, j + 1, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
             elif PF == 2:
-                wkk, sck, wvv, scv = _tile_words(cache_ptr, blk, kvh_off, cs0, cs2, j, seg_end, tk, wk, tv, wv, TN,
+                wkk, sck, wvv, scv = _tile_words(cache_ptr, blk, kvh_off, cs0, CS2, j, seg_end, tk, wk, tv, wv, TN,
                                                  BLOCK_SIZE, G, DIAG)
                 blk = _tile_block(bt_row, j + 1, seg_end, TN, BLOCK_SIZE)
             else:
                 wkk, sck, wvv, scv = _tile_words(cache_ptr, _tile_block(bt_row, j, seg_end, TN, BLOCK_SIZE), kvh_off, cs0,
-                                                 cs2, j, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
+                                                 CS2, j, seg_end, tk, wk, tv, wv, TN, BLOCK_SIZE, G, DIAG)
             m_i, l_i, acc = _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, seq_len, k_stab, v_stab, TN, NP, D, G,
                                        KP, LUT, LAZY, ORDER, DIAG, KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, 0, AR)
             if PF == 1:
@@ -698,13 +704,15 @@ def gluon_tables(fmt, key_pairs: bool, lut: int = 0, arith: int = 0) -> torch.Te
 
 def launch_constexprs(fmt, *, nq: int, d: int, block_size: int, segs: int, tile: int = TILE,  # noqa: ANN001
                       key_pairs: bool = False, prefetch: int = 0, lut: int = 0, lazy: bool = False,
-                      order: bool = False, diag: int = 0, async_ring: int = 0, arith: int = 0) -> dict[str, int]:
+                      order: bool = False, diag: int = 0, async_ring: int = 0, arith: int = 0,
+                      slot_words: int | None = None) -> dict[str, int]:
     """The kernel's compile-time arguments for a launch: plain ints (the layouts are built inside the
     kernel, :func:`_layout`), so that Triton's JIT hooks can serialize them. ``async_ring`` 1: the
     codes go through a two-stage ``cp.async`` ring in shared memory (with value lookups, no register
     prefetch, no diagnostics); its words sit after the table image and the tails (BUFN words in all).
     ``arith``: the fields decoded arithmetically, bit 0 keys, bit 1 values (:func:`arith_bits`; no key
-    pairs, no byte tables)."""
+    pairs, no byte tables). ``slot_words``: the cache's slot stride in int32 words (``CS2``; default the
+    dense 4-bit slot, 2·d/8 + 1: K words, V words, the tails)."""
     if arith & ~3 or arith & ~arith_bits(fmt):
         raise ValueError(f"e8vllm: arithmetic decode {arith} needs cubic level tables (e8c-*) where it is set "
                          f"(bit 0 keys, bit 1 values); this format has {arith_bits(fmt)}")
@@ -714,7 +722,7 @@ def launch_constexprs(fmt, *, nq: int, d: int, block_size: int, segs: int, tile:
     c = dict(NQ=nq, NP=8 if nq <= 8 else 16, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=int(key_pairs),
              TABN=tabn, PF=int(prefetch), LUT=int(lut), LAZY=int(lazy), ORDER=int(order), DIAG=int(diag),
              KS=int(fmt.k.sets), VS=int(fmt.v.sets), KGB=int(fmt.k.group_blocks), VGB=int(fmt.v.group_blocks),
-             ASYNC=0, BUFN=tabn, RO=0, TO=0, AR=int(arith))
+             ASYNC=0, BUFN=tabn, RO=0, TO=0, AR=int(arith), CS2=int(2 * (d // 8) + 1 if slot_words is None else slot_words))
     if async_ring:
         if key_pairs or prefetch or diag:
             raise ValueError("e8vllm: the Gluon async ring takes value lookups (gluon_kp 0), no prefetch and no "
@@ -736,12 +744,11 @@ def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.
     h_q, d = qr.shape[1], qr.shape[2]
     consts = launch_constexprs(fmt, nq=h_q // num_kv_heads, d=d, block_size=block_size, segs=segs, tile=tile,
                                key_pairs=key_pairs, prefetch=prefetch, lut=lut, lazy=lazy, order=order, diag=diag,
-                               async_ring=async_ring, arith=arith)
+                               async_ring=async_ring, arith=arith, slot_words=words.stride(2))
     tabs = gluon_tables(fmt, key_pairs, lut, arith)  # consts["TABN"] words: both sized by _image_words
     opts = {"num_warps": 1}
     if maxnreg:
         opts["maxnreg"] = maxnreg
     _gl_decode_kernel[(num_seqs, num_kv_heads, segs)](
-        qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, words, words.stride(0), words.stride(1), words.stride(2),
-        tabs, fmt.k.scales, fmt.v.scales, block_table, block_table.stride(0), query_start_loc, seq_lens, h_q,
+        qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, words, words.stride(0), words.stride(1), tabs, fmt.k.scales, fmt.v.scales, block_table, block_table.stride(0), query_start_loc, seq_lens, h_q,
         **consts, **opts)

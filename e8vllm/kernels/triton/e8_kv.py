@@ -575,13 +575,15 @@ def _e8_write_kernel(k_ptr, sk0, sk1, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0,
                     v_mid, v_fac, v_stab, n_rows, H, block_size, D, VB, VNS, BLOCK_R, VS, VGB, PAR, VNC, LOG_B)
 
 
-#: writes of fewer (token, head) rows than SMALL_WRITE_LIMIT (decode steps, small chunks) take
-#: ``E8VLLM_SMALL_WRITE_ROWS`` = r rows per program (a power of two below 16; 0 = off: 16 rows) instead
-#: of 16, so that a decode step's few rows spread over many SMs; with 1 row the scale candidates are
-#: searched side by side. Default 1: session 11, H200, e8_k4v4 K and V of H_kv 8 (``bench.gpu
-#: write``): 1 token 13.2 us (16 rows: 63.4), 8 tokens 15.1 (57.2), 64 tokens 50.2 (57.9); at 256
-#: tokens 16 rows win (111.6 against 189.5), hence the limit of 1,024 rows.
-SMALL_WRITE_LIMIT = 1024
+#: the largest writes, in (token, head) rows, that take the small-write path, by rotation (decode steps, small
+#: chunks): ``E8VLLM_SMALL_WRITE_ROWS`` = r rows per program (a power of two below 16; 0 = off: 16 rows)
+#: instead of 16, so that a decode step's few rows spread over many SMs; with 1 row the scale candidates
+#: are searched side by side. Default 1: session 11, H200, e8_k4v4 K and V of H_kv 8 (``bench.gpu
+#: write``, 16-column products): 1 token 13.2 us (16 rows: 63.4), 8 tokens 15.1 (57.2), 64 tokens 50.2
+#: (57.9); at 256 tokens 16 rows won (111.6 against 189.5), hence 1,023 rows for "dot". Butterflies with
+#: 2 warps and a cap of 128 registers (session 16, ``results/gpu/write_s16.json``): 256 tokens (2,048 rows)
+#: 82.7 us against 93.0 with 16 rows, hence 2,048 rows for "fwht" (larger writes not measured).
+SMALL_WRITE_MAX_ROWS = {"fwht": 2048, "dot": 1023}
 
 
 def _small_write_setting(text: str, name: str, zero: str) -> int:
@@ -631,8 +633,12 @@ SMALL_WRITE_WARPS = _small_write_warps(os.environ.get("E8VLLM_SMALL_WRITE_WARPS"
 
 
 def _small_write_maxnreg(text: str) -> int:
+    """``E8VLLM_SMALL_WRITE_MAXNREG``: empty = -1 (by setting, :func:`small_write_maxnreg`), 0 (no cap) or
+    24..255 registers; ValueError otherwise."""
+    if not text.strip():
+        return -1
     try:
-        v = int(text or "0")
+        v = int(text)
     except ValueError:
         v = -1
     if v != 0 and not 24 <= v <= 255:
@@ -640,9 +646,21 @@ def _small_write_maxnreg(text: str) -> int:
     return v
 
 
-#: ``E8VLLM_SMALL_WRITE_MAXNREG``: a register cap (``maxnreg``) for writes with fewer than 16 rows per program;
-#: 0 (the default): none (more programs resident per SM against possible spills)
-SMALL_WRITE_MAXNREG = _small_write_maxnreg(os.environ.get("E8VLLM_SMALL_WRITE_MAXNREG", "0"))
+#: ``E8VLLM_SMALL_WRITE_MAXNREG``: a register cap (``maxnreg``) for writes with fewer than 16 rows per program
+#: (0: none); unset: :func:`small_write_maxnreg`
+SMALL_WRITE_MAXNREG = _small_write_maxnreg(os.environ.get("E8VLLM_SMALL_WRITE_MAXNREG", ""))
+
+
+def small_write_maxnreg(warps: int, rotation: str | None = None) -> int:
+    """Register cap of a small write at ``warps`` warps per program with ``rotation`` (default
+    :data:`WRITE_ROTATION`): :data:`SMALL_WRITE_MAXNREG` when set, else 128 for butterflies at 2 warps
+    (more programs resident per SM: 202 registers uncapped, offline sm_90) and none otherwise. H200,
+    session 16, e8_k4v4 K and V of H_kv 8, 1 row per program (``results/gpu/write_s16.json``): 64 tokens
+    25.2 us capped against 27.2, 256 tokens 82.7 against 99.6; at 4 warps (8 tokens) 10.9 capped
+    against 10.4."""
+    if SMALL_WRITE_MAXNREG >= 0:
+        return SMALL_WRITE_MAXNREG
+    return 128 if warps == 2 and (rotation or WRITE_ROTATION) == "fwht" else 0
 
 
 def small_write_warps(n_rows: int, rotation: str | None = None) -> int:
@@ -666,9 +684,11 @@ def par_candidates(ns: int, how: str | None = None) -> int:
     return 1 << (ns.bit_length() - 1)
 
 
-def write_block_rows(n_rows: int) -> int:
-    """(token, head) rows per program of the write kernel for a write of ``n_rows`` rows of K (and of V)."""
-    return SMALL_WRITE_ROWS if SMALL_WRITE_ROWS and n_rows < SMALL_WRITE_LIMIT else 16
+def write_block_rows(n_rows: int, rotation: str | None = None) -> int:
+    """(token, head) rows per program of the write kernel for a write of ``n_rows`` rows of K (and of V)
+    with small-write ``rotation`` (default :data:`WRITE_ROTATION`)."""
+    small = n_rows <= SMALL_WRITE_MAX_ROWS[rotation or WRITE_ROTATION]
+    return SMALL_WRITE_ROWS if SMALL_WRITE_ROWS and small else 16
 
 
 def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -693,7 +713,7 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         rotation: with fewer than 16 rows per program, "dot" or "fwht" (default :data:`WRITE_ROTATION`).
         warps: warps per program with fewer than 16 rows per program (default :func:`small_write_warps`;
             16 rows take 8; ``rotation`` "fwht" or other warps with 16 rows raise ValueError).
-        maxnreg: register cap with fewer than 16 rows per program (default :data:`SMALL_WRITE_MAXNREG`;
+        maxnreg: register cap with fewer than 16 rows per program (default :func:`small_write_maxnreg`;
             0: none).
     """
     t = slot_mapping.shape[0]
@@ -703,7 +723,9 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
     h, d = key.shape[1], key.shape[2]
     bs = kv_cache.shape[2]
     n_rows = t * h
-    block_rows = write_block_rows(n_rows) if block_rows is None else block_rows
+    if rotation not in (None, "dot", "fwht"):
+        raise ValueError(f"rotation must be 'dot' or 'fwht', not {rotation!r}")
+    block_rows = write_block_rows(n_rows, rotation) if block_rows is None else block_rows
     if block_rows < 1 or block_rows & (block_rows - 1):
         raise ValueError(f"block_rows must be a power of two, not {block_rows}")
     par = block_rows == 1 if parallel is None else bool(parallel)
@@ -715,12 +737,10 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         raise ValueError(f"16 rows per program rotate by tl.dot with 8 warps (rotation {rotation!r}, warps {warps!r} "
                          "apply to fewer rows per program)")
     rotation = WRITE_ROTATION if rotation is None else rotation
-    if rotation not in ("dot", "fwht"):
-        raise ValueError(f"rotation must be 'dot' or 'fwht', not {rotation!r}")
     warps = (small_write_warps(n_rows, rotation) if warps is None else warps) if block_rows < 16 else 8
     if warps not in (1, 2, 4, 8):
         raise ValueError(f"warps must be 1, 2, 4 or 8, not {warps!r}")
-    maxnreg = (SMALL_WRITE_MAXNREG if maxnreg is None else maxnreg) if block_rows < 16 else 0
+    maxnreg = (small_write_maxnreg(warps, rotation) if maxnreg is None else maxnreg) if block_rows < 16 else 0
     if maxnreg and not 24 <= maxnreg <= 255:
         raise ValueError(f"maxnreg must be 0 (no cap) or 24..255, not {maxnreg!r}")
     opts = {"maxnreg": maxnreg} if maxnreg else {}
