@@ -252,6 +252,7 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
         # arithmetic decode first, then the lookups on the same cache
         decodes += [{**g, **x} for x in (
             {}, {"gluon_async": 1}, {"gluon_maxnreg": 96}, {"gluon_async": 1, "gluon_maxnreg": 96},
+            {"gluon_async": 1, "gluon_maxnreg": 128},
             {"gluon_prefetch": 1}, {"gluon_arith": 0}, {"gluon_arith": 0, "gluon_async": 1}, {"gluon_diag": 1})]
     else:
         decodes += [{**g, **x} for x in (

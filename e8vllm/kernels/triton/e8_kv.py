@@ -125,12 +125,14 @@ DIAGNOSTIC_KERNELS = ("nolut",)
 #: (the default since session 13: 363.8 against 370.8 us for e8c-4bit, 412.8 against 434.4 us for
 #: e8s-4bit, 64 x 8k; set explicitly it excludes key pairs, prefetches and diagnostics, inherited it
 #: gives way to them),
-#: ``gluon_maxnreg`` its register cap, ``gluon_arith`` 1 = cubic-level fields (``e8c-*``, K or V or both) decoded
+#: ``gluon_maxnreg`` its register cap (128 since session 16: 16 warps per SM instead of 12 at 168 registers, no
+#: spills offline; H200, whole op, ``results/gpu/logs_s16``: 64 x 8k 338.0 against 350.0 us, 64 x 32k 1,267.3
+#: against 1,296.9, 8 x 8k 57.6 against 59.5, 8 x 32k 178.4 against 184.0), ``gluon_arith`` 1 = cubic-level fields (``e8c-*``, K or V or both) decoded
 #: by arithmetic, not lookups (:func:`_gluon_arith`); the H200 timings of each are in :mod:`.e8_gluon`'s docstring);
 #: other formats, and key centers, take the Triton kernel with the settings above.
 DECODE_CONFIG = {"kernel": DEFAULT_KERNEL, "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
                  "prefetch": 0, "maxnreg": 128, "gluon": int(GLUON), "gluon_tile": 16, "gluon_kp": 0,
-                 "gluon_maxnreg": 0, "gluon_prefetch": 0, "gluon_lut": 0, "gluon_async": 1, "gluon_lazy": 0,
+                 "gluon_maxnreg": 128, "gluon_prefetch": 0, "gluon_lut": 0, "gluon_async": 1, "gluon_lazy": 0,
                  "gluon_order": 0, "gluon_diag": 0, "gluon_arith": 1}
 
 #: general-grid (prefill) settings; ``E8VLLM_PREFILL_CONFIG`` (JSON) overrides keys. ``block_m`` 256
@@ -556,7 +558,7 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
     tl.store(slot_base + scale_off + 1, ((tail >> 8) & 255).to(tl.uint8), mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: no recompile per batch size
 def _e8_write_kernel(k_ptr, sk0, sk1, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0, cs1, cs2,
                      k_off, k_soff, v_off, v_soff, k_pm1, k_isb, k_tab, k_mid, k_fac, k_stab,
                      v_pm1, v_isb, v_tab, v_mid, v_fac, v_stab, n_rows, H, block_size,
@@ -1101,7 +1103,7 @@ def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # batch-dependent: no recompile per batch size
 def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, cs2, k_tab, v_tab, k_pairs, v_pairs,
                          bt_ptr, sbt0, qsl_ptr, sl_ptr, num_seqs, qb_ptr, trig_ptr, sink_ptr, ss0,
                          NQ: tl.constexpr, NQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -1182,7 +1184,7 @@ def _row_seq(qsl_ptr, row, num_seqs):
     return tl.maximum(lo - 1, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # batch-dependent: no recompile per batch size
 def _e8_output_kernel(out_ptr, so0, so1, o_ptr, oo0, oo1, ws_m_ptr, ws_l_ptr, ws_o_ptr, qsl_ptr, num_seqs,
                       num_heads, pm1_ptr, inv_sqrt_b, D: tl.constexpr, NUM_SEGS: tl.constexpr,
                       SEGS_P2: tl.constexpr, LOG_B: tl.constexpr, WS: tl.constexpr, HAS_O: tl.constexpr):
