@@ -813,6 +813,7 @@ def report(src: Path = RESULTS) -> str:
                   "format, `+cubic` `e8c-4bit` at 4 bits, `+cubic-keys` `e8c-4bit` for 4-bit keys only, `+switched` "
                   "`e8s-*` for both.",
                   "",
+                  *([k["note"] + ".", ""] if k.get("note") else []),
                   "| batch | context | dtype | time (us) | bytes read (MB) | TB/s | % of copy BW | vs auto |",
                   "|---:|---:|---|---:|---:|---:|---:|---:|"]
         base = {(r["batch"], r["context"]): r["time_s"] for r in k["rows"] if r.get("dtype") == "auto" and "time_s" in r}

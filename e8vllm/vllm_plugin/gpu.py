@@ -29,6 +29,7 @@ For non-e8 dtypes every class delegates to vLLM's Triton backend unchanged. For 
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, ClassVar
 
@@ -37,7 +38,8 @@ import torch
 from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, TritonAttentionImpl,
                                                     TritonAttentionMetadataBuilder)
 
-from e8vllm.kernels.triton import prepare_device_constants, triton_paged_attention, triton_write_kv_cache
+from e8vllm.kernels.triton import (prepare_device_constants, triton_paged_attention, triton_write_kv_cache,
+                                   warm_write_paths)
 
 from . import spec as e8spec
 from .impl import E8ImplMixin
@@ -46,6 +48,8 @@ try:  # the enum lives in vllm.v1.attention.backend (0.32+) or the backends' uti
     from vllm.v1.attention.backend import AttentionCGSupport
 except ImportError:  # pragma: no cover - version dependent
     from vllm.v1.attention.backends.utils import AttentionCGSupport  # type: ignore[no-redef]
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["E8TritonBackend", "E8TritonMetadataBuilder", "E8TritonImpl", "KERNELS_ENV", "use_triton_kernels"]
 
@@ -169,7 +173,15 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
             if self._triton and torch.cuda.is_available():
                 # the kernels' device constants now, not at the first forward: that can be inside a
                 # CUDA-graph capture, where copying host tensors to the device is not allowed
-                prepare_device_constants(self.fmt, f"cuda:{torch.cuda.current_device()}", self.scale)
+                dev = f"cuda:{torch.cuda.current_device()}"
+                prepare_device_constants(self.fmt, dev, self.scale)
+                # the write kernel's variants compile now, not inside the first prefill (vLLM's profile run
+                # writes nothing: no cache yet); a failure here only moves that compile to first use
+                try:
+                    warm_write_paths(self.fmt, dev, num_kv_heads, head_size, torch.get_default_dtype())
+                except Exception as e:  # noqa: BLE001 - logged; the write itself still runs (and raises) later
+                    logger.warning("e8vllm: compiling the write kernel ahead of inference failed (%s: %s); "
+                                   "it compiles at its first use", type(e).__name__, e)
 
     def _use_kernels(self, kv_cache: torch.Tensor) -> bool:
         """Fused kernels for this call: CUDA tensors (or Triton's CPU interpreter, for tests)."""

@@ -88,6 +88,46 @@ def test_write_rows_per_program(monkeypatch):
         _write_both(random_case(fmt, [3], [1], h_q=4, h_kv=2, write=False), block_rows=16, rotation="fwht")
 
 
+@pytest.mark.parametrize("heads", [1, 2, 3, 8, 32])
+@pytest.mark.parametrize("rows", ["1", "0", "2"])
+def test_warm_write_tokens_cover_every_variant(heads, rows, monkeypatch):
+    """The warm-up writes launch every (rows per program, warps, register cap) variant that writes of
+    1 .. 3,000 tokens launch, whatever the small-write settings; a count between two variants is not
+    needed, a missing one fails."""
+    from e8vllm.kernels.triton import e8_kv
+
+    monkeypatch.setattr(e8_kv, "SMALL_WRITE_ROWS", e8_kv._small_write_rows(rows))
+    want = {e8_kv.write_variant(t * heads) for t in range(1, 3001)}
+    counts = e8_kv.warm_write_tokens(heads, limit=3000)
+    assert {e8_kv.write_variant(t * heads) for t in counts} == want
+    assert len(counts) == len(want)  # one count per variant
+    if rows == "1":
+        assert len(want) == (3 if heads < 256 else 2)
+
+
+def test_warm_write_paths_writes_nothing(monkeypatch):
+    """The warm-up runs the real write once per count with every slot skipped: the scratch cache stays
+    zero, and a second call (same format, device, heads, dtype) does nothing."""
+    from e8vllm.kernels.triton import e8_kv
+
+    calls = []
+    real = e8_kv.triton_write_kv_cache
+
+    def spy(key, value, cache, slots, fmt, **kw):
+        calls.append((key.shape, key.dtype, bool(torch.all(slots == -1))))
+        real(key[:2], value[:2], cache, slots[:2], fmt, **kw)  # the kernel itself on two tokens (interpreter)
+        assert torch.all(cache == 0)
+
+    monkeypatch.setattr(e8_kv, "triton_write_kv_cache", spy)
+    monkeypatch.setattr(e8_kv, "_WARMED", set())
+    fmt = E8KVFormat.from_bits(64, 4, 4)
+    counts = e8_kv.warm_write_paths(fmt, DEV, 2, 64, torch.float16)
+    assert counts == e8_kv.warm_write_tokens(2) and len(calls) == len(counts)
+    assert all(shape == (t, 2, 64) and dt == torch.float16 and skipped
+               for (shape, dt, skipped), t in zip(calls, counts))
+    assert e8_kv.warm_write_paths(fmt, DEV, 2, 64, torch.float16) == [] and len(calls) == len(counts)
+
+
 _WRITE_PATHS = {"two-rows-parallel-scales": (2, True, None, "dot"), "two-rows-scale-loop": (2, None, None, "dot"),
                 "one-row-parallel-scales": (1, None, None, "dot"), "one-row-parallel-scales-ceil": (1, None, "ceil", "dot"),
                 "dot-path": (16, None, None, None), "one-row-butterflies": (1, None, None, "fwht"),
