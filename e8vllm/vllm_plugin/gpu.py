@@ -38,6 +38,7 @@ import torch
 from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, TritonAttentionImpl,
                                                     TritonAttentionMetadataBuilder)
 
+from e8vllm import calibration
 from e8vllm.kernels.triton import (prepare_device_constants, triton_paged_attention, triton_write_kv_cache,
                                    warm_write_paths)
 
@@ -177,8 +178,12 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
                 prepare_device_constants(self.fmt, dev, self.scale)
                 # the write kernel's variants compile now, not inside the first prefill (vLLM's profile run
                 # writes nothing: no cache yet); a failure here only moves that compile to first use
-                try:
-                    warm_write_paths(self.fmt, dev, num_kv_heads, head_size, torch.get_default_dtype())
+                try:  # K/V in the model's dtype; float32 after a KV calibration's centering (see _e8_write)
+                    dtypes = [torch.get_default_dtype()]
+                    if calibration.find_calibration(self._e8_model) is not None:
+                        dtypes.append(torch.float32)
+                    for dt in dict.fromkeys(dtypes):
+                        warm_write_paths(self.fmt, dev, num_kv_heads, head_size, dt)
                 except Exception as e:  # noqa: BLE001 - logged; the write itself still runs (and raises) later
                     logger.warning("e8vllm: compiling the write kernel ahead of inference failed (%s: %s); "
                                    "it compiles at its first use", type(e).__name__, e)

@@ -96,13 +96,50 @@ def test_warm_write_tokens_cover_every_variant(heads, rows, monkeypatch):
     needed, a missing one fails."""
     from e8vllm.kernels.triton import e8_kv
 
+    for name, value in (("WRITE_ROTATION", "fwht"), ("SMALL_WRITE_WARPS", 0), ("SMALL_WRITE_MAXNREG", -1)):
+        monkeypatch.setattr(e8_kv, name, value)  # the defaults, whatever this process's environment says
     monkeypatch.setattr(e8_kv, "SMALL_WRITE_ROWS", e8_kv._small_write_rows(rows))
     want = {e8_kv.write_variant(t * heads) for t in range(1, 3001)}
     counts = e8_kv.warm_write_tokens(heads, limit=3000)
     assert {e8_kv.write_variant(t * heads) for t in counts} == want
     assert len(counts) == len(want)  # one count per variant
-    if rows == "1":
-        assert len(want) == (3 if heads < 256 else 2)
+    if rows != "0":  # 4 warps, 2 warps with the cap, 16 rows
+        assert want == {(int(rows), 4, 0), (int(rows), 2, 128), (16, 8, 0)}
+
+
+def test_write_launch_options(monkeypatch):
+    """The launch gets the register cap of its setting (128 for a small write at 2 warps, none at 4 warps,
+    none for 16 rows or with maxnreg 0); a default 16-row write ignores the small-write settings, an
+    explicit one refuses them."""
+    from e8vllm.kernels.triton import e8_kv
+
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((grid, kw))
+
+    for name, value in (("WRITE_ROTATION", "fwht"), ("SMALL_WRITE_WARPS", 0), ("SMALL_WRITE_MAXNREG", -1),
+                        ("SMALL_WRITE_ROWS", 1)):
+        monkeypatch.setattr(e8_kv, name, value)
+    monkeypatch.setattr(e8_kv, "_e8_write_kernel", Spy())
+    fmt = E8KVFormat.from_bits(64, 4, 4)
+
+    def write(t, **kw):
+        kv = torch.zeros(t, 8, 64)
+        triton_write_kv_cache(kv, kv, torch.zeros(1, 8, 16, fmt.slot_bytes, dtype=torch.uint8),
+                              torch.full((t,), -1), fmt, **kw)
+        grid, k = launches.pop()
+        return grid, k["num_warps"], k.get("maxnreg", 0), k["BLOCK_R"]
+
+    assert write(8) == ((64, 2), 4, 0, 1)  # 64 rows: 4 warps, no cap
+    assert write(32) == ((256, 2), 2, 128, 1)  # 256 rows: 2 warps, capped
+    assert write(32, maxnreg=0)[2] == 0 and write(32, maxnreg=96)[2] == 96
+    monkeypatch.setattr(e8_kv, "SMALL_WRITE_MAXNREG", 0)
+    assert write(32)[2] == 0
+    assert write(257, rotation="fwht") == ((129, 2), 8, 0, 16)  # 2,056 rows: 16 per program, settings ignored
+    with pytest.raises(ValueError, match="no register cap"):
+        write(3, block_rows=16, maxnreg=128)
 
 
 def test_warm_write_paths_writes_nothing(monkeypatch):

@@ -722,7 +722,8 @@ def launch_constexprs(fmt, *, nq: int, d: int, block_size: int, segs: int, tile:
     c = dict(NQ=nq, NP=8 if nq <= 8 else 16, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=int(key_pairs),
              TABN=tabn, PF=int(prefetch), LUT=int(lut), LAZY=int(lazy), ORDER=int(order), DIAG=int(diag),
              KS=int(fmt.k.sets), VS=int(fmt.v.sets), KGB=int(fmt.k.group_blocks), VGB=int(fmt.v.group_blocks),
-             ASYNC=0, BUFN=tabn, RO=0, TO=0, AR=int(arith), CS2=int(2 * (d // 8) + 1 if slot_words is None else slot_words))
+             ASYNC=0, BUFN=tabn, RO=0, TO=0, AR=int(arith),
+             CS2=int(2 * (d // 8) + 1 if slot_words is None else slot_words))
     if async_ring:
         if key_pairs or prefetch or diag:
             raise ValueError("e8vllm: the Gluon async ring takes value lookups (gluon_kp 0), no prefetch and no "
@@ -750,5 +751,6 @@ def gluon_decode(qr: torch.Tensor, words: torch.Tensor, fmt, block_table: torch.
     if maxnreg:
         opts["maxnreg"] = maxnreg
     _gl_decode_kernel[(num_seqs, num_kv_heads, segs)](
-        qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, words, words.stride(0), words.stride(1), tabs, fmt.k.scales, fmt.v.scales, block_table, block_table.stride(0), query_start_loc, seq_lens, h_q,
+        qr, qr.stride(0), qr.stride(1), ws_m, ws_l, ws_o, words, words.stride(0), words.stride(1), tabs,
+        fmt.k.scales, fmt.v.scales, block_table, block_table.stride(0), query_start_loc, seq_lens, h_q,
         **consts, **opts)

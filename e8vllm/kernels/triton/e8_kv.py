@@ -42,7 +42,8 @@ Kernels:
 
 * :func:`_e8_write_kernel`: one program per ``BLOCK_R`` (token, head) rows of K or V (program axis 1):
   load, rotate, scale search (a loop over the candidates), E8 nearest point, pack, scatter; K and V
-  in one launch; ``BLOCK_R`` from :func:`write_block_rows` (16; opt-in fewer for small writes).
+  in one launch; ``BLOCK_R`` from :func:`write_block_rows` (16 for large writes; 1 for writes of up to
+  :data:`SMALL_WRITE_MAX_ROWS` rows, the scale candidates side by side, rotated by butterflies).
 * attention: each tile of TILE_N codes is decoded once to fp16 [TILE_N, D] in registers
   (:func:`_decode_tile`: block words [N, G], the four pair indices of every block as [N, G] tensors
   joined into [N, G, 2, 2] (natural order), one lookup per pair, the halves joined again) and
@@ -127,7 +128,8 @@ DIAGNOSTIC_KERNELS = ("nolut",)
 #: gives way to them),
 #: ``gluon_maxnreg`` its register cap (128 since session 16: 16 warps per SM instead of 12 at 168 registers, no
 #: spills offline; H200, whole op, ``results/gpu/logs_s16``: 64 x 8k 338.0 against 350.0 us, 64 x 32k 1,267.3
-#: against 1,296.9, 8 x 8k 57.6 against 59.5, 8 x 32k 178.4 against 184.0), ``gluon_arith`` 1 = cubic-level fields (``e8c-*``, K or V or both) decoded
+#: against 1,296.9, 8 x 8k 57.6 against 59.5, 8 x 32k 178.4 against 184.0), ``gluon_arith`` 1 = cubic-level
+#: fields (``e8c-*``, K or V or both) decoded
 #: by arithmetic, not lookups (:func:`_gluon_arith`); the H200 timings of each are in :mod:`.e8_gluon`'s docstring);
 #: other formats, and key centers, take the Triton kernel with the settings above.
 DECODE_CONFIG = {"kernel": DEFAULT_KERNEL, "tile_n": 64, "num_warps": 4, "num_stages": 1, "segs": DECODE_SEGMENTS,
@@ -584,7 +586,8 @@ def _e8_write_kernel(k_ptr, sk0, sk1, v_ptr, sv0, sv1, slot_ptr, cache_ptr, cs0,
 #: write``, 16-column products): 1 token 13.2 us (16 rows: 63.4), 8 tokens 15.1 (57.2), 64 tokens 50.2
 #: (57.9); at 256 tokens 16 rows won (111.6 against 189.5), hence 1,023 rows for "dot". Butterflies with
 #: 2 warps and a cap of 128 registers (session 16, ``results/gpu/write_s16.json``): 256 tokens (2,048 rows)
-#: 82.7 us against 93.0 with 16 rows, hence 2,048 rows for "fwht" (larger writes not measured).
+#: 82.7 us against 93.0 with 16 rows, hence 2,048 rows for "fwht" (larger writes not measured; uncapped,
+#: ``E8VLLM_SMALL_WRITE_MAXNREG=0``, the one-row write took 99.6 us there).
 SMALL_WRITE_MAX_ROWS = {"fwht": 2048, "dot": 1023}
 
 
@@ -665,6 +668,10 @@ def small_write_maxnreg(warps: int, rotation: str | None = None) -> int:
     return 128 if warps == 2 and (rotation or WRITE_ROTATION) == "fwht" else 0
 
 
+#: small writes with butterflies take 2 warps per program from this many rows (4 below)
+SMALL_WRITE_TWO_WARPS_ROWS = 256
+
+
 def small_write_warps(n_rows: int, rotation: str | None = None) -> int:
     """Warps per program of a small write of ``n_rows`` (token, head) rows with ``rotation`` (default
     :data:`WRITE_ROTATION`): :data:`SMALL_WRITE_WARPS`, or for butterflies by size, 2 from 256 rows (more
@@ -676,7 +683,7 @@ def small_write_warps(n_rows: int, rotation: str | None = None) -> int:
         return SMALL_WRITE_WARPS
     if (rotation or WRITE_ROTATION) == "dot":
         return 4
-    return 2 if n_rows >= 256 else 4
+    return 2 if n_rows >= SMALL_WRITE_TWO_WARPS_ROWS else 4
 
 
 def par_candidates(ns: int, how: str | None = None) -> int:
@@ -705,18 +712,23 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         slot_mapping: int [T]; block * block_size + offset, -1 = skip.
         fmt: ``E8KVFormat`` (see :func:`supported`).
         block_rows: rows per program, a power of two (default :func:`write_block_rows`: 16 with the
-            rotation as one ``tl.dot``; fewer, rotated by 16-column products, for small writes with
-            ``E8VLLM_SMALL_WRITE_ROWS``).
+            rotation as one ``tl.dot`` for large writes; ``E8VLLM_SMALL_WRITE_ROWS`` (1) for writes of up
+            to :data:`SMALL_WRITE_MAX_ROWS` rows of ``rotation``).
         parallel: search the scale candidates side by side instead of in a loop (default: with one
             row per program; at most 2 rows per program. H200, one token: 13.2 us with 1 row side by
             side, 33.9 us with 2 rows side by side, 31.8 us with 2 rows in the loop).
         candidates: with ``parallel``, "floor" or "ceil" (:func:`par_candidates`; default
             :data:`PAR_CANDIDATES`).
-        rotation: with fewer than 16 rows per program, "dot" or "fwht" (default :data:`WRITE_ROTATION`).
+        rotation: with fewer than 16 rows per program, "dot" or "fwht" (default :data:`WRITE_ROTATION`;
+            it also picks the small-write size limit).
         warps: warps per program with fewer than 16 rows per program (default :func:`small_write_warps`;
-            16 rows take 8; ``rotation`` "fwht" or other warps with 16 rows raise ValueError).
+            16 rows take 8).
         maxnreg: register cap with fewer than 16 rows per program (default :func:`small_write_maxnreg`;
             0: none).
+
+    ``rotation``, ``warps`` and ``maxnreg`` apply to small writes: a write that takes 16 rows per
+    program by default ignores them; with ``block_rows`` 16 given, "fwht", warps other than 8 or a
+    register cap raise ValueError.
     """
     t = slot_mapping.shape[0]
     if t == 0:
@@ -727,6 +739,7 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
     n_rows = t * h
     if rotation not in (None, "dot", "fwht"):
         raise ValueError(f"rotation must be 'dot' or 'fwht', not {rotation!r}")
+    explicit = block_rows is not None
     block_rows = write_block_rows(n_rows, rotation) if block_rows is None else block_rows
     if block_rows < 1 or block_rows & (block_rows - 1):
         raise ValueError(f"block_rows must be a power of two, not {block_rows}")
@@ -735,9 +748,9 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         raise ValueError(f"parallel scale search takes at most 2 rows per program, not {block_rows}")
     if candidates not in (None, "floor", "ceil"):
         raise ValueError(f"candidates must be 'floor' or 'ceil', not {candidates!r}")
-    if block_rows >= 16 and (rotation == "fwht" or warps not in (None, 8)):
-        raise ValueError(f"16 rows per program rotate by tl.dot with 8 warps (rotation {rotation!r}, warps {warps!r} "
-                         "apply to fewer rows per program)")
+    if explicit and block_rows >= 16 and (rotation == "fwht" or warps not in (None, 8) or maxnreg not in (None, 0)):
+        raise ValueError(f"16 rows per program rotate by tl.dot with 8 warps and no register cap (rotation "
+                         f"{rotation!r}, warps {warps!r}, maxnreg {maxnreg!r} apply to fewer rows per program)")
     rotation = WRITE_ROTATION if rotation is None else rotation
     warps = (small_write_warps(n_rows, rotation) if warps is None else warps) if block_rows < 16 else 8
     if warps not in (1, 2, 4, 8):
@@ -776,13 +789,14 @@ def warm_write_tokens(num_kv_heads: int, limit: int = 1 << 16) -> list[int]:
     """Token counts whose default writes (``num_kv_heads`` heads) launch every variant that writes of 1 ..
     ``limit`` tokens launch (:func:`write_variant`), the smallest count of each."""
     seen: dict[tuple[int, int, int], int] = {}
-    bounds = {1, SMALL_WRITE_MAX_ROWS[WRITE_ROTATION] // num_kv_heads + 1, -(-256 // num_kv_heads), limit}
+    bounds = {1, SMALL_WRITE_MAX_ROWS[WRITE_ROTATION] // num_kv_heads + 1,
+              -(-SMALL_WRITE_TWO_WARPS_ROWS // num_kv_heads), limit}
     for t in sorted(b for b in bounds if 1 <= b <= limit):  # the variants change only at these counts
         seen.setdefault(write_variant(t * num_kv_heads), t)
     return sorted(seen.values())
 
 
-_WARMED: set[tuple[int, str, int, int, torch.dtype]] = set()
+_WARMED: set[tuple[object, str, int, int, torch.dtype]] = set()
 
 
 def warm_write_paths(fmt, device: str, num_kv_heads: int, head_size: int,  # noqa: ANN001
@@ -793,7 +807,7 @@ def warm_write_paths(fmt, device: str, num_kv_heads: int, head_size: int,  # noq
     one write of each :func:`warm_write_tokens` count of zero K and V (``dtype``, contiguous, as
     aligned as vLLM's views of its fused qkv) into a one-block scratch cache with every slot skipped
     (-1). Once per (format, device, heads, head size, dtype); returns the token counts written."""
-    key = (id(fmt), device, num_kv_heads, head_size, dtype)
+    key = (fmt, device, num_kv_heads, head_size, dtype)
     if key in _WARMED:
         return []
     counts = warm_write_tokens(num_kv_heads)
