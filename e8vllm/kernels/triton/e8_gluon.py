@@ -69,6 +69,11 @@ loads (timing floor) 314.5 us; 96 registers 405.7 us.
 Session 14 (``bench.gpu kernel``, one run, whole attention op, ring): 64 x 8k 414.7 us (``e8s`` lookups
 for both), 386.9 us (arithmetic keys, looked-up ``e8s`` values: the default), 364.6 us (both
 arithmetic); SASS per 16-token step with the ring (sm_90, offline) 870 / 812 / 756 instructions.
+Session 16: the slot stride is a constexpr (``CS2``) and a whole tile's ring copies are unmasked, so
+each ``cp.async`` is one base register plus an immediate offset (the default's taken path: 1,501
+instead of 1,624 SASS instructions per two steps; H200, whole op, 64 x 8k: 350.0 against 366.1 us
+earlier that session), and the default caps the kernel at 128 registers (``gluon_maxnreg``; no
+spills offline; 338.0 against 350.0 us, 16 warps per SM instead of 12).
 Nsight Compute (session 12): the integer ALU pipe 68 % busy, 25 % of the stalls waiting on the code
 loads, 16 warps per SM at 128 registers.
 
