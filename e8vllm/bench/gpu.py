@@ -252,14 +252,14 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
         # arithmetic decode first, then the lookups on the same cache
         decodes += [{**g, **x} for x in (
             {}, {"gluon_async": 1}, {"gluon_maxnreg": 96}, {"gluon_async": 1, "gluon_maxnreg": 96},
-            {"gluon_async": 1, "gluon_maxnreg": 128},
+            {"gluon_async": 1, "gluon_maxnreg": 128}, {"gluon_async": 1, "gluon_maxnreg": 128, "gluon_lut": 2},
             {"gluon_prefetch": 1}, {"gluon_arith": 0}, {"gluon_arith": 0, "gluon_async": 1}, {"gluon_diag": 1})]
     else:
         decodes += [{**g, **x} for x in (
             {}, {"gluon_lut": 1}, {"gluon_prefetch": 2}, {"gluon_lut": 1, "gluon_prefetch": 2}, {"gluon_kp": 1},
             {"gluon_kp": 1, "gluon_lut": 1}, {"gluon_kp": 1, "gluon_lut": 1, "gluon_prefetch": 2},
             {"gluon_prefetch": 1}, {"gluon_prefetch": 2, "gluon_maxnreg": 112}, {"gluon_async": 1},
-            {"gluon_async": 1, "gluon_maxnreg": 128}, {"gluon_async": 1, "gluon_lut": 1, "gluon_maxnreg": 128},
+            {"gluon_async": 1, "gluon_maxnreg": 128}, {"gluon_async": 1, "gluon_maxnreg": 128, "gluon_lut": 2}, {"gluon_async": 1, "gluon_lut": 1, "gluon_maxnreg": 128},
             {"gluon_diag": 1})]
     res = _e8_case(dtype, batch, ctx, decodes)
 

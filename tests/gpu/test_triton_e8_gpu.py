@@ -177,6 +177,10 @@ def test_gluon_decode_cuda():
         (128, 32, 8, "cubic-keys", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {}),
         (128, 32, 8, "cubic-keys", [1500, 33, 800, 2, 16, 17, 1], 4, 16, {"gluon_async": 0}),
         (64, 9, 3, "cubic-keys", [900, 31, 1], 16, 16, {}),
+        # value pairs (gluon_lut 2, session 16: compiled and emulated offline only; last, as above)
+        (128, 32, 8, "cubic-keys", [1500, 33, 800, 2, 16, 17, 1], 16, 16, {"gluon_async": 1, "gluon_lut": 2}),
+        (128, 32, 8, "switched", [1500, 33, 800, 2, 16, 17, 1], 4, 16, {"gluon_async": 1, "gluon_lut": 2}),
+        (64, 9, 3, "cubic-keys", [900, 31, 1], 16, 16, {"gluon_async": 1, "gluon_lut": 2}),
     ]
     pick = os.environ.get("E8_GLUON_CASES")  # a re-run of some cases: their indices, comma-separated
     if pick:

@@ -170,8 +170,8 @@ def _f16x2(fn) -> int:  # noqa: ANN001
 
 def _run_ptx(asm: str, args: dict[str, int], smem: torch.Tensor) -> dict[str, int]:
     """Run the kernel's inline PTX (:data:`e8_gluon._BYTE_LOOKUP_ASM`, ``_AR_KEY_ASM``,
-    ``_AR_VALUE_ASM``) on the host: its instructions (mov of ``global_smem`` = 0 and of constants,
-    shl, shr, and, mul.lo, add, lop3, prmt, ld.shared.b16 / .v4.b32, sub / fma.rn.f16x2, the
+    ``_AR_VALUE_ASM``, ``_VP_ASM``) on the host: its instructions (mov of ``global_smem`` = 0 and of constants,
+    shl, shr, and, mul.lo, add, lop3, prmt, ld.shared.b16 / .b32 / .v4.b32, sub / fma.rn.f16x2, the
     unpacking mov of a 32-bit register into two halves) over 32-bit registers, loads from ``smem``
     (bytes); returns the registers ($0.. the outputs, 16-bit ones as fp16 bits)."""
     reg = dict(args)
@@ -235,6 +235,10 @@ def _run_ptx(asm: str, args: dict[str, int], smem: torch.Tensor) -> dict[str, in
                 if lut >> i & 1:
                     r |= (a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c)
             reg[ops[0]] = r & m32
+        elif op == "ld.shared.b32":
+            addr = val(ops[1].strip("[]"))
+            assert addr % 4 == 0 and addr + 4 <= smem.numel(), f"load at {addr} outside the {smem.numel()}-byte image"
+            reg[ops[0]] = int(smem[addr:addr + 4].view(torch.int32)[0]) & m32
         elif op == "ld.shared.b16":
             addr = val(ops[1].strip("[]"))
             assert addr % 2 == 0 and addr + 2 <= smem.numel(), f"load at {addr} outside the {smem.numel()}-byte image"
@@ -294,8 +298,9 @@ def test_gluon_setting_needs_a_gpu_target():
         e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_tile": 8}, "x")
     with pytest.raises(ValueError, match="gluon_kp"):
         e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_kp": 2}, "x")
+    assert e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_lut": 2}, "x")["gluon_lut"] == 2  # value pairs
     with pytest.raises(ValueError, match="gluon_lut"):
-        e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_lut": 2}, "x")
+        e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_lut": 3}, "x")
     with pytest.raises(ValueError, match="gluon_prefetch"):
         e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_prefetch": 3}, "x")
     assert e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_prefetch": 2}, "x")["gluon_prefetch"] == 2
@@ -402,6 +407,11 @@ def test_arithmetic_decode_settings():
     assert e8_kv._gluon_arith(_cubic_fmt(128, "cubic-keys"), dc) == 1
     for extra in ({"gluon_arith": 0}, {"gluon_kp": 1}, {"gluon_lut": 1}):
         assert e8_kv._gluon_arith(cub, e8_kv.kernel_config(e8_kv.DECODE_CONFIG, extra, "t")) == 0
+    assert e8_kv._gluon_arith(cub, e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_lut": 2}, "t")) == 1  # values
+    for bad in ({"arith": 3}, {"async_ring": 0}, {"key_pairs": True}):  # value pairs: looked-up values, the ring
+        with pytest.raises(ValueError, match="gluon_lut 2"):
+            gluon_mod.launch_constexprs(cub, nq=4, d=128, block_size=16, segs=16, **{"async_ring": 1, "arith": 1,
+                                                                                    "lut": 2, **bad})
     with pytest.raises(ValueError, match="gluon_arith must be 0 or 1"):
         e8_kv.kernel_config(e8_kv.DECODE_CONFIG, {"gluon_arith": 2}, "t")
     with pytest.raises(ValueError, match="cubic level tables"):
@@ -436,4 +446,61 @@ def test_arithmetic_decode_compiles_without_lookups(d, nq, async_ring, variant):
         raise
     ptx = k.asm["ptx"]
     assert "fma.rn.f16x2" in ptx and "ld.shared.v4.b32" in ptx and ("ld.shared.b16" in ptx) == (ar != 3)
+    assert k.metadata.shared == const["BUFN"] * 4
+
+
+@pytest.mark.parametrize("variant", ["", "switched"])
+def test_value_pair_lookups_give_the_field_values(variant):
+    """``gluon_lut`` 2: the image holds the value pair table at byte 0 and the key part (cubic
+    coefficients or the fp16 key table) at ``VPAIR_KEY_BYTES``; the value-pair PTX (``_VP_ASM``), run on
+    the host over that image with the kernel's table bases ((set·2 + c) << 10), gives each field's value
+    T[set][c][v_i] for two tokens (the parity fix of field 7 included), for random words, both table
+    sets and both cosets; the key part still decodes (cubic keys: ``_AR_KEY_ASM`` at the new offset)."""
+    c = _fmt(128, 2) if variant else _cubic_fmt(128, "cubic-keys")
+    ar = gluon_mod.arith_bits(c) & 1
+    img = gluon_mod._tables(c, key_pairs=False, lut=2, arith=ar)
+    assert img.numel() == gluon_mod._image_words(False, 2, ar) == 1152
+    raw = img.view(torch.uint8)
+    kb = gluon_mod.VPAIR_KEY_BYTES.value
+    vt = c.v.table_h.view(2, 2, 16)
+    g = torch.Generator().manual_seed(7)
+    words = torch.randint(0, 1 << 32, (400,), generator=g, dtype=torch.int64).tolist()
+    for i in range(0, len(words) - 1, 2):
+        wa, wb = words[i], words[i + 1]
+        sa, sb = (i // 2) & 1, (i // 4) & 1
+        (ca, va), (cb, vb) = _field_values(wa), _field_values(wb)
+        reg = _run_ptx(gluon_mod._VP_ASM.value, {"$16": wa, "$17": wb, "$18": (ca + 2 * sa) << 10,
+                                                 "$19": (cb + 2 * sb) << 10}, raw)
+        assert [reg[f"${j}"] for j in range(8)] == [int(vt[sa, ca, x].view(torch.int16)) & 0xFFFF for x in va], hex(wa)
+        assert [reg[f"${j}"] for j in range(8, 16)] == [int(vt[sb, cb, x].view(torch.int16)) & 0xFFFF for x in vb]
+        if ar:
+            kt = c.k.table_h.view(2, 2, 16)
+            reg = _run_ptx(gluon_mod._AR_KEY_ASM.value, {"$8": wa, "$9": kb + 16 * (ca + 2 * sa)}, raw)
+            assert [reg[f"${j}"] for j in range(8)] == [_f16_bits(float(kt[sa, ca, x])) for x in va], hex(wa)
+    if not ar:  # the fp16 key table where the key lookups read it (table offset VPAIR_KEY_BYTES)
+        assert torch.equal(raw[kb:kb + 128].view(torch.float16), c.k.table_h)
+
+
+@pytest.mark.parametrize("d,variant", [(128, "cubic-keys"), (128, "switched"), (64, "cubic-keys")])
+def test_value_pairs_compile(d, variant):
+    """``gluon_lut`` 2 compiles for sm_90 with the ring: the values as 32-bit pair loads, no 16-bit
+    lookups with cubic keys; 16 KiB of shared memory (the allocation is a power of two)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    c = _cubic_fmt(d, variant) if variant != "switched" else _fmt(d, 2)
+    ar = gluon_mod.arith_bits(c) & 1
+    const = gluon_mod.launch_constexprs(c, nq=4, d=d, block_size=16, segs=16, async_ring=1, lut=2, arith=ar)
+    assert const["RO"] % (2 * 16 * d // 4) == 0 and const["RO"] >= const["TO"] + 32
+    fn = gluon_mod._gl_decode_kernel
+    sig = {a: ("constexpr" if a in const else TYPES[a]) for a in fn.arg_names}
+    try:
+        k = triton.compile(GluonASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 1})
+    except RuntimeError as e:  # pragma: no cover - no ptxas for this platform
+        if "ptxas" in str(e):
+            pytest.skip(f"no ptxas: {e}")
+        raise
+    ptx = k.asm["ptx"]
+    assert "ld.shared.b32" in ptx and "prmt.b32" in ptx and ("ld.shared.b16" in ptx) == (ar == 0)
     assert k.metadata.shared == const["BUFN"] * 4

@@ -73,7 +73,11 @@ Session 16: the slot stride is a constexpr (``CS2``) and a whole tile's ring cop
 each ``cp.async`` is one base register plus an immediate offset (the default's taken path: 1,501
 instead of 1,624 SASS instructions per two steps; H200, whole op, 64 x 8k: 350.0 against 366.1 us
 earlier that session), and the default caps the kernel at 128 registers (``gluon_maxnreg``; no
-spills offline; 338.0 against 350.0 us, 16 warps per SM instead of 12).
+spills offline; 338.0 against 350.0 us, 16 warps per SM instead of 12). ``gluon_lut`` 2 (session 16, not yet
+run on a GPU): values looked up two fields at a time as 32-bit entries of the 4-bit pair table (4 KiB at
+byte 0 of the image, the key part at :data:`VPAIR_KEY_BYTES`; two ``prmt`` per two tokens make the
+operand registers; :data:`_VP_ASM`), 1,489 instead of 1,680 SASS instructions per two steps at 128
+registers offline, but 16 KiB of shared memory per program instead of 8 (allocations are powers of two).
 Nsight Compute (session 12): the integer ALU pipe 68 % busy, 25 % of the stalls waiting on the code
 loads, 16 warps per SM at 128 registers.
 
@@ -348,6 +352,47 @@ def _value_words_ar(w, cb, TN: gl.constexpr, G: gl.constexpr, VCB: gl.constexpr)
     return gl.reshape(gl.permute(x, [0, 2, 1, 3, 4, 5]), [TN, G, 2, 2, 2])
 
 
+#: ``gluon_lut`` 2 (value pairs): the key part of the table image starts at this byte (the value pair
+#: table, 4 KiB, is at byte 0)
+VPAIR_KEY_BYTES = gl.constexpr(4096)
+
+
+def _vp_asm() -> str:
+    """The value-pair lookup of two value words of one field index, tokens 2i ($16) and 2i + 1 ($17), $18 /
+    $19 their pair-table bases ((set·2 + c) << 10): $0..$7 the first token's fields 0..7, $8..$15 the
+    second's. Field 7's low bit := the parity of fields 0..6 (as ``_AR_PARITY``); then per byte j of each
+    word one ``ld.shared.b32`` of its pair entry (fields 2j, 2j + 1: fp16 T[f_2j] | T[f_2j+1] << 16 at
+    byte base | byte_j << 2) and two ``prmt`` that make the operand registers (token 2i, 2i + 1) of
+    fields 2j and 2j + 1."""
+    a = ("{ .reg .u32 b, wa, wb, p, ia, ib, pa, pb, x, y; mov.u32 b, global_smem; "
+         + _AR_PARITY.format(W="$16", w="wa") + _AR_PARITY.format(W="$17", w="wb"))
+    for j in range(4):
+        for w, i, c, r in (("wa", "ia", "$18", "pa"), ("wb", "ib", "$19", "pb")):
+            a += f"shl.b32 {i}, {w}, 2; " if j == 0 else f"shr.u32 {i}, {w}, {8 * j - 2}; "
+            a += f"lop3.b32 {i}, {i}, 0x3FC, {c}, 0xEA; add.u32 {i}, {i}, b; ld.shared.b32 {r}, [{i}]; "
+        a += "prmt.b32 x, pa, pb, 0x5410; prmt.b32 y, pa, pb, 0x7632; "
+        a += f"mov.b32 {{${2 * j}, ${8 + 2 * j}}}, x; mov.b32 {{${2 * j + 1}, ${9 + 2 * j}}}, y; "
+    return a + "}"
+
+
+_VP_ASM = gl.constexpr(_vp_asm())
+
+
+@gluon.jit
+def _value_words_vp(w, cb, TN: gl.constexpr, G: gl.constexpr):
+    """Value words int32 [TN, G] (cb: their pair-table bases, :func:`_word_bits` at SHIFT 10) -> fp16 [TN, G,
+    2, 2, 2] through the value pair table at byte 0 (:data:`_VP_ASM`, two tokens per call)."""
+    wa, wb = _split_tokens(w, TN, G)
+    ca, cc = _split_tokens(cb, TN, G)
+    o = gl.inline_asm_elementwise(
+        _VP_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r",
+        [wa, wb, ca, cc], dtype=(gl.float16,) * 16, is_pure=True, pack=1)
+    x = _join8(gl.join(o[0], o[8]), gl.join(o[1], o[9]), gl.join(o[2], o[10]), gl.join(o[3], o[11]),
+               gl.join(o[4], o[12]), gl.join(o[5], o[13]), gl.join(o[6], o[14]),
+               gl.join(o[7], o[15]))  # [TN/2, G, tok, b0, b1, b2]
+    return gl.reshape(gl.permute(x, [0, 2, 1, 3, 4, 5]), [TN, G, 2, 2, 2])
+
+
 @gluon.jit
 def _tile_block(bt_row, j, seg_end, TN: gl.constexpr, BLOCK_SIZE: gl.constexpr):
     """The cache block of tile j (0 past ``seg_end``: a prefetch loads nothing there)."""
@@ -436,15 +481,16 @@ def _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, limit, k_stab, v_sta
     else:
         swv = scv
     if AR & 1:  # arithmetic key decode; operand pairs are fields (j, j + 4): κ = b2 + 2t + 8·b0 + 16·b1 + 32m
-        xk = _word_values_ar(wkk, _word_bits(wkk, swk, 4, KS, KGB, G, LK, 1)[1])
+        kcb = _word_bits(wkk, swk, 4, KS, KGB, G, LK, 1)[1]
+        xk = _word_values_ar(wkk, kcb + (VPAIR_KEY_BYTES if LUT == 2 else 0))
         xk = gl.permute(gl.reshape(xk, [TN, G // 4, 4, 2, 2, 2]), [0, 1, 4, 3, 2, 5])
     else:
         if KP:
             xk = _word_pairs(wkk, swk, KS, KGB, G, LK)  # [TN, G, 2, 2, 2]
-        elif LUT:
+        elif LUT == 1:
             xk = _word_values_b(wkk, swk, 0, 0, KS, KGB, G, LK)
         else:
-            xk = _word_values(wkk, swk, 0, KS, KGB, G, LK, DIAG)
+            xk = _word_values(wkk, swk, VPAIR_KEY_BYTES if LUT == 2 else 0, KS, KGB, G, LK, DIAG)
         xk = gl.permute(gl.reshape(xk, [TN, G // 4, 4, 2, 2, 2]), [0, 1, 5, 4, 2, 3])
     ka = gl.convert_layout(gl.reshape(xk, [TN, D]), OPA, assert_trivial=True)
     s = mma_v2(ka, q, gl.zeros([TN, NP], gl.float32, MMA))
@@ -468,6 +514,8 @@ def _tile_math(wkk, sck, wvv, scv, j, q, m_i, l_i, acc, ts, limit, k_stab, v_sta
     if AR & 2:
         xv = _value_words_ar(wvv, _word_bits(wvv, swv, 4, VS, VGB, G, LV, 1)[1], TN, G,
                              _value_coef_base(AR))  # [TN, G, 2, 2, 2]
+    elif LUT == 2:  # value pairs: one 32-bit lookup per two fields of a token
+        xv = _value_words_vp(wvv, _word_bits(wvv, swv, 10, VS, VGB, G, LV, 6)[1], TN, G)
     elif LUT:
         xv = _word_values_b(wvv, swv, PAIR_BYTES if KP else 0, 1, VS, VGB, G, LV)  # [TN, G, 2, 2, 2]
     else:
@@ -542,7 +590,11 @@ def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, 
     # value tables at shared-memory offset 0 (the only allocation): int32 [TABN] (:func:`_tables`)
     if ASYNC:  # one allocation at offset 0: the tables, the tails [2 x TN] at TO, the code ring at RO
         tables = gl.allocate_shared_memory(gl.int32, [BUFN], SMEM)
-        tables.slice(0, TABN).store(gl.load(tab_ptr + gl.arange(0, TABN, TABL)))
+        if LUT == 2:  # 1,024 + 128 words (not a power of two): two stores
+            tables.slice(0, 1024).store(gl.load(tab_ptr + gl.arange(0, 1024, TABL)))
+            tables.slice(1024, 128).store(gl.load(tab_ptr + 1024 + gl.arange(0, 128, TABL)))
+        else:
+            tables.slice(0, TABN).store(gl.load(tab_ptr + gl.arange(0, TABN, TABL)))
     else:
         tables = gl.allocate_shared_memory(gl.int32, [TABN], SMEM, gl.load(tab_ptr + gl.arange(0, TABN, TABL)))
     _cta_barrier()
@@ -668,7 +720,10 @@ def _pair_coefs(fmt) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
 
 
 def _image_words(key_pairs: bool, lut: int, arith: int = 0) -> int:
-    """int32 words of the shared-memory table image (:func:`_tables`): a power of two."""
+    """int32 words of the shared-memory table image (:func:`_tables`): a power of two, or with ``lut`` 2
+    1,024 + 128 (the value pair table, then the key part)."""
+    if lut == 2:
+        return 1024 + 128
     return 2048 if key_pairs else (128 if lut or arith & 2 else 64)
 
 
@@ -681,6 +736,9 @@ def _tables(fmt, key_pairs: bool, lut: int = 0, arith: int = 0) -> torch.Tensor:
     words, byte 64 = :func:`_value_coef_base`); 1 = the key coefficients, then the V value table at byte
     128 (``TABLE_BYTES``); 2 = the K value table, then the value pair coefficients at byte 128. Padded
     to :func:`_image_words`."""
+    if lut == 2:  # value pairs (int32 [1,024]) at byte 0, the key part at VPAIR_KEY_BYTES
+        kpart = _key_coefs(fmt) if arith & 1 else _pad(fmt.k.table_h, 64).view(torch.int32)
+        return torch.cat([_pad(fmt.v.pairs, 1024), _pad(kpart, 128)]).contiguous()
     if arith:  # the value part starts at the byte the kernel reads it from
         kpart = _key_coefs(fmt) if arith & 1 else _pad(fmt.k.table_h, 64).view(torch.int32)
         vpart = _pair_coefs(fmt) if arith & 2 else _pad(fmt.v.table_h, 64).view(torch.int32)
@@ -721,7 +779,10 @@ def launch_constexprs(fmt, *, nq: int, d: int, block_size: int, segs: int, tile:
     if arith & ~3 or arith & ~arith_bits(fmt):
         raise ValueError(f"e8vllm: arithmetic decode {arith} needs cubic level tables (e8c-*) where it is set "
                          f"(bit 0 keys, bit 1 values); this format has {arith_bits(fmt)}")
-    if arith and (key_pairs or lut):
+    if lut == 2 and (key_pairs or arith & 2 or not async_ring or prefetch or diag):
+        raise ValueError("e8vllm: gluon_lut 2 (value pairs) takes the cp.async ring, looked-up values (no "
+                         "arithmetic values), no key pairs, no prefetch and no diagnostics")
+    if arith and (key_pairs or lut == 1):
         raise ValueError("e8vllm: the arithmetic decode takes gluon_kp 0 and gluon_lut 0")
     tabn = _image_words(key_pairs, lut, arith)
     c = dict(NQ=nq, NP=8 if nq <= 8 else 16, D=d, BLOCK_SIZE=block_size, NUM_SEGS=segs, TN=tile, KP=int(key_pairs),
@@ -734,9 +795,8 @@ def launch_constexprs(fmt, *, nq: int, d: int, block_size: int, segs: int, tile:
             raise ValueError("e8vllm: the Gluon async ring takes value lookups (gluon_kp 0), no prefetch and no "
                              "diagnostics")
         ring = 2 * tile * (d // 4)  # words: 2 stages x tile tokens x (K + V words); a subview starts at a
-        if tabn + 2 * tile > ring:  # multiple of its size: the ring is the upper half of the buffer
-            raise ValueError(f"e8vllm: a {tabn}-word table does not fit below the {ring}-word code ring")
-        c.update(ASYNC=1, TO=tabn, RO=ring, BUFN=2 * ring)
+        ro = ring * -(-(tabn + 2 * tile) // ring)  # multiple of its size: above the tables and the tails;
+        c.update(ASYNC=1, TO=tabn, RO=ro, BUFN=1 << (ro + ring - 1).bit_length())  # allocations: powers of two
     return c
 
 

@@ -121,7 +121,10 @@ DIAGNOSTIC_KERNELS = ("nolut",)
 #: instructions per 64-token tile); 112 registers 732 us, uncapped (168) 790 us, tile 128 / 8 warps 836 us
 #: ``gluon`` 1: decode batches of 4-bit codes run :mod:`.e8_gluon` (codes decoded straight into the
 #: tensor-core operand registers; ``gluon_tile`` tokens per step, ``gluon_kp`` 1 = key pairs looked
-#: up 32 bits at a time, ``gluon_lut`` 1 = byte-layout value tables, ``gluon_prefetch`` 1 / 2 = the
+#: up 32 bits at a time, ``gluon_lut`` 1 = byte-layout value tables, 2 = value pairs (session 16, not yet
+#: run on a GPU: 32-bit lookups of two fields of a value word in the 4-bit pair table, 16 KiB of shared
+#: memory per program instead of 8; offline sm_90 at 128 registers 1,489 instead of 1,680 SASS
+#: instructions per two 16-token steps), ``gluon_prefetch`` 1 / 2 = the
 #: next step's codes / block id loaded ahead, ``gluon_async`` 1 = the codes through a cp.async ring
 #: (the default since session 13: 363.8 against 370.8 us for e8c-4bit, 412.8 against 434.4 us for
 #: e8s-4bit, 64 x 8k; set explicitly it excludes key pairs, prefetches and diagnostics, inherited it
@@ -176,10 +179,13 @@ def kernel_config(base: dict, extra: dict | str | None, what: str, diagnostic: b
                 raise ValueError(f"{what}: {k} must be a power of two >= {lo}, not {v!r}")
     if type(cfg["num_stages"]) is not int or not 1 <= cfg["num_stages"] <= 4:
         raise ValueError(f"{what}: num_stages must be an integer in 1..4, not {cfg['num_stages']!r}")
-    for k in ("prefetch", "split_decode", "gluon", "gluon_kp", "gluon_lut", "gluon_async", "gluon_lazy", "gluon_order",
+    for k in ("prefetch", "split_decode", "gluon", "gluon_kp", "gluon_async", "gluon_lazy", "gluon_order",
               "gluon_arith"):
         if k in cfg and (type(cfg[k]) is not int or cfg[k] not in (0, 1)):
             raise ValueError(f"{what}: {k} must be 0 or 1, not {cfg[k]!r}")
+    if "gluon_lut" in cfg and (type(cfg["gluon_lut"]) is not int or cfg["gluon_lut"] not in (0, 1, 2)):
+        raise ValueError(f"{what}: gluon_lut must be 0 (value tables), 1 (byte-layout tables) or 2 (value pairs), "
+                         f"not {cfg['gluon_lut']!r}")
     if "gluon_prefetch" in cfg and (type(cfg["gluon_prefetch"]) is not int or cfg["gluon_prefetch"] not in (0, 1, 2)):
         raise ValueError(f"{what}: gluon_prefetch must be 0 (none), 1 (the next tile's codes) or 2 (the next tile's "
                          f"block id), not {cfg['gluon_prefetch']!r}")
@@ -1314,10 +1320,11 @@ def prepare_device_constants(fmt, device: str, scale: float) -> None:  # noqa: A
 def _gluon_arith(c: "TritonE8Format", dc: dict) -> int:
     """The fields the Gluon decode decodes arithmetically (bit 0 keys, bit 1 values): those with cubic
     level tables (``e8c-*``, ``e8_gluon.arith_bits``) when ``gluon_arith`` is 1 and the lookups are the
-    plain ones (``gluon_kp`` 0, ``gluon_lut`` 0); else 0."""
-    if not dc.get("gluon_arith", 1) or dc["gluon_kp"] or dc["gluon_lut"]:
+    plain ones (``gluon_kp`` 0, ``gluon_lut`` 0), the keys' only with value pairs (``gluon_lut`` 2: values
+    looked up two fields at a time); else 0."""
+    if not dc.get("gluon_arith", 1) or dc["gluon_kp"] or dc["gluon_lut"] == 1:
         return 0
-    return _gluon.arith_bits(c)
+    return _gluon.arith_bits(c) & (1 if dc["gluon_lut"] == 2 else 3)
 
 
 #: most KV segments the decode grid takes by default (the output kernel holds segments x head size per program)
