@@ -259,7 +259,8 @@ def tune_decode(batch: int, ctx: int, dtype: str = "e8_k4v4") -> dict[str, Any]:
             {}, {"gluon_lut": 1}, {"gluon_prefetch": 2}, {"gluon_lut": 1, "gluon_prefetch": 2}, {"gluon_kp": 1},
             {"gluon_kp": 1, "gluon_lut": 1}, {"gluon_kp": 1, "gluon_lut": 1, "gluon_prefetch": 2},
             {"gluon_prefetch": 1}, {"gluon_prefetch": 2, "gluon_maxnreg": 112}, {"gluon_async": 1},
-            {"gluon_async": 1, "gluon_maxnreg": 128}, {"gluon_async": 1, "gluon_maxnreg": 128, "gluon_lut": 2}, {"gluon_async": 1, "gluon_lut": 1, "gluon_maxnreg": 128},
+            {"gluon_async": 1, "gluon_maxnreg": 128}, {"gluon_async": 1, "gluon_maxnreg": 128, "gluon_lut": 2},
+            {"gluon_async": 1, "gluon_lut": 1, "gluon_maxnreg": 128},
             {"gluon_diag": 1})]
     res = _e8_case(dtype, batch, ctx, decodes)
 

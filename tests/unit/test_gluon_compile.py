@@ -43,19 +43,29 @@ def _fmt(d: int, sets: int):
     return e8_kv.TritonE8Format.get(E8KVFormat.from_bits(d, 4, 4, "switched" if sets == 2 else "search"), "cpu")
 
 
-def _compile(d: int, nq: int, key_pairs: bool, sets: int = 2, tile: int = 16, lut: int = 0, pf: int = 0,
-             async_ring: int = 0):
+def _compile_const(const: dict[str, int]):
+    """The decode kernel compiled for sm_90 with the launch constants ``const`` (skips without ptxas)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    c = _fmt(d, sets)
-    assert c.k.sets == sets
-    const = gluon_mod.launch_constexprs(c, nq=nq, d=d, block_size=16, segs=16, tile=tile, key_pairs=key_pairs,
-                                        prefetch=pf, lut=lut, async_ring=async_ring)
     fn = gluon_mod._gl_decode_kernel
     sig = {a: ("constexpr" if a in const else TYPES[a]) for a in fn.arg_names}
-    src = GluonASTSource(fn, sig, constexprs=const)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    try:
+        return triton.compile(GluonASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 1})
+    except RuntimeError as e:  # pragma: no cover - no ptxas for this platform
+        if "ptxas" in str(e):
+            pytest.skip(f"no ptxas: {e}")
+        raise
+
+
+def _compile(d: int, nq: int, key_pairs: bool, sets: int = 2, tile: int = 16, lut: int = 0, pf: int = 0,
+             async_ring: int = 0):
+    c = _fmt(d, sets)
+    assert c.k.sets == sets
+    return _compile_const(gluon_mod.launch_constexprs(c, nq=nq, d=d, block_size=16, segs=16, tile=tile,
+                                                      key_pairs=key_pairs, prefetch=pf, lut=lut,
+                                                      async_ring=async_ring))
 
 
 def test_launch_arguments_serialize_for_jit_hooks():
@@ -78,12 +88,7 @@ def test_launch_arguments_serialize_for_jit_hooks():
     (128, 4, False, 2, 0, 0), (128, 4, True, 2, 0, 0), (64, 3, False, 2, 0, 0), (128, 16, False, 1, 0, 0),
     (128, 8, True, 1, 0, 0), (128, 4, False, 2, 1, 2), (128, 4, True, 2, 1, 0), (64, 3, False, 1, 1, 1)])
 def test_gluon_decode_compiles_with_only_the_table_in_shared_memory(d, nq, key_pairs, sets, lut, pf):
-    try:
-        k = _compile(d, nq, key_pairs, sets, lut=lut, pf=pf)
-    except RuntimeError as e:  # pragma: no cover - no ptxas for this platform
-        if "ptxas" in str(e):
-            pytest.skip(f"no ptxas: {e}")
-        raise
+    k = _compile(d, nq, key_pairs, sets, lut=lut, pf=pf)
     image = _image_words(key_pairs, lut) * 4
     assert k.metadata.shared == image
     ptx = k.asm["ptx"]
@@ -97,12 +102,7 @@ def test_gluon_async_ring_compiles_into_one_allocation(d, lut, sets):
     """``gluon_async`` 1: the codes go through a two-stage cp.async ring. Its words share the one
     shared-memory allocation with the table image (still at offset 0, where the lookups address it):
     the kernel's shared memory is exactly that buffer; the copies are cp.async, waited for by group."""
-    try:
-        k = _compile(d, 4, False, sets, lut=lut, async_ring=1)
-    except RuntimeError as e:  # pragma: no cover - no ptxas for this platform
-        if "ptxas" in str(e):
-            pytest.skip(f"no ptxas: {e}")
-        raise
+    k = _compile(d, 4, False, sets, lut=lut, async_ring=1)
     const = gluon_mod.launch_constexprs(_fmt(d, sets), nq=4, d=d, block_size=16, segs=16, lut=lut, async_ring=1)
     assert k.metadata.shared == const["BUFN"] * 4
     assert const["TO"] == const["TABN"] and const["RO"] == 2 * 16 * d // 4 == const["BUFN"] // 2
@@ -429,21 +429,10 @@ def test_arithmetic_decode_compiles_without_lookups(d, nq, async_ring, variant):
     both sides cubic its only shared-memory reads in the decode are the coefficient loads
     (ld.shared.v4), the fields go through f16x2 fused multiply-adds; with one side cubic (``cubic-keys``;
     values only: ``AR`` 2, no default) the other side is still looked up (ld.shared.b16)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     c = _cubic_fmt(d, variant)
     ar = gluon_mod.arith_bits(c)
     const = gluon_mod.launch_constexprs(c, nq=nq, d=d, block_size=16, segs=16, async_ring=async_ring, arith=ar)
-    fn = gluon_mod._gl_decode_kernel
-    sig = {a: ("constexpr" if a in const else TYPES[a]) for a in fn.arg_names}
-    try:
-        k = triton.compile(GluonASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": 1})
-    except RuntimeError as e:  # pragma: no cover - no ptxas for this platform
-        if "ptxas" in str(e):
-            pytest.skip(f"no ptxas: {e}")
-        raise
+    k = _compile_const(const)
     ptx = k.asm["ptx"]
     assert "fma.rn.f16x2" in ptx and "ld.shared.v4.b32" in ptx and ("ld.shared.b16" in ptx) == (ar != 3)
     assert k.metadata.shared == const["BUFN"] * 4
@@ -485,22 +474,11 @@ def test_value_pair_lookups_give_the_field_values(variant):
 def test_value_pairs_compile(d, variant):
     """``gluon_lut`` 2 compiles for sm_90 with the ring: the values as 32-bit pair loads, no 16-bit
     lookups with cubic keys; 16 KiB of shared memory (the allocation is a power of two)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     c = _cubic_fmt(d, variant) if variant != "switched" else _fmt(d, 2)
     ar = gluon_mod.arith_bits(c) & 1
     const = gluon_mod.launch_constexprs(c, nq=4, d=d, block_size=16, segs=16, async_ring=1, lut=2, arith=ar)
     assert const["RO"] % (2 * 16 * d // 4) == 0 and const["RO"] >= const["TO"] + 32
-    fn = gluon_mod._gl_decode_kernel
-    sig = {a: ("constexpr" if a in const else TYPES[a]) for a in fn.arg_names}
-    try:
-        k = triton.compile(GluonASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": 1})
-    except RuntimeError as e:  # pragma: no cover - no ptxas for this platform
-        if "ptxas" in str(e):
-            pytest.skip(f"no ptxas: {e}")
-        raise
+    k = _compile_const(const)
     ptx = k.asm["ptx"]
     assert "ld.shared.b32" in ptx and "prmt.b32" in ptx and ("ld.shared.b16" in ptx) == (ar == 0)
     assert k.metadata.shared == const["BUFN"] * 4

@@ -719,6 +719,12 @@ def _pair_coefs(fmt) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
     return pairs.contiguous().view(torch.int32).reshape(-1)
 
 
+def _key_part(fmt, arith: int) -> torch.Tensor:  # noqa: ANN001 - TritonE8Format
+    """The keys' part of the table image, int32: the cubic coefficients (``arith`` bit 0) or the fp16 K
+    value table (64 entries)."""
+    return _key_coefs(fmt) if arith & 1 else _pad(fmt.k.table_h, 64).view(torch.int32)
+
+
 def _image_words(key_pairs: bool, lut: int, arith: int = 0) -> int:
     """int32 words of the shared-memory table image (:func:`_tables`): a power of two, or with ``lut`` 2
     1,024 + 128 (the value pair table, then the key part)."""
@@ -734,13 +740,13 @@ def _tables(fmt, key_pairs: bool, lut: int = 0, arith: int = 0) -> torch.Tensor:
     value tables (after the pair table with ``key_pairs``). With the arithmetic decode (``arith``, bits
     as :func:`arith_bits`): 3 = the key coefficients (16 words), then the value pair coefficients (64
     words, byte 64 = :func:`_value_coef_base`); 1 = the key coefficients, then the V value table at byte
-    128 (``TABLE_BYTES``); 2 = the K value table, then the value pair coefficients at byte 128. Padded
-    to :func:`_image_words`."""
+    128 (``TABLE_BYTES``); 2 = the K value table, then the value pair coefficients at byte 128. With
+    ``lut`` 2: the V pair table (1,024 int32), then the key part at :data:`VPAIR_KEY_BYTES`. Padded to
+    :func:`_image_words`."""
     if lut == 2:  # value pairs (int32 [1,024]) at byte 0, the key part at VPAIR_KEY_BYTES
-        kpart = _key_coefs(fmt) if arith & 1 else _pad(fmt.k.table_h, 64).view(torch.int32)
-        return torch.cat([_pad(fmt.v.pairs, 1024), _pad(kpart, 128)]).contiguous()
+        return torch.cat([_pad(fmt.v.pairs, 1024), _pad(_key_part(fmt, arith), 128)]).contiguous()
     if arith:  # the value part starts at the byte the kernel reads it from
-        kpart = _key_coefs(fmt) if arith & 1 else _pad(fmt.k.table_h, 64).view(torch.int32)
+        kpart = _key_part(fmt, arith)
         vpart = _pair_coefs(fmt) if arith & 2 else _pad(fmt.v.table_h, 64).view(torch.int32)
         voff = _value_coef_base(arith) if arith & 2 else TABLE_BYTES.value
         return _pad(torch.cat([_pad(kpart, voff // 4), vpart]), _image_words(False, 0, arith)).contiguous()

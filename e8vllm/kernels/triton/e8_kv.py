@@ -758,10 +758,9 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         raise ValueError(f"16 rows per program rotate by tl.dot with 8 warps and no register cap (rotation "
                          f"{rotation!r}, warps {warps!r}, maxnreg {maxnreg!r} apply to fewer rows per program)")
     rotation = WRITE_ROTATION if rotation is None else rotation
-    warps = (small_write_warps(n_rows, rotation) if warps is None else warps) if block_rows < 16 else 8
+    warps, maxnreg = _write_launch(n_rows, block_rows, rotation, warps, maxnreg)
     if warps not in (1, 2, 4, 8):
         raise ValueError(f"warps must be 1, 2, 4 or 8, not {warps!r}")
-    maxnreg = (small_write_maxnreg(warps, rotation) if maxnreg is None else maxnreg) if block_rows < 16 else 0
     if maxnreg and not 24 <= maxnreg <= 255:
         raise ValueError(f"maxnreg must be 0 (no cap) or 24..255, not {maxnreg!r}")
     opts = {"maxnreg": maxnreg} if maxnreg else {}
@@ -781,14 +780,22 @@ def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
         VNC=par_candidates(vns, candidates), LOG_B=log_b, num_warps=warps, num_stages=1, **opts)
 
 
+def _write_launch(n_rows: int, block_rows: int, rotation: str | None, warps: int | None = None,
+                  maxnreg: int | None = None) -> tuple[int, int]:
+    """(warps, register cap) of a write of ``n_rows`` rows at ``block_rows`` rows per program: 8 and none
+    for 16 rows; else ``warps`` / ``maxnreg`` where given, the small-write defaults
+    (:func:`small_write_warps`, :func:`small_write_maxnreg`) where None."""
+    if block_rows >= 16:
+        return 8, 0
+    warps = small_write_warps(n_rows, rotation) if warps is None else warps
+    return warps, small_write_maxnreg(warps, rotation) if maxnreg is None else maxnreg
+
+
 def write_variant(n_rows: int) -> tuple[int, int, int]:
     """(rows per program, warps, register cap) of a default write of ``n_rows`` (token, head) rows: the
     compiled variant it launches (the kernel does not specialize on ``n_rows``)."""
     br = write_block_rows(n_rows)
-    if br >= 16:
-        return br, 8, 0
-    warps = small_write_warps(n_rows)
-    return br, warps, small_write_maxnreg(warps)
+    return (br, *_write_launch(n_rows, br, None))
 
 
 def warm_write_tokens(num_kv_heads: int, limit: int = 1 << 16) -> list[int]:
