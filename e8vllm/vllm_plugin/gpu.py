@@ -40,7 +40,7 @@ from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, Trit
 
 from e8vllm import calibration
 from e8vllm.kernels.triton import (prepare_device_constants, triton_paged_attention, triton_write_kv_cache,
-                                   warm_write_paths)
+                                   warm_attention_paths, warm_write_paths)
 
 from . import spec as e8spec
 from .impl import E8ImplMixin
@@ -187,6 +187,14 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
                 except Exception as e:  # noqa: BLE001 - logged; the write itself still runs (and raises) later
                     logger.warning("e8vllm: compiling the write kernel ahead of inference failed (%s: %s); "
                                    "it compiles at its first use", type(e).__name__, e)
+                # likewise the prefill / mixed-batch attention variants (CUDA-graph capture runs decode
+                # batches only); with a KV calibration the key-centered variants still compile at first use
+                try:
+                    warm_attention_paths(self.fmt, dev, num_heads, num_kv_heads, head_size,
+                                         torch.get_default_dtype(), self.scale)
+                except Exception as e:  # noqa: BLE001 - logged; attention itself still runs (and raises) later
+                    logger.warning("e8vllm: compiling the attention kernels ahead of inference failed (%s: %s); "
+                                   "they compile at their first use", type(e).__name__, e)
 
     def _use_kernels(self, kv_cache: torch.Tensor) -> bool:
         """Fused kernels for this call: CUDA tensors (or Triton's CPU interpreter, for tests)."""

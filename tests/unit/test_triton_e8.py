@@ -165,6 +165,48 @@ def test_warm_write_paths_writes_nothing(monkeypatch):
     assert e8_kv.warm_write_paths(fmt, DEV, 2, 64, torch.float16) == [] and len(calls) == len(counts)
 
 
+def test_warm_attention_paths_runs_each_segment_count(monkeypatch):
+    """The attention warm-up runs one mixed batch (a prompt chunk and a decode row, so the tile grid,
+    the decode grid and the output kernel with both kinds of rows) per segment count the decode grid
+    can take, through the real op (interpreter), with the float64 reference's output on its inputs (a
+    zero cache: every value the decoded zero code); a second call does nothing."""
+    from e8vllm.kernels.triton import e8_kv
+
+    calls = []
+    real = e8_kv.triton_paged_attention
+
+    def spy(q, cache, qsl, seq_lens, bt, fmt, **kw):
+        out = real(q, cache, qsl, seq_lens, bt, fmt, **kw)
+        ref = reference_attention(q.cpu(), cache.cpu(), qsl.cpu(), seq_lens.cpu(), bt.cpu(), fmt, scale=kw["scale"])
+        ok = bool(torch.allclose(out.double().cpu(), ref, atol=2e-3)) and float(ref.abs().max()) > 0
+        calls.append((kw["max_query_len"], kw["num_segs"], q.dtype, out.dtype, ok))
+        return out
+
+    monkeypatch.setattr(e8_kv, "triton_paged_attention", spy)
+    monkeypatch.setattr(e8_kv, "_WARMED_ATTN", set())
+    monkeypatch.setattr(e8_kv, "mixed_batch_segments", lambda *a, **k: [1, 4])  # two counts (the CPU's is one)
+    fmt = E8KVFormat.from_bits(64, 4, 4)
+    assert e8_kv.warm_attention_paths(fmt, DEV, 4, 2, 64, torch.float16) == [1, 4]
+    assert calls == [(2, 1, torch.float16, torch.float16, True), (2, 4, torch.float16, torch.float16, True)]
+    assert e8_kv.warm_attention_paths(fmt, DEV, 4, 2, 64, torch.float16) == [] and len(calls) == 2
+
+
+def test_mixed_batch_segments_cover_the_gluon_grid(monkeypatch):
+    """On an H200-sized GPU (132 SMs) the Gluon grid takes 64, 32 or 16 segments by batch size (16 one-warp
+    programs per SM, at most MAX_SEGMENTS); the warm-up's list is exactly those, and on the Triton
+    decode kernel the configured count alone."""
+    from e8vllm.kernels.triton import e8_kv
+
+    fmt = E8KVFormat.from_bits(128, 4, 4)
+    monkeypatch.setattr(e8_kv, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(e8_kv, "_use_gluon", lambda *a: True)
+    assert e8_kv.mixed_batch_segments(8, torch.device("cpu"), fmt) == [16, 32, 64]
+    assert [e8_kv._default_segs(True, b, 8, torch.device("cpu"), e8_kv.DECODE_CONFIG) for b in (1, 8, 9, 16, 17)] \
+        == [64, 64, 32, 32, 16]
+    monkeypatch.setattr(e8_kv, "_use_gluon", lambda *a: False)
+    assert e8_kv.mixed_batch_segments(8, torch.device("cpu"), fmt) == [e8_kv.DECODE_CONFIG["segs"]]
+
+
 _WRITE_PATHS = {"two-rows-parallel-scales": (2, True, None, "dot"), "two-rows-scale-loop": (2, None, None, "dot"),
                 "one-row-parallel-scales": (1, None, None, "dot"), "one-row-parallel-scales-ceil": (1, None, "ceil", "dot"),
                 "dot-path": (16, None, None, None), "one-row-butterflies": (1, None, None, "fwht"),

@@ -27,6 +27,31 @@ def _impl(monkeypatch, kernels: str):
     return gpu.E8TritonImpl(8, 64, 64 ** -0.5, 2, None, None, "e8_k4v4")
 
 
+@pytest.mark.parametrize("fail", [False, True])
+def test_impl_compiles_write_and_attention_variants_when_built(fail, monkeypatch, caplog):
+    """On CUDA the impl's constructor warms the write variants and the prefill / mixed-batch attention
+    variants for its shape (device, heads, head size, the model's dtype, its scale); a failing warm-up
+    is logged, not raised (the kernels then compile at first use)."""
+    calls = []
+
+    def warm_attn(*args):
+        calls.append(("attention", *args))
+        if fail:
+            raise RuntimeError("no compiler")
+        return [16]
+
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(gpu, "prepare_device_constants", lambda *a: None)
+    monkeypatch.setattr(gpu, "warm_write_paths", lambda *a: calls.append(("write", *a)) or [1])
+    monkeypatch.setattr(gpu, "warm_attention_paths", warm_attn)
+    with caplog.at_level("WARNING", logger=gpu.logger.name):
+        impl = _impl(monkeypatch, "triton")
+    dt = torch.get_default_dtype()
+    assert calls == [("write", impl.fmt, "cuda:0", 2, 64, dt), ("attention", impl.fmt, "cuda:0", 8, 2, 64, dt, 64 ** -0.5)]
+    assert ("compiling the attention kernels ahead of inference failed" in caplog.text) == fail
+
+
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
 def test_impl_routes_and_matches_reference(kernels, monkeypatch, one_thread):
     impl = _impl(monkeypatch, kernels)

@@ -5,7 +5,7 @@ tested against is :mod:`e8vllm.kernels.reference`.
 """
 
 from .e8_kv import (TritonE8Format, fp16_operand_reference, prepare_device_constants, supported,
-                    triton_paged_attention, triton_write_kv_cache, warm_write_paths)
+                    triton_paged_attention, triton_write_kv_cache, warm_attention_paths, warm_write_paths)
 
 __all__ = ["TritonE8Format", "fp16_operand_reference", "prepare_device_constants", "supported", "triton_paged_attention",
-           "triton_write_kv_cache", "warm_write_paths"]
+           "triton_write_kv_cache", "warm_attention_paths", "warm_write_paths"]

@@ -1512,6 +1512,46 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
     return out
 
 
+def mixed_batch_segments(h_kv: int, device: torch.device, fmt, *, block_size: int = 16, nq: int = 1,  # noqa: ANN001
+                         max_seqs: int = 1 << 12) -> list[int]:
+    """Every KV-segment count the decode grid takes by default in a batch of 1 .. ``max_seqs``
+    sequences (:func:`decode_segments`): the output kernel and the Gluon decode kernel compile once
+    per count (a constexpr)."""
+    dc = DECODE_CONFIG
+    gluon = _use_gluon(TritonE8Format.get(fmt, str(device)), dc, block_size, nq, device, False)
+    return sorted({_default_segs(gluon, b, h_kv, device, dc) for b in range(1, max_seqs + 1)})
+
+
+_WARMED_ATTN: set[tuple[object, str, int, int, int, torch.dtype]] = set()
+
+
+def warm_attention_paths(fmt, device: str, num_heads: int, num_kv_heads: int, head_size: int,  # noqa: ANN001
+                         dtype: torch.dtype, scale: float | None = None) -> list[int]:
+    """Compile the attention op's prefill / mixed-batch variants now (model construction): vLLM's
+    CUDA-graph capture compiles the decode batches' kernels, but a batch with a prompt chunk launches
+    the output kernel with the tile grid's rows (``HAS_O``) and the segment count of its own number of
+    sequences, which no capture ran (session 17: vLLM's JIT monitor logged ``_e8_output_kernel``
+    compiling inside the first prefill of the 64 x 8k engine run). One mixed batch per
+    :func:`mixed_batch_segments` count (a two-token prompt chunk and a one-token sequence, queries of
+    ``dtype``) over a zero one-block scratch cache, without key centers. Once per (format, device,
+    heads, head size, dtype); returns the segment counts run."""
+    key = (fmt, device, num_heads, num_kv_heads, head_size, dtype)
+    if key in _WARMED_ATTN:
+        return []
+    dev = torch.device(device)
+    counts = mixed_batch_segments(num_kv_heads, dev, fmt, nq=num_heads // num_kv_heads)
+    cache = torch.zeros(1, num_kv_heads, 16, fmt.slot_bytes, dtype=torch.uint8, device=dev)
+    i32 = dict(dtype=torch.int32, device=dev)
+    qsl, seq_lens = torch.tensor([0, 2, 3], **i32), torch.tensor([2, 1], **i32)
+    block_table = torch.zeros(2, 1, **i32)
+    q = torch.zeros(3, num_heads, head_size, dtype=dtype, device=dev)
+    for segs in counts:
+        triton_paged_attention(q, cache, qsl, seq_lens, block_table, fmt, max_query_len=2,
+                               num_kv_heads=num_kv_heads, scale=scale, out=torch.empty_like(q), num_segs=segs)
+    _WARMED_ATTN.add(key)
+    return counts
+
+
 
 # ---------------------------------------------------------------------------------------------
 # the reference computed with the kernels' operand precision (for tolerances)
