@@ -179,7 +179,7 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
                 # the write kernel's variants compile now, not inside the first prefill (vLLM's profile run
                 # writes nothing: no cache yet); a failure here only moves that compile to first use
                 try:  # K/V in the model's dtype; float32 after a KV calibration's centering (see _e8_write)
-                    dtypes = [torch.get_default_dtype()]
+                    dtypes = [self._e8_dtype or torch.get_default_dtype()]
                     if calibration.find_calibration(self._e8_model) is not None:
                         dtypes.append(torch.float32)
                     for dt in dict.fromkeys(dtypes):
@@ -191,7 +191,8 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
                 # batches only); with a KV calibration the key-centered variants still compile at first use
                 try:
                     warm_attention_paths(self.fmt, dev, num_heads, num_kv_heads, head_size,
-                                         torch.get_default_dtype(), self.scale)
+                                         self._e8_dtype or torch.get_default_dtype(), self.scale,
+                                         block_size=self._e8_block_size, max_seqs=self._e8_max_seqs)
                 except Exception as e:  # noqa: BLE001 - logged; attention itself still runs (and raises) later
                     logger.warning("e8vllm: compiling the attention kernels ahead of inference failed (%s: %s); "
                                    "they compile at their first use", type(e).__name__, e)

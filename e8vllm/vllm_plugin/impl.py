@@ -106,12 +106,20 @@ class E8ImplMixin:
         self._trig: torch.Tensor | None = None
         self._e8_model: str | None = None
         self._e8_max_len = 0
+        # the engine's shape, for compiling the GPU kernels' variants ahead of inference (gpu.py)
+        self._e8_block_size = 16
+        self._e8_max_seqs = 1 << 12
+        self._e8_dtype: torch.dtype | None = None
         try:  # the model path, for its calibration file (constructors run under the vLLM config)
             from vllm.config import get_current_vllm_config
 
-            mc = get_current_vllm_config().model_config
+            cfg = get_current_vllm_config()
+            mc = cfg.model_config
             self._e8_model = str(mc.model)
             self._e8_max_len = int(getattr(mc, "max_model_len", 0) or 0)
+            self._e8_dtype = mc.dtype if isinstance(getattr(mc, "dtype", None), torch.dtype) else None
+            self._e8_block_size = int(getattr(cfg.cache_config, "block_size", None) or 16)
+            self._e8_max_seqs = int(getattr(cfg.scheduler_config, "max_num_seqs", None) or self._e8_max_seqs)
         except Exception:  # noqa: BLE001 - no config (unit tests): no centering unless the env names a file
             self._e8_model = None
 

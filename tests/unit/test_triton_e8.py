@@ -166,10 +166,11 @@ def test_warm_write_paths_writes_nothing(monkeypatch):
 
 
 def test_warm_attention_paths_runs_each_segment_count(monkeypatch):
-    """The attention warm-up runs one mixed batch (a prompt chunk and a decode row, so the tile grid,
-    the decode grid and the output kernel with both kinds of rows) per segment count the decode grid
-    can take, through the real op (interpreter), with the float64 reference's output on its inputs (a
-    zero cache: every value the decoded zero code); a second call does nothing."""
+    """The attention warm-up runs, per segment count the decode grid can take, a decode batch and a
+    mixed batch (a prompt chunk and a decode row: the tile grid, the decode grid and the output kernel
+    with both kinds of rows) through the real op (interpreter), with the float64 reference's output on
+    its inputs (a zero cache: every value the decoded zero code); a second call does nothing, and
+    neither does one after a failure (each layer would retry it)."""
     from e8vllm.kernels.triton import e8_kv
 
     calls = []
@@ -179,16 +180,63 @@ def test_warm_attention_paths_runs_each_segment_count(monkeypatch):
         out = real(q, cache, qsl, seq_lens, bt, fmt, **kw)
         ref = reference_attention(q.cpu(), cache.cpu(), qsl.cpu(), seq_lens.cpu(), bt.cpu(), fmt, scale=kw["scale"])
         ok = bool(torch.allclose(out.double().cpu(), ref, atol=2e-3)) and float(ref.abs().max()) > 0
-        calls.append((kw["max_query_len"], kw["num_segs"], q.dtype, out.dtype, ok))
+        calls.append((kw["max_query_len"], kw["num_segs"], q.dtype, out.dtype, cache.shape[2], ok))
         return out
 
     monkeypatch.setattr(e8_kv, "triton_paged_attention", spy)
     monkeypatch.setattr(e8_kv, "_WARMED_ATTN", set())
     monkeypatch.setattr(e8_kv, "mixed_batch_segments", lambda *a, **k: [1, 4])  # two counts (the CPU's is one)
     fmt = E8KVFormat.from_bits(64, 4, 4)
+    assert e8_kv.warm_attention_paths(fmt, DEV, 4, 2, 64, torch.float16, block_size=32) == [1, 4]
+    assert calls == [(mql, segs, torch.float16, torch.float16, 32, True) for segs in (1, 4) for mql in (1, 2)]
+    assert e8_kv.warm_attention_paths(fmt, DEV, 4, 2, 64, torch.float16, block_size=32) == [] and len(calls) == 4
+    # without the split of decode rows a prompt batch does not use the segments: one mixed batch
+    calls.clear()
+    monkeypatch.setitem(e8_kv.PREFILL_CONFIG, "split_decode", 0)
     assert e8_kv.warm_attention_paths(fmt, DEV, 4, 2, 64, torch.float16) == [1, 4]
-    assert calls == [(2, 1, torch.float16, torch.float16, True), (2, 4, torch.float16, torch.float16, True)]
-    assert e8_kv.warm_attention_paths(fmt, DEV, 4, 2, 64, torch.float16) == [] and len(calls) == 2
+    assert [c[:2] for c in calls] == [(1, 1), (2, 1), (1, 4)]
+
+    def fail(*a, **k):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(e8_kv, "triton_paged_attention", fail)
+    with pytest.raises(RuntimeError):
+        e8_kv.warm_attention_paths(fmt, DEV, 4, 2, 64, torch.float32)
+    assert e8_kv.warm_attention_paths(fmt, DEV, 4, 2, 64, torch.float32) == []
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="compiles (CUDA)")
+def test_warm_attention_paths_leave_nothing_to_compile_cuda():
+    """After the warm-up, batches shaped as vLLM's (the query a view of the fused QKV projection, the
+    block table rows of a wider buffer, the output a view, a many-block cache, batch sizes reaching
+    every segment count, decode and mixed) compile no new variant of any attention kernel."""
+    from e8vllm.kernels.triton import e8_gluon, e8_kv
+
+    fmt = E8KVFormat.from_bits(128, 4, 4)
+    h_q, h_kv, d, bs, max_seqs = 32, 8, 128, 16, 64
+    e8_kv.warm_attention_paths(fmt, DEV, h_q, h_kv, d, torch.bfloat16, d ** -0.5, block_size=bs, max_seqs=max_seqs)
+    kernels = [e8_kv._e8_rotate_q_kernel, e8_kv._e8_tile_attn_kernel, e8_kv._e8_decode_kernel,
+               e8_kv._e8_output_kernel, e8_gluon._gl_decode_kernel]
+
+    def compiled():
+        return [sum(len(c[0]) for c in k.device_caches.values()) for k in kernels]
+
+    before = compiled()
+    cache = torch.zeros(80, h_kv, bs, fmt.slot_bytes, dtype=torch.uint8, device=DEV)
+    bt_buf = torch.randint(0, 80, (max_seqs, 521), dtype=torch.int32, device=DEV)  # 8,336 tokens / 16
+    for b in sorted(set(range(1, max_seqs + 1, 7)) | {1, 8, 9, 16, 17, max_seqs}):
+        for prompt in (0, 37):  # a decode batch, then the same with a prompt chunk in front
+            qlens = [prompt] + [1] * (b - 1) if prompt else [1] * b
+            t = sum(qlens)
+            qkv = torch.randn(t, (h_q + 2 * h_kv) * d, dtype=torch.bfloat16, device=DEV)
+            q = qkv[:, :h_q * d].view(t, h_q, d)
+            qsl = torch.tensor([0] + qlens, dtype=torch.int32, device=DEV).cumsum(0, dtype=torch.int32)
+            seq_lens = torch.tensor([x + 90 for x in qlens], dtype=torch.int32, device=DEV)
+            out = torch.empty(t + 5, h_q * d, dtype=torch.bfloat16, device=DEV)[:t].view(t, h_q, d)
+            e8_kv.triton_paged_attention(q, cache, qsl, seq_lens, bt_buf[:b], fmt, max_query_len=max(qlens),
+                                         num_kv_heads=h_kv, scale=d ** -0.5, out=out)
+    torch.cuda.synchronize()
+    assert compiled() == before, dict(zip([getattr(k, "__name__", repr(k)) for k in kernels], zip(before, compiled())))
 
 
 def test_mixed_batch_segments_cover_the_gluon_grid(monkeypatch):
@@ -201,6 +249,7 @@ def test_mixed_batch_segments_cover_the_gluon_grid(monkeypatch):
     monkeypatch.setattr(e8_kv, "_sm_count", lambda device: 132)
     monkeypatch.setattr(e8_kv, "_use_gluon", lambda *a: True)
     assert e8_kv.mixed_batch_segments(8, torch.device("cpu"), fmt) == [16, 32, 64]
+    assert e8_kv.mixed_batch_segments(8, torch.device("cpu"), fmt, max_seqs=8) == [64]
     assert [e8_kv._default_segs(True, b, 8, torch.device("cpu"), e8_kv.DECODE_CONFIG) for b in (1, 8, 9, 16, 17)] \
         == [64, 64, 32, 32, 16]
     monkeypatch.setattr(e8_kv, "_use_gluon", lambda *a: False)

@@ -29,13 +29,13 @@ def _impl(monkeypatch, kernels: str):
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_impl_compiles_write_and_attention_variants_when_built(fail, monkeypatch, caplog):
-    """On CUDA the impl's constructor warms the write variants and the prefill / mixed-batch attention
-    variants for its shape (device, heads, head size, the model's dtype, its scale); a failing warm-up
-    is logged, not raised (the kernels then compile at first use)."""
+    """On CUDA the impl's constructor warms the write variants and the attention variants for its
+    shape (device, heads, head size, the model's dtype, its scale, the engine's block size and batch
+    limit); a failing warm-up is logged, not raised (the kernels then compile at first use)."""
     calls = []
 
-    def warm_attn(*args):
-        calls.append(("attention", *args))
+    def warm_attn(*args, **kw):
+        calls.append(("attention", *args, kw))
         if fail:
             raise RuntimeError("no compiler")
         return [16]
@@ -48,8 +48,21 @@ def test_impl_compiles_write_and_attention_variants_when_built(fail, monkeypatch
     with caplog.at_level("WARNING", logger=gpu.logger.name):
         impl = _impl(monkeypatch, "triton")
     dt = torch.get_default_dtype()
-    assert calls == [("write", impl.fmt, "cuda:0", 2, 64, dt), ("attention", impl.fmt, "cuda:0", 8, 2, 64, dt, 64 ** -0.5)]
+    # no vLLM config here: the defaults (block size 16, up to 4,096 sequences, the default dtype)
+    assert calls == [("write", impl.fmt, "cuda:0", 2, 64, dt),
+                     ("attention", impl.fmt, "cuda:0", 8, 2, 64, dt, 64 ** -0.5, {"block_size": 16, "max_seqs": 4096})]
     assert ("compiling the attention kernels ahead of inference failed" in caplog.text) == fail
+
+
+def test_impl_reads_the_engine_shape_from_the_vllm_config(monkeypatch):
+    """The warm-up's block size, batch limit and dtype are the engine's (vLLM's current config)."""
+    import vllm.config as vc
+
+    cfg = SimpleNamespace(model_config=SimpleNamespace(model="/nonexistent", max_model_len=8336, dtype=torch.bfloat16),
+                          cache_config=SimpleNamespace(block_size=32), scheduler_config=SimpleNamespace(max_num_seqs=96))
+    monkeypatch.setattr(vc, "get_current_vllm_config", lambda: cfg)
+    impl = _impl(monkeypatch, "triton")
+    assert (impl._e8_block_size, impl._e8_max_seqs, impl._e8_dtype, impl._e8_max_len) == (32, 96, torch.bfloat16, 8336)
 
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])

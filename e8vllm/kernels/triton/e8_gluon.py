@@ -554,7 +554,7 @@ def _ring_step(ring, tails, CUR: gl.constexpr, j, cache_ptr, bt_row, kvh_off, cs
                       ORDER, 0, KS, VS, KGB, VGB, MMA, LK, LV, OPA, OPB, 1, AR)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["sbt0"])  # the block table's row stride: the warm-up's table is not vLLM's
 def _gl_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr, cache_ptr, cs0, cs1, tab_ptr,
                       k_stab, v_stab, bt_ptr, sbt0, qsl_ptr, sl_ptr, num_heads,
                       NQ: gl.constexpr, NP: gl.constexpr, D: gl.constexpr, BLOCK_SIZE: gl.constexpr,

@@ -87,7 +87,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["TritonE8Format", "supported", "triton_write_kv_cache", "triton_paged_attention", "fp16_operand_reference",
-           "prepare_device_constants", "warm_write_paths", "LOG2E", "DECODE_SEGMENTS", "KERNELS"]
+           "prepare_device_constants", "warm_write_paths", "warm_attention_paths", "mixed_batch_segments", "LOG2E",
+           "DECODE_SEGMENTS", "KERNELS"]
 
 LOG2E = 1.4426950408889634
 #: KV segments per sequence of the decode (flash-decoding) grid; a constant so that the grid only
@@ -819,16 +820,17 @@ def warm_write_paths(fmt, device: str, num_kv_heads: int, head_size: int,  # noq
     compiled inside the first prefill of the 64 x 8k engine run, 32.9 s against 27.9 s in session 15):
     one write of each :func:`warm_write_tokens` count of zero K and V (``dtype``, contiguous, as
     aligned as vLLM's views of its fused qkv) into a one-block scratch cache with every slot skipped
-    (-1). Once per (format, device, heads, head size, dtype); returns the token counts written."""
+    (-1). Tried once per (format, device, heads, head size, dtype), also when it fails; returns the
+    token counts written."""
     key = (fmt, device, num_kv_heads, head_size, dtype)
     if key in _WARMED:
         return []
+    _WARMED.add(key)  # a failure is not retried by every layer
     counts = warm_write_tokens(num_kv_heads)
     cache = torch.zeros(1, num_kv_heads, 16, fmt.slot_bytes, dtype=torch.uint8, device=device)
     for t in counts:
         kv = torch.zeros(t, num_kv_heads, head_size, dtype=dtype, device=device)
         triton_write_kv_cache(kv, kv, cache, torch.full((t,), -1, dtype=torch.int64, device=device), fmt)
-    _WARMED.add(key)
     return counts
 
 
@@ -1091,7 +1093,7 @@ def _tile_step(q, cache_ptr, slot, n, nmask, qpos, k_tab, v_tab, k_pairs, v_pair
                          sb, KB, VB, G, TILE_N, LUT, CAUSAL, BIAS, SINK, k_stab, v_stab, KS, VS, KGB, VGB)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sbt0"])  # the block table's row stride: the warm-up's table is not vLLM's
 def _e8_decode_kernel(q_ptr, sq0, sq1, ws_m_ptr, ws_l_ptr, ws_o_ptr,
                       cache_ptr, cs0, cs1, cs2, k_tab, v_tab, k_pairs, v_pairs, bt_ptr, sbt0, qsl_ptr, sl_ptr,
                       num_heads, qb_ptr, trig_ptr, sink_ptr, ss0,
@@ -1173,7 +1175,8 @@ def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["num_seqs"])  # batch-dependent: no recompile per batch size
+# batch- and engine-dependent integers: no recompile per batch size or block-table width (warm-up)
+@triton.jit(do_not_specialize=["num_seqs", "sbt0"])
 def _e8_tile_attn_kernel(q_ptr, sq0, sq1, o_ptr, so0, so1, cache_ptr, cs0, cs1, cs2, k_tab, v_tab, k_pairs, v_pairs,
                          bt_ptr, sbt0, qsl_ptr, sl_ptr, num_seqs, qb_ptr, trig_ptr, sink_ptr, ss0,
                          NQ: tl.constexpr, NQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -1514,43 +1517,53 @@ def triton_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_st
 
 def mixed_batch_segments(h_kv: int, device: torch.device, fmt, *, block_size: int = 16, nq: int = 1,  # noqa: ANN001
                          max_seqs: int = 1 << 12) -> list[int]:
-    """Every KV-segment count the decode grid takes by default in a batch of 1 .. ``max_seqs``
-    sequences (:func:`decode_segments`): the output kernel and the Gluon decode kernel compile once
-    per count (a constexpr)."""
+    """Every KV-segment count the decode grid takes by default (:func:`decode_segments`, no key
+    centers) in a batch of 1 .. ``max_seqs`` sequences at cache block size ``block_size``: the output
+    kernel and the decode kernels compile once per count (a constexpr)."""
     dc = DECODE_CONFIG
     gluon = _use_gluon(TritonE8Format.get(fmt, str(device)), dc, block_size, nq, device, False)
     return sorted({_default_segs(gluon, b, h_kv, device, dc) for b in range(1, max_seqs + 1)})
 
 
-_WARMED_ATTN: set[tuple[object, str, int, int, int, torch.dtype]] = set()
+_WARMED_ATTN: set[tuple[object, ...]] = set()
 
 
 def warm_attention_paths(fmt, device: str, num_heads: int, num_kv_heads: int, head_size: int,  # noqa: ANN001
-                         dtype: torch.dtype, scale: float | None = None) -> list[int]:
-    """Compile the attention op's prefill / mixed-batch variants now (model construction): vLLM's
-    CUDA-graph capture compiles the decode batches' kernels, but a batch with a prompt chunk launches
-    the output kernel with the tile grid's rows (``HAS_O``) and the segment count of its own number of
-    sequences, which no capture ran (session 17: vLLM's JIT monitor logged ``_e8_output_kernel``
-    compiling inside the first prefill of the 64 x 8k engine run). One mixed batch per
-    :func:`mixed_batch_segments` count (a two-token prompt chunk and a one-token sequence, queries of
-    ``dtype``) over a zero one-block scratch cache, without key centers. Once per (format, device,
-    heads, head size, dtype); returns the segment counts run."""
-    key = (fmt, device, num_heads, num_kv_heads, head_size, dtype)
+                         dtype: torch.dtype, scale: float | None = None, *, block_size: int = 16,
+                         max_seqs: int = 1 << 12) -> list[int]:
+    """Compile the attention op's variants for batches of up to ``max_seqs`` sequences now (model
+    construction) rather than inside inference. vLLM's CUDA-graph capture runs decode batches only,
+    so a batch with a prompt chunk launches the output kernel with the tile grid's rows (``HAS_O``) at
+    its own segment count for the first time inside a prefill (session 17: vLLM's JIT monitor logged
+    ``_e8_output_kernel`` compiling in the first prefill of the 64 x 8k engine run); under
+    ``enforce_eager`` the decode batches' variants, too. For each :func:`mixed_batch_segments` count
+    one decode batch (two one-token sequences) and, with ``split_decode`` (else once), one mixed
+    batch (a two-token prompt chunk and a one-token sequence), queries of ``dtype``, over a zero
+    one-block scratch cache of ``block_size`` slots: the query rotation, the tile grid, the decode
+    grid and the output kernel with the compile-time constants and argument specializations of real
+    batches (the kernels do not specialize on the batch size or the block table's row stride). Key
+    centers' variants (RoPE / sink terms) still compile at first use. Tried once per (format, device,
+    heads, head size, dtype, block size, batch limit), also when it fails; returns the segment counts."""
+    key = (fmt, device, num_heads, num_kv_heads, head_size, dtype, block_size, max_seqs)
     if key in _WARMED_ATTN:
         return []
+    _WARMED_ATTN.add(key)  # a failure is not retried by every layer
     dev = torch.device(device)
-    counts = mixed_batch_segments(num_kv_heads, dev, fmt, nq=num_heads // num_kv_heads)
-    cache = torch.zeros(1, num_kv_heads, 16, fmt.slot_bytes, dtype=torch.uint8, device=dev)
+    counts = mixed_batch_segments(num_kv_heads, dev, fmt, block_size=block_size, nq=num_heads // num_kv_heads,
+                                  max_seqs=max_seqs)
+    cache = torch.zeros(1, num_kv_heads, block_size, fmt.slot_bytes, dtype=torch.uint8, device=dev)
     i32 = dict(dtype=torch.int32, device=dev)
-    qsl, seq_lens = torch.tensor([0, 2, 3], **i32), torch.tensor([2, 1], **i32)
+    batches = {1: (torch.tensor([0, 1, 2], **i32), torch.tensor([1, 1], **i32)),  # max_query_len: (qsl, seq_lens)
+               2: (torch.tensor([0, 2, 3], **i32), torch.tensor([2, 1], **i32))}
     block_table = torch.zeros(2, 1, **i32)
-    q = torch.zeros(3, num_heads, head_size, dtype=dtype, device=dev)
-    for segs in counts:
-        triton_paged_attention(q, cache, qsl, seq_lens, block_table, fmt, max_query_len=2,
-                               num_kv_heads=num_kv_heads, scale=scale, out=torch.empty_like(q), num_segs=segs)
-    _WARMED_ATTN.add(key)
+    for i, segs in enumerate(counts):
+        for mql, (qsl, seq_lens) in batches.items():
+            if mql > 1 and i and not PREFILL_CONFIG["split_decode"]:
+                continue  # without the split, prompt batches do not use the decode grid's segments
+            q = torch.zeros(int(qsl[-1]), num_heads, head_size, dtype=dtype, device=dev)
+            triton_paged_attention(q, cache, qsl, seq_lens, block_table, fmt, max_query_len=mql,
+                                   num_kv_heads=num_kv_heads, scale=scale, out=torch.empty_like(q), num_segs=segs)
     return counts
-
 
 
 # ---------------------------------------------------------------------------------------------
