@@ -277,6 +277,41 @@ def test_tokens_match_reference_path_with_rope_centers():
     assert res["triton_calls"].get("triton_attn", 0) > 0 and res["torch_calls"].get("torch_attn", 0) > 0
 
 
+def test_warm_attention_paths_leave_nothing_to_compile_cuda():
+    """After the warm-up, batches shaped as vLLM's (the query a view of the fused QKV projection, the
+    block table rows of a wider buffer, the output a view, a many-block cache, batch sizes reaching
+    every segment count, decode and mixed) compile no new variant of any attention kernel."""
+    from e8vllm.kernels.triton import e8_gluon, e8_kv
+
+    fmt = E8KVFormat.from_bits(128, 4, 4)
+    h_q, h_kv, d, bs, max_seqs = 32, 8, 128, 16, 64
+    e8_kv.warm_attention_paths(fmt, "cuda", h_q, h_kv, d, torch.bfloat16, d ** -0.5, block_size=bs, max_seqs=max_seqs)
+    kernels = [e8_kv._e8_rotate_q_kernel, e8_kv._e8_tile_attn_kernel, e8_kv._e8_decode_kernel,
+               e8_kv._e8_output_kernel, e8_gluon._gl_decode_kernel]
+
+    def compiled():
+        return [sum(len(c[0]) for c in k.device_caches.values()) for k in kernels]
+
+    before = compiled()
+    cache = torch.zeros(80, h_kv, bs, fmt.slot_bytes, dtype=torch.uint8, device="cuda")
+    bt_buf = torch.randint(0, 80, (max_seqs, 521), dtype=torch.int32, device="cuda")  # 8,336 tokens / 16
+    for b in sorted(set(range(1, max_seqs + 1, 7)) | {1, 8, 9, 16, 17, max_seqs}):
+        for prompt in (0, 37):  # a decode batch, then the same with a prompt chunk in front
+            qlens = [prompt] + [1] * (b - 1) if prompt else [1] * b
+            t = sum(qlens)
+            qkv = torch.randn(t, (h_q + 2 * h_kv) * d, dtype=torch.bfloat16, device="cuda")
+            q = qkv[:, :h_q * d].view(t, h_q, d)
+            qsl = torch.tensor([0] + qlens, dtype=torch.int32, device="cuda").cumsum(0, dtype=torch.int32)
+            seq_lens = torch.tensor([x + 90 for x in qlens], dtype=torch.int32, device="cuda")
+            out = torch.empty(t + 5, h_q * d, dtype=torch.bfloat16, device="cuda")[:t].view(t, h_q, d)
+            triton_paged_attention(q, cache, qsl, seq_lens, bt_buf[:b], fmt, max_query_len=max(qlens),
+                                   num_kv_heads=h_kv, scale=d ** -0.5, out=out)
+    torch.cuda.synchronize()
+    RESULTS["warm_attention_compiles"] = {"before": before, "after": compiled()}
+    print(f"warm_attention: compiled kernels per kernel {before} -> {compiled()}")
+    assert compiled() == before, dict(zip([getattr(k, "__name__", repr(k)) for k in kernels], zip(before, compiled())))
+
+
 def test_tokens_match_reference_path():
     res = _tokens("tokens_check")
     assert res["triton"] and res["triton"] == res["torch"], res
