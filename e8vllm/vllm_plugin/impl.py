@@ -117,11 +117,14 @@ class E8ImplMixin:
             mc = cfg.model_config
             self._e8_model = str(mc.model)
             self._e8_max_len = int(getattr(mc, "max_model_len", 0) or 0)
-            self._e8_dtype = mc.dtype if isinstance(getattr(mc, "dtype", None), torch.dtype) else None
-            self._e8_block_size = int(getattr(cfg.cache_config, "block_size", None) or 16)
-            self._e8_max_seqs = int(getattr(cfg.scheduler_config, "max_num_seqs", None) or self._e8_max_seqs)
         except Exception:  # noqa: BLE001 - no config (unit tests): no centering unless the env names a file
             self._e8_model = None
+        else:  # the warm-up's shape; a config without these fields keeps the defaults above
+            dt = getattr(mc, "dtype", None)
+            self._e8_dtype = dt if isinstance(dt, torch.dtype) else None
+            self._e8_block_size = int(getattr(getattr(cfg, "cache_config", None), "block_size", None) or 16)
+            self._e8_max_seqs = int(getattr(getattr(cfg, "scheduler_config", None), "max_num_seqs", None)
+                                    or self._e8_max_seqs)
 
     def _e8_centers(self, layer: Any, device: torch.device) -> dict[str, torch.Tensor] | None:
         """This layer's calibration for its local KV heads, or None (no calibration file).
