@@ -73,13 +73,17 @@ Session 16: the slot stride is a constexpr (``CS2``) and a whole tile's ring cop
 each ``cp.async`` is one base register plus an immediate offset (the default's taken path: 1,501
 instead of 1,624 SASS instructions per two steps; H200, whole op, 64 x 8k: 350.0 against 366.1 us
 earlier that session), and the default caps the kernel at 128 registers (``gluon_maxnreg``; no
-spills offline; 338.0 against 350.0 us, 16 warps per SM instead of 12). ``gluon_lut`` 2 (session 16, not yet
-run on a GPU): values looked up two fields at a time as 32-bit entries of the 4-bit pair table (4 KiB at
+spills offline; 338.0 against 350.0 us, 16 warps per SM instead of 12). ``gluon_lut`` 2 (session 16):
+values looked up two fields at a time as 32-bit entries of the 4-bit pair table (4 KiB at
 byte 0 of the image, the key part at :data:`VPAIR_KEY_BYTES`; two ``prmt`` per two tokens make the
 operand registers; :data:`_VP_ASM`), 1,489 instead of 1,680 SASS instructions per two steps at 128
-registers offline, but 16 KiB of shared memory per program instead of 8 (allocations are powers of two).
-Nsight Compute (session 12): the integer ALU pipe 68 % busy, 25 % of the stalls waiting on the code
-loads, 16 warps per SM at 128 registers.
+registers offline, but 16 KiB of shared memory per program instead of 8 (allocations are powers of two);
+on the H200 (session 17) correct but not faster (339.2 against 336.2 us at 64 x 8k): its random 32-bit
+lookups conflict on shared-memory banks (32.7 M wavefronts against 11.0 M ideal) and the larger
+allocation lowers the occupancy. Nsight Compute on the default (session 17, 64 x 8k): 779 warp
+instructions per 16-token step, 66.6 % of issue slots busy, the integer ALU pipe 61.5 %, no bank
+conflicts: bound by instruction issue (session 12's kernel: the ALU pipe 68 % busy, 25 % of the stalls
+waiting on the code loads, 16 warps per SM at 128 registers).
 
 Supported: 4-bit K and V codes of the pair-table E8 codecs (``e8-4``, ``e8s-4``, ``e8c-4``: the last
 decoded arithmetically, on either side), head size 64 or 128, block size a multiple of the step, up to 16 query heads per kv head (:func:`gluon_supported`).
