@@ -176,22 +176,22 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
                 # CUDA-graph capture, where copying host tensors to the device is not allowed
                 dev = f"cuda:{torch.cuda.current_device()}"
                 prepare_device_constants(self.fmt, dev, self.scale)
+                dtype = self._e8_dtype or torch.get_default_dtype()  # the model's: vLLM's q, k, v
                 # the write kernel's variants compile now, not inside the first prefill (vLLM's profile run
                 # writes nothing: no cache yet); a failure here only moves that compile to first use
                 try:  # K/V in the model's dtype; float32 after a KV calibration's centering (see _e8_write)
-                    dtypes = [self._e8_dtype or torch.get_default_dtype()]
+                    dtypes = [dtype]
                     if calibration.find_calibration(self._e8_model) is not None:
                         dtypes.append(torch.float32)
                     for dt in dict.fromkeys(dtypes):
-                        warm_write_paths(self.fmt, dev, num_kv_heads, head_size, dt)
+                        warm_write_paths(self.fmt, dev, num_kv_heads, head_size, dt, block_size=self._e8_block_size)
                 except Exception as e:  # noqa: BLE001 - logged; the write itself still runs (and raises) later
                     logger.warning("e8vllm: compiling the write kernel ahead of inference failed (%s: %s); "
                                    "it compiles at its first use", type(e).__name__, e)
                 # likewise the prefill / mixed-batch attention variants (CUDA-graph capture runs decode
                 # batches only); with a KV calibration the key-centered variants still compile at first use
                 try:
-                    warm_attention_paths(self.fmt, dev, num_heads, num_kv_heads, head_size,
-                                         self._e8_dtype or torch.get_default_dtype(), self.scale,
+                    warm_attention_paths(self.fmt, dev, num_heads, num_kv_heads, head_size, dtype, self.scale,
                                          block_size=self._e8_block_size, max_seqs=self._e8_max_seqs)
                 except Exception as e:  # noqa: BLE001 - logged; attention itself still runs (and raises) later
                     logger.warning("e8vllm: compiling the attention kernels ahead of inference failed (%s: %s); "

@@ -144,14 +144,17 @@ def test_write_launch_options(monkeypatch):
 
 def test_warm_write_paths_writes_nothing(monkeypatch):
     """The warm-up runs the real write once per count with every slot skipped: the scratch cache stays
-    zero, and a second call (same format, device, heads, dtype) does nothing."""
+    zero, and a second call (same format, device, heads, dtype, block size) does nothing."""
     from e8vllm.kernels.triton import e8_kv
 
     calls = []
     real = e8_kv.triton_write_kv_cache
 
+    blocks = []
+
     def spy(key, value, cache, slots, fmt, **kw):
         calls.append((key.shape, key.dtype, bool(torch.all(slots == -1))))
+        blocks.append(cache.shape[2])
         real(key[:2], value[:2], cache, slots[:2], fmt, **kw)  # the kernel itself on two tokens (interpreter)
         assert torch.all(cache == 0)
 
@@ -163,6 +166,9 @@ def test_warm_write_paths_writes_nothing(monkeypatch):
     assert all(shape == (t, 2, 64) and dt == torch.float16 and skipped
                for (shape, dt, skipped), t in zip(calls, counts))
     assert e8_kv.warm_write_paths(fmt, DEV, 2, 64, torch.float16) == [] and len(calls) == len(counts)
+    # the engine's block size (an argument the kernel specializes on) is another warm-up
+    assert e8_kv.warm_write_paths(fmt, DEV, 2, 64, torch.float16, block_size=32) == counts
+    assert blocks == [16] * len(counts) + [32] * len(counts)
 
 
 def test_warm_attention_paths_runs_each_segment_count(monkeypatch):

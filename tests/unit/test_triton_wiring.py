@@ -43,13 +43,13 @@ def test_impl_compiles_write_and_attention_variants_when_built(fail, monkeypatch
     monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu.torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(gpu, "prepare_device_constants", lambda *a: None)
-    monkeypatch.setattr(gpu, "warm_write_paths", lambda *a: calls.append(("write", *a)) or [1])
+    monkeypatch.setattr(gpu, "warm_write_paths", lambda *a, **kw: calls.append(("write", *a, kw)) or [1])
     monkeypatch.setattr(gpu, "warm_attention_paths", warm_attn)
     with caplog.at_level("WARNING", logger=gpu.logger.name):
         impl = _impl(monkeypatch, "triton")
     dt = torch.get_default_dtype()
     # no vLLM config here: the defaults (block size 16, up to 4,096 sequences, the default dtype)
-    assert calls == [("write", impl.fmt, "cuda:0", 2, 64, dt),
+    assert calls == [("write", impl.fmt, "cuda:0", 2, 64, dt, {"block_size": 16}),
                      ("attention", impl.fmt, "cuda:0", 8, 2, 64, dt, 64 ** -0.5, {"block_size": 16, "max_seqs": 4096})]
     assert ("compiling the attention kernels ahead of inference failed" in caplog.text) == fail
 

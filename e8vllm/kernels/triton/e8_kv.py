@@ -122,10 +122,11 @@ DIAGNOSTIC_KERNELS = ("nolut",)
 #: instructions per 64-token tile); 112 registers 732 us, uncapped (168) 790 us, tile 128 / 8 warps 836 us
 #: ``gluon`` 1: decode batches of 4-bit codes run :mod:`.e8_gluon` (codes decoded straight into the
 #: tensor-core operand registers; ``gluon_tile`` tokens per step, ``gluon_kp`` 1 = key pairs looked
-#: up 32 bits at a time, ``gluon_lut`` 1 = byte-layout value tables, 2 = value pairs (session 16, not yet
-#: run on a GPU: 32-bit lookups of two fields of a value word in the 4-bit pair table, 16 KiB of shared
-#: memory per program instead of 8; offline sm_90 at 128 registers 1,489 instead of 1,680 SASS
-#: instructions per two 16-token steps), ``gluon_prefetch`` 1 / 2 = the
+#: up 32 bits at a time, ``gluon_lut`` 1 = byte-layout value tables, 2 = value pairs (session 16:
+#: 32-bit lookups of two fields of a value word in the 4-bit pair table, 16 KiB of shared memory per
+#: program instead of 8; offline sm_90 at 128 registers 1,489 instead of 1,680 SASS instructions per two
+#: 16-token steps; H200, session 17: 339.2 against 336.2 us at 64 x 8k, bank conflicts),
+#: ``gluon_prefetch`` 1 / 2 = the
 #: next step's codes / block id loaded ahead, ``gluon_async`` 1 = the codes through a cp.async ring
 #: (the default since session 13: 363.8 against 370.8 us for e8c-4bit, 412.8 against 434.4 us for
 #: e8s-4bit, 64 x 8k; set explicitly it excludes key pairs, prefetches and diagnostics, inherited it
@@ -810,24 +811,25 @@ def warm_write_tokens(num_kv_heads: int, limit: int = 1 << 16) -> list[int]:
     return sorted(seen.values())
 
 
-_WARMED: set[tuple[object, str, int, int, torch.dtype]] = set()
+_WARMED: set[tuple[object, str, int, int, torch.dtype, int]] = set()
 
 
 def warm_write_paths(fmt, device: str, num_kv_heads: int, head_size: int,  # noqa: ANN001
-                     dtype: torch.dtype) -> list[int]:
+                     dtype: torch.dtype, *, block_size: int = 16) -> list[int]:
     """Compile the write kernel's variants now (model construction) rather than at their first use
     inside inference, where a compile stalls a step (vLLM's JIT monitor warns; session 16: the write
     compiled inside the first prefill of the 64 x 8k engine run, 32.9 s against 27.9 s in session 15):
     one write of each :func:`warm_write_tokens` count of zero K and V (``dtype``, contiguous, as
-    aligned as vLLM's views of its fused qkv) into a one-block scratch cache with every slot skipped
-    (-1). Tried once per (format, device, heads, head size, dtype), also when it fails; returns the
+    aligned as vLLM's views of its fused qkv) into a one-block scratch cache of ``block_size`` slots (an
+    argument the kernel specializes on, as on the cache's strides) with every slot skipped (-1). Tried
+    once per (format, device, heads, head size, dtype, block size), also when it fails; returns the
     token counts written."""
-    key = (fmt, device, num_kv_heads, head_size, dtype)
+    key = (fmt, device, num_kv_heads, head_size, dtype, block_size)
     if key in _WARMED:
         return []
     _WARMED.add(key)  # a failure is not retried by every layer
     counts = warm_write_tokens(num_kv_heads)
-    cache = torch.zeros(1, num_kv_heads, 16, fmt.slot_bytes, dtype=torch.uint8, device=device)
+    cache = torch.zeros(1, num_kv_heads, block_size, fmt.slot_bytes, dtype=torch.uint8, device=device)
     for t in counts:
         kv = torch.zeros(t, num_kv_heads, head_size, dtype=dtype, device=device)
         triton_write_kv_cache(kv, kv, cache, torch.full((t,), -1, dtype=torch.int64, device=device), fmt)
@@ -1520,9 +1522,8 @@ def mixed_batch_segments(h_kv: int, device: torch.device, fmt, *, block_size: in
     """Every KV-segment count the decode grid takes by default (:func:`decode_segments`, no key
     centers) in a batch of 1 .. ``max_seqs`` sequences at cache block size ``block_size``: the output
     kernel and the decode kernels compile once per count (a constexpr)."""
-    dc = DECODE_CONFIG
-    gluon = _use_gluon(TritonE8Format.get(fmt, str(device)), dc, block_size, nq, device, False)
-    return sorted({_default_segs(gluon, b, h_kv, device, dc) for b in range(1, max_seqs + 1)})
+    return sorted({decode_segments(b, h_kv, device, fmt=fmt, block_size=block_size, nq=nq)
+                   for b in range(1, max_seqs + 1)})
 
 
 _WARMED_ATTN: set[tuple[object, ...]] = set()
