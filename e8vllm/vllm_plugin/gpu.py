@@ -23,8 +23,9 @@ For non-e8 dtypes every class delegates to vLLM's Triton backend unchanged. For 
   and telemetry of :mod:`.impl` apply unchanged around them).
 * CUDA graphs: ``UNIFORM_SINGLE_TOKEN_DECODE`` with the Triton kernels (the decode grid depends
   only on tensor shapes and reads lengths / tables / slots on the device; no host sync in write or
-  forward) unless the telemetry sampler is on, ``NEVER`` on the PyTorch path. Non-e8 dtypes keep
-  vLLM's Triton level.
+  forward), also with the telemetry sampler on (it skips calls made during a capture, so graph-replayed
+  decode steps go unsampled and eager steps, prefill and mixed batches, carry the samples), ``NEVER``
+  on the PyTorch path. Non-e8 dtypes keep vLLM's Triton level.
 """
 
 from __future__ import annotations
@@ -92,10 +93,10 @@ class E8TritonMetadataBuilder(TritonAttentionMetadataBuilder):
         if name is None:
             return TritonAttentionMetadataBuilder.get_cudagraph_support.__func__(  # type: ignore[attr-defined]
                 TritonAttentionMetadataBuilder, vllm_config, kv_cache_spec, *args, **kw)
-        from e8vllm import telemetry
-
-        # the live-error telemetry sampler reads codes back on the host: no graphs while it is on
-        if use_triton_kernels(name, int(kv_cache_spec.head_size)) and telemetry.sampler() is None:
+        # the live-error telemetry sampler reads codes back on the host, but it skips calls made
+        # while a CUDA graph is captured (e8vllm.telemetry): it does not rule graphs out (until
+        # session 18 it did, so `e8vllm serve`, telemetry on by default, decoded without them)
+        if use_triton_kernels(name, int(kv_cache_spec.head_size)):
             return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
         return AttentionCGSupport.NEVER
 

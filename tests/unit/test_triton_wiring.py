@@ -141,3 +141,26 @@ def test_calibration_with_key_maps_routes_through_kernels(monkeypatch, tmp_path,
     assert torch.equal(res["triton"][0], res["torch"][0])
     err = (res["triton"][1] - res["torch"][1]).abs().max().item()
     assert err < 2e-3 * res["torch"][1].abs().max().item(), err
+
+
+@pytest.mark.parametrize("telemetry_on", [False, True])
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_cuda_graph_level_does_not_depend_on_telemetry(telemetry_on, kernels, monkeypatch, tmp_path):
+    """Full decode graphs on the fused kernels whether or not the live-error sampler is on (it skips
+    calls made during a capture); none on the PyTorch path (host syncs). Until session 18 the sampler,
+    on by default in ``e8vllm serve``, turned graphs off."""
+    from e8vllm import telemetry
+    from e8vllm.vllm_plugin import spec as e8spec
+
+    monkeypatch.setenv(gpu.KERNELS_ENV, kernels)
+    for var in (telemetry.DIR_ENV, telemetry.SAMPLE_EVERY_ENV):
+        monkeypatch.delenv(var, raising=False)
+    if telemetry_on:
+        monkeypatch.setenv(telemetry.DIR_ENV, str(tmp_path))
+        monkeypatch.setenv(telemetry.SAMPLE_EVERY_ENV, "4")
+    monkeypatch.setitem(telemetry._SAMPLER, "pid", None)  # built anew from this environment
+    assert (telemetry.sampler() is not None) == telemetry_on
+    monkeypatch.setitem(e8spec._ACTIVE, "dtype", "e8_k4v4")
+    level = gpu.E8TritonMetadataBuilder.get_cudagraph_support(None, SimpleNamespace(head_size=128))
+    want = gpu.AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE if kernels == "triton" else gpu.AttentionCGSupport.NEVER
+    assert level == want
