@@ -46,10 +46,11 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
 # On CUDA (vLLM 0.26) the E8 pages live in vLLM's CUSTOM attention-backend slot, which vLLM never
-# picks by itself: the entrypoint names it (for other kv-cache dtypes the plugin's CUSTOM backend
-# runs vLLM's Triton backend). Arguments after the image name replace CMD, e.g.
-# `docker run ... e8vllm:gpu MODEL --kv-cache-dtype e8_k4v4 --tensor-parallel-size 2`.
-# With vLLM's CUDA graphs (--no-enforce-eager): E8 engines decode at 0.95x `auto` at 8 x 32k with
-# them and 0.52x without (H200, README "GPU results").
+# picks by itself: the entrypoint names it (`e8vllm serve` also does for e8 dtypes; for other
+# kv-cache dtypes the plugin's CUSTOM backend runs vLLM's Triton backend). Arguments after the image
+# name replace CMD, e.g. `docker run ... e8vllm:gpu MODEL --kv-cache-dtype e8_k4v4 --tensor-parallel-size 2`.
+# With vLLM's CUDA graphs (--no-enforce-eager): E8 engines decode at 1.56x `auto` at 8 x 32k
+# (H200, session 17, README "GPU results"; session 9, before the fused decode kernels: 0.95x with
+# graphs, 0.52x without).
 ENTRYPOINT ["e8vllm", "serve", "--host", "0.0.0.0", "--port", "8000", "--no-enforce-eager", "--engine-arg", "attention_config={\"backend\": \"CUSTOM\"}"]
 CMD ["--kv-cache-dtype", "e8_k4v4"]

@@ -138,8 +138,12 @@ class ServerConfig:
             kw["max_request_bytes"] = int(g("MAX_REQUEST_BYTES"))  # type: ignore[arg-type]
         return cls(**kw)
 
-    def engine_kwargs(self, model_path: str) -> dict[str, Any]:
-        """Keyword arguments for ``vllm.engine.arg_utils.AsyncEngineArgs``."""
+    def engine_kwargs(self, model_path: str, *, cuda: bool = False) -> dict[str, Any]:
+        """Keyword arguments for ``vllm.engine.arg_utils.AsyncEngineArgs``.
+
+        ``cuda``: the engine runs on CUDA, where vLLM serves the e8 dtypes only from its CUSTOM
+        attention backend and never picks that slot by itself: for an e8 dtype it is selected here
+        unless ``engine_args`` names a backend (then vLLM's start-up check judges that choice)."""
         kw: dict[str, Any] = {"model": model_path, "kv_cache_dtype": self.kv_cache_dtype, "dtype": self.dtype,
                               "enforce_eager": self.enforce_eager, "seed": self.seed,
                               "tensor_parallel_size": self.tensor_parallel_size,
@@ -151,4 +155,8 @@ class ServerConfig:
         if self.gpu_memory_utilization is not None:
             kw["gpu_memory_utilization"] = self.gpu_memory_utilization
         kw.update(self.engine_args)
+        if cuda and self.kv_cache_dtype.startswith("e8_") and kw.get("attention_backend") is None:
+            ac = kw.get("attention_config")
+            if ac is None or (isinstance(ac, Mapping) and ac.get("backend") is None):
+                kw["attention_config"] = {**(ac or {}), "backend": "CUSTOM"}
         return kw

@@ -133,7 +133,9 @@ def start_engine(cfg: "_config.ServerConfig", telemetry_dir: Path | None) -> Eng
         model_path = cfg.model
     counts = SchedulerCounts()
     name = cfg.served_model_name or Path(model_path.rstrip("/")).name or model_path
-    kwargs = cfg.engine_kwargs(model_path)
+    from vllm.platforms import current_platform
+
+    kwargs = cfg.engine_kwargs(model_path, cuda=bool(getattr(current_platform, "is_cuda", lambda: False)()))
     kwargs["served_model_name"] = [name]  # vLLM's metrics label model_name = the name clients use
     args = AsyncEngineArgs(**kwargs)
     engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER,

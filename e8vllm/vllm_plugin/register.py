@@ -35,7 +35,7 @@ import os
 from typing import Any, Literal, get_args
 
 from .spec import E8_DTYPES, HAS_CUSTOMIZE_SPEC, config_unsupported_reasons, install_legacy_spec_hook
-from .spec import is_e8_dtype, raise_if_unsupported
+from .spec import E8UnsupportedError, is_e8_dtype, raise_if_unsupported
 
 __all__ = ["register", "register_dtypes", "has_dtype_api", "BACKEND_PATH", "state"]
 
@@ -92,8 +92,8 @@ def _register_with_api(names: tuple[str, ...]) -> None:
             def quant_mode(self) -> KVQuantMode:
                 return KVQuantMode.NONE
 
-            def supports_platform(self, platform: Any) -> bool:
-                return bool(getattr(platform, "is_cpu", lambda: False)())
+            def supports_platform(self, platform: Any) -> bool:  # the CPU_ATTN override, CUDA's CUSTOM slot
+                return any(bool(getattr(platform, f, lambda: False)()) for f in ("is_cpu", "is_cuda"))
 
         _Handler.__name__ = _Handler.__qualname__ = f"E8Handler_{name}"
         cc.register_kv_cache_dtype(name)(_Handler)
@@ -196,16 +196,19 @@ def check_engine_config(vllm_config: Any) -> None:
     if not is_e8_dtype(name):
         return
     reasons = config_unsupported_reasons(vllm_config)
-    if _is_cuda():
-        if _selected_backend(vllm_config) != "CUSTOM":
-            reasons.append("on CUDA the e8 dtypes are served by the CUSTOM attention backend: add "
-                           "--attention-backend CUSTOM (attention_config={'backend': 'CUSTOM'})")
-    elif not _is_cpu():
+    if not _is_cuda() and not _is_cpu():
         from vllm.platforms import current_platform
 
         reasons.append(f"no e8 attention backend for the {current_platform.device_name!r} platform "
                        "(e8vllm serves e8 dtypes on CPU and CUDA)")
     raise_if_unsupported(name, reasons, "start-up check")
+    if _is_cuda() and (backend := _selected_backend(vllm_config)) != "CUSTOM":
+        # the model is fine: only the backend choice is wrong (not a case for kv_cache_dtype='auto')
+        raise E8UnsupportedError(
+            f"e8vllm: kv_cache_dtype={name!r} on CUDA is served by vLLM's CUSTOM attention backend, "
+            f"which vLLM never picks by itself (selected: {backend or 'none, vLLM chooses'}): pass "
+            "--attention-backend CUSTOM to vLLM's server, attention_config={'backend': 'CUSTOM'} to "
+            "LLM / EngineArgs (e8vllm serve sets it itself)")
 
 
 def _install_config_check() -> bool:

@@ -289,7 +289,26 @@ def install_legacy_spec_hook() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Serving constraints
 # ---------------------------------------------------------------------------------------------
+def check_settings() -> None:
+    """ValueError naming the variable when ``$E8VLLM_ENCODER`` or ``$E8VLLM_DEBUG_CODECS`` is malformed
+    (the user's configuration, not the model: never reported as a head-size problem)."""
+    encoder_variant()
+    debug = os.environ.get(DEBUG_CODECS_ENV, "")
+    if debug:
+        import e8vllm.codecs as codecs
+
+        parts = [p.strip() for p in debug.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"{DEBUG_CODECS_ENV} must be 'KCODEC,VCODEC' (registry names), got {debug!r}")
+        for p in parts:
+            try:
+                codecs.info(p)
+            except ValueError as e:
+                raise ValueError(f"{DEBUG_CODECS_ENV}: {e}") from None
+
+
 def _head_size_reason(name: str, head_size: int) -> str | None:
+    check_settings()
     try:
         kv_format(name, head_size)
     except ValueError as e:

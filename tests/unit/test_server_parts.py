@@ -38,6 +38,21 @@ def test_config_validation() -> None:
     assert env.kv_cache_dtype == "auto" and env.api_keys == ("k1", "k2") and env.engine_args == {"max_num_seqs": 4}
 
 
+def test_e8_on_cuda_selects_the_custom_backend_unless_one_is_named() -> None:
+    """On CUDA vLLM serves e8 dtypes only from its CUSTOM slot and never picks it by itself."""
+    kw = lambda **c: ServerConfig(**c).engine_kwargs("/m", cuda=True)  # noqa: E731
+    assert kw()["attention_config"] == {"backend": "CUSTOM"}
+    assert "attention_config" not in ServerConfig().engine_kwargs("/m")  # CPU: the CPU_ATTN override
+    assert "attention_config" not in kw(kv_cache_dtype="auto")  # stock dtypes: vLLM's own choice
+    # a config without a backend keeps its other fields; a named backend is the user's choice
+    assert kw(engine_args={"attention_config": {"flash_attn_version": 2}})["attention_config"] == {
+        "flash_attn_version": 2, "backend": "CUSTOM"}
+    assert kw(engine_args={"attention_config": {"backend": "TRITON_ATTN"}})["attention_config"] == {
+        "backend": "TRITON_ATTN"}
+    named = kw(engine_args={"attention_backend": "FLASH_ATTN"})
+    assert named["attention_backend"] == "FLASH_ATTN" and "attention_config" not in named
+
+
 def test_engine_error_mapping() -> None:
     class VLLMClientError(Exception):
         pass

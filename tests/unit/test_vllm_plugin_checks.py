@@ -182,3 +182,42 @@ def test_config_check_reasons(hf: dict[str, Any], needle: str) -> None:
 def test_config_check_accepts_llama_and_qwen_style_disabled_window() -> None:
     assert config_unsupported_reasons(_cfg()) == []
     assert config_unsupported_reasons(_cfg(sliding_window=32768, use_sliding_window=False)) == []
+
+
+@pytest.mark.parametrize("var,value,needle", [
+    (spec.ENCODER_ENV, "bogus", "E8VLLM_ENCODER must be one of"),
+    (spec.DEBUG_CODECS_ENV, "int8", "'KCODEC,VCODEC'"),
+    (spec.DEBUG_CODECS_ENV, "int8,nope", "unknown codec 'nope'"),
+])
+def test_bad_settings_are_named_not_blamed_on_the_head_size(var: str, value: str, needle: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(var, value)
+    for check in (lambda: config_unsupported_reasons(_cfg()),
+                  lambda: layer_unsupported_reasons("e8_k4v4", head_size=64)):
+        with pytest.raises(ValueError) as e:
+            check()
+        assert needle in str(e.value) and var in str(e.value) and "head size" not in str(e.value)
+
+
+@pytest.mark.parametrize("backend", [None, "TRITON_ATTN", "CUSTOM"])
+def test_cuda_needs_the_custom_backend_and_says_how(backend: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA only the backend choice is wrong: the error says how to pick CUSTOM, not to give up E8."""
+    reg = importlib.import_module("e8vllm.vllm_plugin.register")  # the package's `register` is the function
+    monkeypatch.setattr(reg, "_is_cuda", lambda: True)
+    monkeypatch.setattr(reg, "_is_cpu", lambda: False)
+    cfg = _cfg()
+    cfg.attention_config = SimpleNamespace(backend=backend)
+    if backend == "CUSTOM":
+        reg.check_engine_config(cfg)
+        return
+    with pytest.raises(E8UnsupportedError) as e:
+        reg.check_engine_config(cfg)
+    msg = str(e.value)
+    assert "--attention-backend CUSTOM" in msg and "attention_config={'backend': 'CUSTOM'}" in msg
+    assert (backend or "none") in msg and "kv_cache_dtype='auto'" not in msg
+    # a model the E8 path cannot serve is reported as such first
+    bad = _cfg(_alibi=True)
+    bad.attention_config = SimpleNamespace(backend=backend)
+    with pytest.raises(E8UnsupportedError, match="ALiBi"):
+        reg.check_engine_config(bad)
+
