@@ -81,6 +81,10 @@ class EngineHandle:
     counts: SchedulerCounts
     telemetry_dir: Path | None
     vocab_size: int = 0
+    #: the model's sampling defaults (``generation_config.json``: temperature, top_p, top_k, min_p,
+    #: penalties, max_tokens), as vLLM's ``ModelConfig.get_diff_sampling_param`` reads them; a
+    #: request's own values win, OpenAI's defaults fill the rest (vLLM's order)
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -132,7 +136,8 @@ def start_engine(cfg: "_config.ServerConfig", telemetry_dir: Path | None) -> Eng
     else:
         model_path = cfg.model
     counts = SchedulerCounts()
-    name = cfg.served_model_name or Path(model_path.rstrip("/")).name or model_path
+    # vLLM's default served name is --model as given; the embedded default model has none: its directory's name
+    name = cfg.served_model_name or cfg.model or Path(model_path.rstrip("/")).name or model_path
     from vllm.platforms import current_platform
 
     kwargs = cfg.engine_kwargs(model_path, cuda=bool(getattr(current_platform, "is_cuda", lambda: False)()))
@@ -146,10 +151,17 @@ def start_engine(cfg: "_config.ServerConfig", telemetry_dir: Path | None) -> Eng
         engine.shutdown()
         raise RuntimeError(f"engine runs kv_cache_dtype {running!r}, asked for {cfg.kv_cache_dtype!r}")
     tok = engine.get_tokenizer()
+    try:
+        defaults = dict(vc.model_config.get_diff_sampling_param())
+    except Exception as e:  # noqa: BLE001 - an unreadable generation config: vLLM's neutral defaults
+        log.warning("the model's generation config could not be read (%r): OpenAI's sampling defaults apply", e)
+        defaults = {}
+    if defaults:
+        log.info("sampling defaults from the model's generation config: %s", defaults)
     return EngineHandle(engine=engine, tokenizer=tok, model_name=name, model_path=model_path,
                         max_model_len=int(vc.model_config.max_model_len), kv=kv_summary(vc, name),
                         counts=counts, telemetry_dir=telemetry_dir,
-                        vocab_size=int(vc.model_config.get_vocab_size()))
+                        vocab_size=int(vc.model_config.get_vocab_size()), sampling_defaults=defaults)
 
 
 def kv_summary(vllm_config: Any, model_name: str) -> dict[str, Any]:

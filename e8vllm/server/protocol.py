@@ -1,6 +1,8 @@
 """Request models of the OpenAI-compatible API (pydantic v2). Responses are plain dicts built by the
-routes in OpenAI's shapes. Unknown fields are ignored (as OpenAI and vLLM do); fields we do not
-implement are rejected with 400 when set to a non-default value, never silently dropped."""
+routes in OpenAI's shapes. Unknown fields are ignored (as OpenAI and vLLM do); fields of OpenAI's or
+vLLM's API that this server does not implement (:data:`UNSUPPORTED`, ``logit_bias``, ``echo``, ...)
+are rejected with 400 when set to anything but their default, never silently dropped. ``null`` means
+the default for every field (as in vLLM), and a missing ``model`` means the served one."""
 
 from __future__ import annotations
 
@@ -8,16 +10,51 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
-__all__ = ["StreamOptions", "CompletionRequest", "ChatMessage", "ChatRequest", "SamplingFields"]
+__all__ = ["StreamOptions", "CompletionRequest", "ChatMessage", "ChatRequest", "SamplingFields", "UNSUPPORTED"]
 
 MAX_N = 16
 MAX_STOP = 8
 SEED_MAX = 2**63 - 1
 
 
+#: vLLM / OpenAI request fields this server does not implement, with the values that mean "not used"
+#: (a request with any other value gets 400 naming the field): structured outputs, beam search,
+#: prompt logprobs, prompt truncation, chat-template controls, tool calls, LoRA, priorities
+UNSUPPORTED: dict[str, tuple] = {
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,), "structural_tag": (None,),
+    "structured_outputs": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1, 1.0),
+    "prompt_logprobs": (None,), "truncate_prompt_tokens": (None,), "chat_template": (None,),
+    "chat_template_kwargs": (None, {}), "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False), "documents": (None, []), "mm_processor_kwargs": (None, {}),
+    "lora_request": (None,), "priority": (None, 0), "logits_processors": (None, []),
+    "parallel_tool_calls": (None, True, False), "functions": (None, []), "function_call": (None, "none", "auto"),
+    "return_tokens_as_token_ids": (None, False), "return_token_ids": (None, False),
+}
+
+
+def _nulls_are_defaults(data: object) -> object:
+    """``{"n": null}`` means ``n``'s default (vLLM's models take null for every field)."""
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if v is not None}
+    return data
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: object) -> object:
+        return _nulls_are_defaults(data)
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "StreamOptions":
+        if self.continuous_usage_stats:
+            raise ValueError("stream_options.continuous_usage_stats is not supported")
+        return self
 
 
 Stop = Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP)], None]
@@ -28,7 +65,7 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr
+    model: StrictStr | None = None
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -45,8 +82,26 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = Field(0, ge=0, le=1 << 20)
+    stop_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=256)] | None = None
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
+    bad_words: Annotated[list[StrictStr], Field(max_length=256)] | None = None
+    allowed_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)] | None = None
     # OpenAI fields we reject when used
     logit_bias: dict[str, float] | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _before(cls, data: object) -> object:
+        data = _nulls_are_defaults(data)
+        if isinstance(data, dict):
+            for name, unused in UNSUPPORTED.items():
+                v = data.get(name)
+                if not any(type(v) is type(u) and v == u for u in unused):
+                    raise ValueError(f"{name} is not supported by this server")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -62,6 +117,8 @@ class SamplingFields(BaseModel):
             raise ValueError("stream_options is only allowed with stream=true")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("response_format other than text (structured outputs) is not supported")
         return self
 
     def stop_list(self) -> list[str]:
@@ -111,7 +168,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "\n".join(p.text for p in self.content)  # vLLM's separator for text parts
 
 
 class ChatRequest(SamplingFields):
@@ -124,7 +181,7 @@ class ChatRequest(SamplingFields):
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tools: list | None = None
     tool_choice: object | None = None
-    response_format: dict | None = None
+    echo: StrictBool = False
 
     @model_validator(mode="after")
     def _unsupported(self) -> "ChatRequest":
@@ -132,8 +189,10 @@ class ChatRequest(SamplingFields):
             raise ValueError("top_logprobs requires logprobs=true")
         if self.tools:
             raise ValueError("tools are not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than text is not supported")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ValueError("tool_choice is not supported (no tools)")
+        if self.echo:
+            raise ValueError("echo is not supported")
         return self
 
     def token_limit(self) -> int | None:

@@ -89,7 +89,7 @@ def test_request_models() -> None:
     r = ChatRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                         {"type": "text", "text": "b"}]}],
                     max_completion_tokens=3, max_tokens=9)
-    assert r.messages[0].text() == "ab" and r.token_limit() == 3
+    assert r.messages[0].text() == "a\nb" and r.token_limit() == 3
     with pytest.raises(ValueError):
         ChatRequest(model="m", messages=[{"role": "user", "content": "a"}], top_logprobs=2)
 
@@ -208,3 +208,56 @@ def test_sampling_params_greedy_threshold_and_vllm_validation() -> None:
             sampling_params(req, 4, None)
     finally:
         vsp.SamplingParams = real  # type: ignore[assignment]
+
+
+def test_requests_take_null_as_default_and_a_missing_model_as_the_served_one() -> None:
+    """vLLM's request models take null for every field; clients that send all fields depend on it."""
+    r = ChatRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "n": None, "stream": None,
+                                    "logprobs": None, "temperature": None, "model": None})
+    assert (r.model, r.n, r.stream, r.logprobs, r.temperature) == (None, 1, False, False, None)
+    c = CompletionRequest.model_validate({"prompt": "x", "echo": None, "stream": None, "ignore_eos": None,
+                                          "stream_options": None})
+    assert (c.model, c.echo, c.stream, c.ignore_eos) == (None, False, False, False)
+    parts = ChatRequest.model_validate({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
+    assert parts.messages[0].text() == "a\nb"  # vLLM joins text parts with a newline
+
+
+@pytest.mark.parametrize("field,value", [
+    ("guided_json", {"type": "object"}), ("guided_regex", "a+"), ("guided_choice", ["a", "b"]),
+    ("structured_outputs", {"json": {}}), ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("use_beam_search", True), ("prompt_logprobs", 1), ("truncate_prompt_tokens", 10),
+    ("chat_template_kwargs", {"enable_thinking": False}), ("add_generation_prompt", False),
+    ("continue_final_message", True), ("stream_options", {"include_usage": True, "continuous_usage_stats": True}),
+    ("tool_choice", "required"), ("echo", True), ("priority", 1), ("return_token_ids", True),
+])
+def test_vllm_fields_this_server_does_not_implement_get_400_not_silence(field: str, value: object) -> None:
+    body = {"model": "m", "stream": True, field: value}
+    for model, extra in ((ChatRequest, {"messages": [{"role": "user", "content": "hi"}]}),
+                         (CompletionRequest, {"prompt": "x"})):
+        if model is CompletionRequest and field in ("tool_choice",):
+            continue
+        with pytest.raises(ValueError, match=field.split("_")[0]):
+            model.model_validate({**body, **extra})
+    # their defaults are fine
+    ok = {"guided_json": None, "use_beam_search": False, "add_generation_prompt": True, "chat_template_kwargs": {},
+          "continue_final_message": False, "priority": 0, "tool_choice": "auto", "response_format": {"type": "text"}}
+    ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], **ok})
+
+
+def test_sampling_params_vllm_extras_and_the_models_defaults() -> None:
+    """stop_token_ids & co. reach vLLM; generation-config defaults fill what the request leaves unset."""
+    from e8vllm.server.routes.common import sampling_params
+
+    req = CompletionRequest(model="m", prompt="x", stop_token_ids=[5, 7], include_stop_str_in_output=True,
+                            skip_special_tokens=False, spaces_between_special_tokens=False, bad_words=["zz"],
+                            allowed_token_ids=[1, 2, 3], temperature=0.3)
+    sp = sampling_params(req, 4, None, {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1})
+    assert sp.stop_token_ids == [5, 7] and sp.include_stop_str_in_output and not sp.skip_special_tokens
+    assert not sp.spaces_between_special_tokens and sp.bad_words == ["zz"] and sp.allowed_token_ids == [1, 2, 3]
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.repetition_penalty) == (0.3, 0.9, 20, 1.1)  # request first
+    plain = sampling_params(CompletionRequest(model="m", prompt="x"), 4, None)
+    assert (plain.temperature, plain.top_p, plain.top_k, plain.min_p, plain.repetition_penalty) == (1.0, 1.0, 0, 0.0, 1.0)
+    # a greedy model default: n > 1 then runs as n greedy copies, as for a greedy request
+    assert sampling_params(CompletionRequest(model="m", prompt="x", n=3), 4, None, {"temperature": 0.0}).n == 1

@@ -43,9 +43,9 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     handle = ctx.ready()
     common.check_model(handle, body.model)
     ids = chat_prompt(handle, body)
-    max_tokens = common.prompt_budget(handle, len(ids), body.token_limit(), None)
+    max_tokens = common.prompt_budget(handle, len(ids), body.token_limit(), handle.sampling_defaults.get("max_tokens"))
     k = (body.top_logprobs or 0) if body.logprobs else None
     fmt = common.Formatter("chat.completion", "chat.completion.chunk", _choice, _final,
                            common.chat_logprobs(k or 0), common.merge_chat_logprobs)
-    params = common.sampling_params(body, max_tokens, k)
+    params = common.sampling_params(body, max_tokens, k, handle.sampling_defaults)
     return await common.run(request, ctx, handle, body, [ids], params, fmt, k)

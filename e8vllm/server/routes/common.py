@@ -63,8 +63,9 @@ def context(request: Request) -> AppContext:
     return request.app.state.ctx
 
 
-def check_model(handle: EngineHandle, model: str) -> None:
-    if model != handle.model_name:
+def check_model(handle: EngineHandle, model: str | None) -> None:
+    """404 unless ``model`` is the served name (None, a request without ``model``, means that one)."""
+    if model is not None and model != handle.model_name:
         raise APIError(404, f"the model '{model}' does not exist; this server serves '{handle.model_name}'",
                        param="model", code="model_not_found")
 
@@ -98,22 +99,36 @@ _GREEDY_EPS = 1e-5
 """vLLM's ``_SAMPLING_EPS``: below it a temperature means greedy sampling."""
 
 
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> Any:
-    """vLLM SamplingParams (DELTA outputs); its own validation errors become 400."""
+#: the sampling fields a model's generation config may default, and OpenAI's / vLLM's neutral values
+_NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
+                    defaults: dict[str, Any] | None = None) -> Any:
+    """vLLM SamplingParams (DELTA outputs); its own validation errors become 400.
+
+    ``defaults``: the model's generation-config defaults (:attr:`EngineHandle.sampling_defaults`);
+    per field the request's value wins, then the model's, then the neutral one (vLLM's order)."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+    defaults = defaults or {}
+    value = {n: (getattr(req, n) if getattr(req, n) is not None else defaults.get(n, neutral))
+             for n, neutral in _NEUTRAL.items()}
     # vLLM treats temperature < 1e-5 as greedy (and then refuses n > 1): the same threshold here
-    greedy = req.temperature is not None and req.temperature < _GREEDY_EPS
+    greedy = value["temperature"] < _GREEDY_EPS
     # vLLM refuses n > 1 with greedy sampling; Generation submits n copies with n=1 instead
     kw: dict[str, Any] = {"n": 1 if greedy else req.n, "max_tokens": max_tokens, "stop": req.stop_list() or None,
                           "seed": req.seed, "logprobs": logprobs, "ignore_eos": req.ignore_eos,
-                          "output_kind": RequestOutputKind.DELTA,
-                          "temperature": 1.0 if req.temperature is None else req.temperature,
-                          "top_p": 1.0 if req.top_p is None else req.top_p}
-    for name in ("presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty"):
-        v = getattr(req, name)
-        if v is not None:
-            kw[name] = v
+                          "output_kind": RequestOutputKind.DELTA, **value,
+                          "stop_token_ids": req.stop_token_ids,
+                          "include_stop_str_in_output": req.include_stop_str_in_output,
+                          "skip_special_tokens": req.skip_special_tokens,
+                          "spaces_between_special_tokens": req.spaces_between_special_tokens}
+    if req.bad_words:
+        kw["bad_words"] = req.bad_words
+    if req.allowed_token_ids:
+        kw["allowed_token_ids"] = req.allowed_token_ids
     if req.min_tokens:
         if req.min_tokens > max_tokens:
             raise APIError(400, "min_tokens must not exceed max_tokens", param="min_tokens", code="invalid_value")

@@ -47,5 +47,5 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     for p in prompts:
         common.check_token_ids(handle, p)
         budgets.append(common.prompt_budget(handle, len(p), body.max_tokens, DEFAULT_MAX_TOKENS))
-    params = common.sampling_params(body, min(budgets), body.logprobs)
+    params = common.sampling_params(body, min(budgets), body.logprobs, handle.sampling_defaults)
     return await common.run(request, ctx, handle, body, prompts, params, FORMAT, body.logprobs)
