@@ -80,6 +80,23 @@ def use_triton_kernels(name: str, head_size: int) -> bool:
     return supported(e8spec.kv_format(name, head_size))
 
 
+_REFERENCE_WARNED: set[tuple[str, int]] = set()
+
+
+def _warn_reference_path(name: str, head_size: int, fmt: Any) -> None:
+    """Once per (dtype, head size): the PyTorch path is correct but slow and rules out CUDA graphs."""
+    if (name, head_size) in _REFERENCE_WARNED:
+        return
+    _REFERENCE_WARNED.add((name, head_size))
+    chosen = os.environ.get(KERNELS_ENV, "triton").strip().lower() == "torch"
+    why = (f"{KERNELS_ENV}=torch" if chosen else
+           f"no fused CUDA kernels for head size {head_size} with codecs {fmt.k_codec.name} / "
+           f"{fmt.v_codec.name} (they cover E8 codecs at head size 64 and 128)")
+    (logger.info if chosen else logger.warning)(
+        "e8vllm: %s runs on the PyTorch reference path: %s; correct, but several times slower than "
+        "the fused kernels and without CUDA graphs", name, why)
+
+
 class E8TritonMetadataBuilder(TritonAttentionMetadataBuilder):
     """Triton's metadata (query_start_loc, seq_lens, block_table, max_query_len, ...).
 
@@ -172,6 +189,8 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
             self.supports_quant_query_input = False
             self._e8_setup(kv_cache_dtype, head_size)
             self._triton = use_triton_kernels(kv_cache_dtype, head_size)
+            if not self._triton and torch.cuda.is_available():
+                _warn_reference_path(kv_cache_dtype, head_size, self.fmt)
             if self._triton and torch.cuda.is_available():
                 # the kernels' device constants now, not at the first forward: that can be inside a
                 # CUDA-graph capture, where copying host tensors to the device is not allowed

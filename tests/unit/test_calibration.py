@@ -388,3 +388,30 @@ def test_layer_index() -> None:
     assert layer_index("transformer.h.3.attn.attn") == 3
     with pytest.raises(ValueError):
         layer_index("attn")
+
+
+def test_running_uncalibrated_is_logged_once_per_model(tmp_path, monkeypatch, caplog) -> None:
+    """No calibration file (a Hugging Face id, an uncalibrated directory): a warning naming the fix,
+    once per model however many layers ask; none when turned off on purpose or when a file is found."""
+    import e8vllm.vllm_plugin.impl as impl_mod
+
+    monkeypatch.setattr(impl_mod, "_UNCALIBRATED_WARNED", set())
+    monkeypatch.delenv(cal.CALIBRATION_ENV, raising=False)
+    layer = type("L", (), {"layer_name": "model.layers.0.self_attn.attn"})()
+
+    def centers(model) -> object:
+        impl = _Impl("e8_k4v4")
+        impl._e8_model = model
+        return impl._e8_centers(layer, torch.device("cpu"))
+
+    with caplog.at_level("WARNING", logger="e8vllm.vllm_plugin"):
+        assert centers("org/hf-model") is None and centers("org/hf-model") is None
+    assert caplog.text.count("no KV calibration for model 'org/hf-model'") == 1
+    assert "e8vllm calibrate DIR" in caplog.text
+    caplog.clear()
+    _centers().save(tmp_path / cal.CALIBRATION_FILE)
+    with caplog.at_level("WARNING", logger="e8vllm.vllm_plugin"):
+        assert centers(str(tmp_path)) is not None
+        monkeypatch.setenv(cal.CALIBRATION_ENV, "none")
+        assert centers("other/model") is None
+    assert "no KV calibration" not in caplog.text

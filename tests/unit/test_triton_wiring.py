@@ -164,3 +164,23 @@ def test_cuda_graph_level_does_not_depend_on_telemetry(telemetry_on, kernels, mo
     level = gpu.E8TritonMetadataBuilder.get_cudagraph_support(None, SimpleNamespace(head_size=128))
     want = gpu.AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE if kernels == "triton" else gpu.AttentionCGSupport.NEVER
     assert level == want
+
+
+def test_reference_path_on_cuda_is_reported_once(monkeypatch, caplog):
+    """A format without fused kernels (here head size 32) runs the PyTorch path on CUDA: a warning,
+    once per dtype and head size; choosing that path (E8VLLM_GPU_KERNELS=torch) is only logged as info."""
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu, "_REFERENCE_WARNED", set())
+    monkeypatch.delenv(gpu.KERNELS_ENV, raising=False)
+    monkeypatch.delenv("E8VLLM_KV_CALIBRATION", raising=False)
+    with caplog.at_level("INFO", logger=gpu.logger.name):
+        for _ in range(2):
+            impl = gpu.E8TritonImpl(4, 32, 32 ** -0.5, 2, None, None, "e8_k4v4")
+            assert not impl._triton
+    warn = [r for r in caplog.records if r.levelname == "WARNING" and "reference path" in r.getMessage()]
+    assert len(warn) == 1 and "head size 32" in warn[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("INFO", logger=gpu.logger.name):
+        _impl(monkeypatch, "torch")
+    recs = [r for r in caplog.records if "reference path" in r.getMessage()]
+    assert [r.levelname for r in recs] == ["INFO"] and "E8VLLM_GPU_KERNELS=torch" in recs[0].getMessage()
