@@ -125,11 +125,14 @@ def bench_quant_cmd(
     n_vectors: int = typer.Option(20000, help="Test vectors per data set."),
     quick: bool = typer.Option(False, help="Small sizes (CI smoke run)."),
     codecs: Optional[str] = typer.Option(None, help="Comma-separated codec names (default: every registered codec)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch/faiss threads, timings included "
+                                                          "(default 2; --quick: 1)."),
 ) -> None:
     """SNR/MSE vs bits per value for every codec, Gaussian and real SmolLM2 K/V."""
     from e8vllm.bench.quant import run
 
-    run(out_dir=out_dir, n_vectors=n_vectors, quick=quick, codec_names=codecs.split(",") if codecs else None)
+    run(out_dir=out_dir, n_vectors=n_vectors, quick=quick, codec_names=codecs.split(",") if codecs else None,
+        threads=threads)
 
 
 @bench_app.command("quality")
