@@ -2,10 +2,11 @@ r"""E8 kv-cache dtypes: names, page sizing, and what a model must not use to be 
 
 Dtype names
 -----------
-``e8_k{K}v{V}`` with K, V the bits per value of the K and V codecs (``e8-{K}bit`` /
-``e8-{V}bit`` from :mod:`e8vllm.codecs`): :data:`E8_DTYPES`. One (token, kv-head) slot holds
-``[K code | V code]``, i.e. ``D*K/8 + 2 + D*V/8 + 2`` bytes (head size D, one fp16 scale per
-vector): 68 B for ``e8_k4v4`` at D = 64 against 256 B for bf16 (3.76x).
+``e8_k{K}v{V}`` with K, V the bits per value of the K and V codecs (by default ``e8s-{b}bit``,
+4-bit keys ``e8c-4bit``, from :mod:`e8vllm.codecs`; ``$E8VLLM_ENCODER`` picks other variants of the
+same size): :data:`E8_DTYPES`. One (token, kv-head) slot holds ``[K code | V code]``, i.e.
+``D*K/8 + 2 + D*V/8 + 2`` bytes (head size D; 2 bytes per vector of scale and table-set bits):
+68 B for ``e8_k4v4`` at D = 64 against 256 B for bf16 (3.76x).
 
 Page sizing hooks (how vLLM learns the packed page size)
 --------------------------------------------------------
