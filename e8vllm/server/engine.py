@@ -14,19 +14,22 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from . import config as _config
 
 __all__ = ["EngineHandle", "SchedulerCounts", "start_engine", "kv_summary", "Generation", "Delta"]
 
 log = logging.getLogger("e8vllm.server")
+T = TypeVar("T")
 
 #: CPU KV-cache budget (GiB) when neither --kv-cache-space-gib nor VLLM_CPU_KVCACHE_SPACE is given
 DEFAULT_CPU_KV_GIB = 1
@@ -86,6 +89,15 @@ class EngineHandle:
     #: request's own values win, OpenAI's defaults fill the rest (vLLM's order)
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    _tok_pool: ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    async def tokenize(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` (tokenizing, chat templating) off the event loop, one call at a time
+        (as vLLM does: a long prompt must not stall every other stream, and a Rust tokenizer used
+        by two threads at once can fail with "Already borrowed")."""
+        if self._tok_pool is None:
+            self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e8vllm-tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._tok_pool, functools.partial(fn, *args))
 
     @property
     def dead(self) -> bool:

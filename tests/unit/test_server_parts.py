@@ -261,3 +261,43 @@ def test_sampling_params_vllm_extras_and_the_models_defaults() -> None:
     assert (plain.temperature, plain.top_p, plain.top_k, plain.min_p, plain.repetition_penalty) == (1.0, 1.0, 0, 0.0, 1.0)
     # a greedy model default: n > 1 then runs as n greedy copies, as for a greedy request
     assert sampling_params(CompletionRequest(model="m", prompt="x", n=3), 4, None, {"temperature": 0.0}).n == 1
+
+
+def test_tokenizing_runs_off_the_event_loop_one_call_at_a_time() -> None:
+    """A long prompt's tokenization must not stall other streams; calls never overlap (a Rust
+    tokenizer shared by two threads can fail with "Already borrowed")."""
+    import threading
+    import time as _time
+
+    from e8vllm.server.engine import EngineHandle, SchedulerCounts
+
+    h = EngineHandle(engine=None, tokenizer=None, model_name="m", model_path="/m", max_model_len=8, kv={},
+                     counts=SchedulerCounts(), telemetry_dir=None)
+    busy, overlaps, threads = [0], [0], set()
+
+    def slow(x: int) -> int:
+        busy[0] += 1
+        overlaps[0] = max(overlaps[0], busy[0])
+        threads.add(threading.current_thread().name)
+        _time.sleep(0.05)
+        busy[0] -= 1
+        return x * 2
+
+    async def main() -> tuple[list[int], int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        t = asyncio.create_task(ticker())
+        out = await asyncio.gather(*(h.tokenize(slow, i) for i in range(4)))
+        t.cancel()
+        return out, ticks
+
+    out, ticks = asyncio.run(main())
+    assert out == [0, 2, 4, 6] and overlaps[0] == 1 and ticks >= 10  # the loop kept running meanwhile
+    assert threads and all(n.startswith("e8vllm-tokenize") for n in threads)
+    h._tok_pool.shutdown()

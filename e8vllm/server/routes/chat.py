@@ -42,7 +42,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     ctx = common.context(request)
     handle = ctx.ready()
     common.check_model(handle, body.model)
-    ids = chat_prompt(handle, body)
+    ids = await handle.tokenize(chat_prompt, handle, body)
     max_tokens = common.prompt_budget(handle, len(ids), body.token_limit(), handle.sampling_defaults.get("max_tokens"))
     k = (body.top_logprobs or 0) if body.logprobs else None
     fmt = common.Formatter("chat.completion", "chat.completion.chunk", _choice, _final,

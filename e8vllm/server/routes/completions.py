@@ -42,7 +42,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     ctx = common.context(request)
     handle = ctx.ready()
     common.check_model(handle, body.model)
-    prompts = _prompts(handle, body.prompt)
+    prompts = await handle.tokenize(_prompts, handle, body.prompt)
     budgets = []
     for p in prompts:
         common.check_token_ids(handle, p)
