@@ -31,8 +31,9 @@ def serve_cmd(
     port: int = typer.Option(8000, help="Port."),
     api_key: Optional[list[str]] = typer.Option(None, help="Accepted bearer token (repeatable; default: "
                                                           "$VLLM_API_KEY, comma-separated; none = no auth)."),
-    served_model_name: Optional[str] = typer.Option(None, help="Name clients send as `model` (default: the "
-                                                               "model directory's name)."),
+    served_model_name: Optional[str] = typer.Option(None, help="Name clients send as `model` (default: MODEL "
+                                                               "as given, as in vLLM; the embedded default: "
+                                                               "SmolLM2-135M-Instruct)."),
     max_model_len: Optional[int] = typer.Option(None, help="Context length (default: the model's)."),
     max_num_seqs: Optional[int] = typer.Option(None, help="Most sequences scheduled at once."),
     tensor_parallel_size: int = typer.Option(1, help="Tensor-parallel GPUs."),

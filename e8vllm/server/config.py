@@ -38,7 +38,8 @@ class ServerConfig:
     Attributes:
         model: model directory or Hugging Face id; None = the SmolLM2-135M-Instruct default
             (:func:`e8vllm.models.prepare_model`).
-        served_model_name: the name clients send as ``model`` (default: the directory's name).
+        served_model_name: the name clients send as ``model`` (default: ``model`` as given, as in
+            vLLM; for the embedded default model its directory's name, ``SmolLM2-135M-Instruct``).
         kv_cache_dtype: ``e8_k4v4`` etc., or any stock vLLM dtype (``auto`` = the model dtype).
         host, port: where to listen.
         api_keys: accepted bearer tokens; empty = no auth.

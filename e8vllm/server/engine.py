@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import logging
 import os
@@ -90,14 +91,23 @@ class EngineHandle:
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     _tok_pool: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _tok_copy: Any = field(default=None, repr=False)
 
     async def tokenize(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` (tokenizing, chat templating) off the event loop, one call at a time
-        (as vLLM does: a long prompt must not stall every other stream, and a Rust tokenizer used
-        by two threads at once can fail with "Already borrowed")."""
+        """Run ``fn(tokenizer, *args)`` (tokenizing, chat templating) off the event loop, one call at a
+        time, on a private deep copy of the tokenizer: a long prompt must not stall every other
+        stream, and a Rust tokenizer used by two threads at once (here and vLLM's own detokenizer
+        and ``bad_words`` encoding on the event loop) can fail with "Already borrowed" (vLLM keeps a
+        pool of copies for the same reason)."""
         if self._tok_pool is None:
             self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e8vllm-tokenize")
-        return await asyncio.get_running_loop().run_in_executor(self._tok_pool, functools.partial(fn, *args))
+            try:
+                self._tok_copy = copy.deepcopy(self.tokenizer)
+            except Exception as e:  # noqa: BLE001 - an uncopyable tokenizer: shared, still one call at a time
+                log.warning("the tokenizer cannot be copied (%r): the tokenizing thread shares it", e)
+                self._tok_copy = self.tokenizer
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tok_pool, functools.partial(fn, self._tok_copy, *args))
 
     @property
     def dead(self) -> bool:

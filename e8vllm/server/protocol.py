@@ -10,7 +10,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
-__all__ = ["StreamOptions", "CompletionRequest", "ChatMessage", "ChatRequest", "SamplingFields", "UNSUPPORTED"]
+__all__ = ["StreamOptions", "CompletionRequest", "ChatMessage", "ChatRequest", "SamplingFields", "UNSUPPORTED",
+           "CHAT_UNSUPPORTED"]
 
 MAX_N = 16
 MAX_STOP = 8
@@ -19,18 +20,34 @@ SEED_MAX = 2**63 - 1
 
 #: vLLM / OpenAI request fields this server does not implement, with the values that mean "not used"
 #: (a request with any other value gets 400 naming the field): structured outputs, beam search,
-#: prompt logprobs, prompt truncation, chat-template controls, tool calls, LoRA, priorities
+#: prompt logprobs, prompt truncation, LoRA, priorities, token-id outputs
 UNSUPPORTED: dict[str, tuple] = {
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
     "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,), "structural_tag": (None,),
     "structured_outputs": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1, 1.0),
-    "prompt_logprobs": (None,), "truncate_prompt_tokens": (None,), "chat_template": (None,),
-    "chat_template_kwargs": (None, {}), "add_generation_prompt": (None, True),
-    "continue_final_message": (None, False), "documents": (None, []), "mm_processor_kwargs": (None, {}),
-    "lora_request": (None,), "priority": (None, 0), "logits_processors": (None, []),
-    "parallel_tool_calls": (None, True, False), "functions": (None, []), "function_call": (None, "none", "auto"),
+    "prompt_logprobs": (None,), "truncate_prompt_tokens": (None,), "lora_request": (None,),
+    "priority": (None, 0), "logits_processors": (None, []),
     "return_tokens_as_token_ids": (None, False), "return_token_ids": (None, False),
 }
+#: the same for chat requests only (completions ignore chat fields, as vLLM's do): a request's own
+#: template, documents, multimodal settings, function calling
+CHAT_UNSUPPORTED: dict[str, tuple] = {
+    "chat_template": (None,), "documents": (None, []), "mm_processor_kwargs": (None, {}),
+    "parallel_tool_calls": (None, True, False), "functions": (None, []), "function_call": (None, "none", "auto"),
+}
+#: ``chat_template_kwargs`` keys that would override the server's own arguments to the template
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def _check_unsupported(data: object, table: dict[str, tuple]) -> None:
+    if isinstance(data, dict):
+        for name, unused in table.items():
+            v = data.get(name)
+            if not any(type(v) is type(u) and v == u for u in unused):
+                raise ValueError(f"{name} is not supported by this server")
 
 
 def _nulls_are_defaults(data: object) -> object:
@@ -96,11 +113,7 @@ class SamplingFields(BaseModel):
     @classmethod
     def _before(cls, data: object) -> object:
         data = _nulls_are_defaults(data)
-        if isinstance(data, dict):
-            for name, unused in UNSUPPORTED.items():
-                v = data.get(name)
-                if not any(type(v) is type(u) and v == u for u in unused):
-                    raise ValueError(f"{name} is not supported by this server")
+        _check_unsupported(data, UNSUPPORTED)
         return data
 
     @field_validator("stop")
@@ -182,9 +195,24 @@ class ChatRequest(SamplingFields):
     tools: list | None = None
     tool_choice: object | None = None
     echo: StrictBool = False
+    # vLLM's chat-template controls
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[StrictStr, object] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat_before(cls, data: object) -> object:
+        _check_unsupported(_nulls_are_defaults(data), CHAT_UNSUPPORTED)
+        return data
 
     @model_validator(mode="after")
     def _unsupported(self) -> "ChatRequest":
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        bad = RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {})
+        if bad:
+            raise ValueError(f"chat_template_kwargs must not set {', '.join(sorted(bad))}")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
         if self.tools:

@@ -162,6 +162,22 @@ def test_null_fields_and_a_missing_model(e8_server) -> None:
     assert r.json()["model"] == MODEL and r.json()["usage"]["completion_tokens"] == 2
 
 
+def test_chat_continues_the_final_message(e8_server) -> None:
+    """vLLM's template controls through the real tokenizer: with continue_final_message the reply
+    extends the assistant's unfinished message instead of opening a new turn."""
+    c = e8_server.client()
+    msgs = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "My favourite color is"}]
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, temperature=0,
+                                  extra_body={"add_generation_prompt": False, "continue_final_message": True,
+                                              "chat_template_kwargs": {"unused_template_variable": 1}})
+    assert r.choices[0].message.content and r.usage.completion_tokens == 3
+    fresh = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, temperature=0)
+    assert r.usage.prompt_tokens < fresh.usage.prompt_tokens  # no closing tag + new assistant header
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3,
+                                  extra_body={"continue_final_message": True})  # with add_generation_prompt
+
+
 # ----------------------------------------------------------------------------------- errors
 def test_400_bad_parameters(e8_server) -> None:
     c = e8_server.client()

@@ -221,6 +221,16 @@ def test_requests_take_null_as_default_and_a_missing_model_as_the_served_one() -
     parts = ChatRequest.model_validate({"messages": [{"role": "user", "content": [
         {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
     assert parts.messages[0].text() == "a\nb"  # vLLM joins text parts with a newline
+    from types import SimpleNamespace
+
+    from e8vllm.server.routes.common import check_model
+
+    served = SimpleNamespace(model_name="org/model")
+    for ok in (None, "", "org/model"):
+        check_model(served, ok)  # type: ignore[arg-type]
+    with pytest.raises(APIError) as ei:
+        check_model(served, "model")  # type: ignore[arg-type]
+    assert ei.value.status == 404
 
 
 @pytest.mark.parametrize("field,value", [
@@ -228,22 +238,54 @@ def test_requests_take_null_as_default_and_a_missing_model_as_the_served_one() -
     ("structured_outputs", {"json": {}}), ("response_format", {"type": "json_object"}),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
     ("use_beam_search", True), ("prompt_logprobs", 1), ("truncate_prompt_tokens", 10),
-    ("chat_template_kwargs", {"enable_thinking": False}), ("add_generation_prompt", False),
-    ("continue_final_message", True), ("stream_options", {"include_usage": True, "continuous_usage_stats": True}),
+    ("stream_options", {"include_usage": True, "continuous_usage_stats": True}),
     ("tool_choice", "required"), ("echo", True), ("priority", 1), ("return_token_ids", True),
+    ("chat_template", "{{ messages }}"), ("functions", [{"name": "f"}]),
 ])
 def test_vllm_fields_this_server_does_not_implement_get_400_not_silence(field: str, value: object) -> None:
     body = {"model": "m", "stream": True, field: value}
+    chat_only = field in ("tool_choice", "chat_template", "functions")  # completions ignore them, as vLLM's do
     for model, extra in ((ChatRequest, {"messages": [{"role": "user", "content": "hi"}]}),
                          (CompletionRequest, {"prompt": "x"})):
-        if model is CompletionRequest and field in ("tool_choice",):
+        if model is CompletionRequest and chat_only:
+            model.model_validate({**body, **extra})
             continue
         with pytest.raises(ValueError, match=field.split("_")[0]):
             model.model_validate({**body, **extra})
     # their defaults are fine
-    ok = {"guided_json": None, "use_beam_search": False, "add_generation_prompt": True, "chat_template_kwargs": {},
-          "continue_final_message": False, "priority": 0, "tool_choice": "auto", "response_format": {"type": "text"}}
+    ok = {"guided_json": None, "use_beam_search": False, "priority": 0, "tool_choice": "auto",
+          "response_format": {"type": "text"}, "functions": [], "parallel_tool_calls": True}
     ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], **ok})
+
+
+def test_chat_template_controls_reach_the_template() -> None:
+    """add_generation_prompt, continue_final_message and chat_template_kwargs (e.g. Qwen3's
+    enable_thinking) go to the tokenizer's template as in vLLM; contradictions and keys that would
+    override the server's own arguments get 400."""
+    from e8vllm.server.routes.chat import chat_prompt
+
+    seen = {}
+
+    class Tok:
+        chat_template = "t"
+
+        def apply_chat_template(self, msgs, **kw):
+            seen.update(kw, msgs=msgs)
+            return "text"
+
+        def encode(self, text, add_special_tokens=True):
+            return [1, 2]
+
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Once"}]
+    assert chat_prompt(Tok(), ChatRequest(messages=msgs)) == [1, 2]
+    assert seen["add_generation_prompt"] is True and seen["continue_final_message"] is False
+    chat_prompt(Tok(), ChatRequest(messages=msgs, add_generation_prompt=False, continue_final_message=True,
+                                   chat_template_kwargs={"enable_thinking": False}))
+    assert (seen["add_generation_prompt"], seen["continue_final_message"], seen["enable_thinking"]) == (False, True, False)
+    with pytest.raises(ValueError, match="cannot both be true"):
+        ChatRequest(messages=msgs, continue_final_message=True)
+    with pytest.raises(ValueError, match="tokenize"):
+        ChatRequest(messages=msgs, chat_template_kwargs={"tokenize": True})
 
 
 def test_sampling_params_vllm_extras_and_the_models_defaults() -> None:
@@ -275,7 +317,13 @@ def test_tokenizing_runs_off_the_event_loop_one_call_at_a_time() -> None:
                      counts=SchedulerCounts(), telemetry_dir=None)
     busy, overlaps, threads = [0], [0], set()
 
-    def slow(x: int) -> int:
+    h = EngineHandle(engine=None, tokenizer={"vocab": [1]}, model_name="m", model_path="/m", max_model_len=8,
+                     kv={}, counts=SchedulerCounts(), telemetry_dir=None)
+    toks = set()
+
+    def slow(tok: dict, x: int) -> int:
+        toks.add(id(tok))
+        assert tok == {"vocab": [1]} and tok is not h.tokenizer  # a private copy
         busy[0] += 1
         overlaps[0] = max(overlaps[0], busy[0])
         threads.add(threading.current_thread().name)
@@ -299,5 +347,5 @@ def test_tokenizing_runs_off_the_event_loop_one_call_at_a_time() -> None:
 
     out, ticks = asyncio.run(main())
     assert out == [0, 2, 4, 6] and overlaps[0] == 1 and ticks >= 10  # the loop kept running meanwhile
-    assert threads and all(n.startswith("e8vllm-tokenize") for n in threads)
+    assert threads and all(n.startswith("e8vllm-tokenize") for n in threads) and len(toks) == 1
     h._tok_pool.shutdown()

@@ -23,14 +23,17 @@ def _final(i: int, text: str, lp: Any, finish: str | None) -> dict:
             "finish_reason": finish}
 
 
-def chat_prompt(handle: Any, body: ChatRequest) -> list[int]:
-    """Token ids of the templated conversation (add_generation_prompt=True); 400 if it cannot render."""
-    tok = handle.tokenizer
+def chat_prompt(tok: Any, body: ChatRequest) -> list[int]:
+    """Token ids of the conversation through ``tok``'s chat template (``add_generation_prompt`` /
+    ``continue_final_message`` / ``chat_template_kwargs`` as the request says, vLLM's defaults
+    otherwise); 400 if it cannot render."""
     if not getattr(tok, "chat_template", None):
         raise APIError(400, "the model's tokenizer has no chat template; use /v1/completions", code="no_chat_template")
     msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
-        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(msgs, add_generation_prompt=body.add_generation_prompt,
+                                       continue_final_message=body.continue_final_message, tokenize=False,
+                                       **(body.chat_template_kwargs or {}))
     except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (jinja raise_exception)
         raise APIError(400, f"the chat template rejected the messages: {e}", param="messages",
                        code="invalid_value") from e
@@ -42,7 +45,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     ctx = common.context(request)
     handle = ctx.ready()
     common.check_model(handle, body.model)
-    ids = await handle.tokenize(chat_prompt, handle, body)
+    ids = await handle.tokenize(chat_prompt, body)
     max_tokens = common.prompt_budget(handle, len(ids), body.token_limit(), handle.sampling_defaults.get("max_tokens"))
     k = (body.top_logprobs or 0) if body.logprobs else None
     fmt = common.Formatter("chat.completion", "chat.completion.chunk", _choice, _final,

@@ -64,8 +64,9 @@ def context(request: Request) -> AppContext:
 
 
 def check_model(handle: EngineHandle, model: str | None) -> None:
-    """404 unless ``model`` is the served name (None, a request without ``model``, means that one)."""
-    if model is not None and model != handle.model_name:
+    """404 unless ``model`` is the served name (a request without ``model``, or with ``""``, means
+    that one, as in vLLM)."""
+    if model and model != handle.model_name:
         raise APIError(404, f"the model '{model}' does not exist; this server serves '{handle.model_name}'",
                        param="model", code="model_not_found")
 

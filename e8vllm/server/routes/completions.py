@@ -27,11 +27,11 @@ FORMAT = common.Formatter("text_completion", "text_completion", _choice, _final,
                           common.merge_completion_logprobs)
 
 
-def _prompts(handle: Any, prompt: Any) -> list[list[int]]:
+def _prompts(tok: Any, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [handle.tokenizer.encode(prompt)]
+        return [tok.encode(prompt)]
     if prompt and isinstance(prompt[0], str):
-        return [handle.tokenizer.encode(p) for p in prompt]
+        return [tok.encode(p) for p in prompt]
     if prompt and isinstance(prompt[0], int):
         return [list(prompt)]
     return [list(p) for p in prompt]
@@ -42,7 +42,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     ctx = common.context(request)
     handle = ctx.ready()
     common.check_model(handle, body.model)
-    prompts = await handle.tokenize(_prompts, handle, body.prompt)
+    prompts = await handle.tokenize(_prompts, body.prompt)
     budgets = []
     for p in prompts:
         common.check_token_ids(handle, p)
