@@ -195,8 +195,13 @@ def kv_summary(vllm_config: Any, model_name: str) -> dict[str, Any]:
     cc, mc, pc = vllm_config.cache_config, vllm_config.model_config, vllm_config.parallel_config
     dtype = cc.cache_dtype
     head = int(mc.get_head_size())
-    layers = int(mc.get_num_layers(pc))
-    kv_heads = int(mc.get_num_kv_heads(pc)) * int(pc.tensor_parallel_size)
+    # per rank: this pipeline stage's layers, this tensor-parallel rank's KV heads (vLLM's budget and
+    # block count are per rank); the engine's totals: every layer, every rank's heads (replicas too)
+    stage_layers = int(mc.get_num_layers(pc))
+    total_layers = int(getattr(mc, "get_total_num_hidden_layers", lambda: stage_layers)())
+    rank_heads = int(mc.get_num_kv_heads(pc))
+    layers = total_layers
+    kv_heads = rank_heads * int(pc.tensor_parallel_size)
     block = int(cc.block_size)
     blocks = int(cc.num_gpu_blocks or 0)
     tokens = blocks * block
@@ -232,10 +237,11 @@ def kv_summary(vllm_config: Any, model_name: str) -> dict[str, Any]:
     per_token_model = layers * kv_heads * model_slot
     kv_bytes = tokens * per_token
     model_bytes = tokens * per_token_model
-    # the model dtype's capacity in the same memory: vLLM's KV budget when it has one (CPU:
-    # VLLM_CPU_KVCACHE_SPACE, or --kv-cache-memory-bytes), else the bytes the cache was given
-    budget = int(getattr(cc, "kv_cache_memory_bytes", None) or kv_bytes)
-    model_capacity = (budget // per_token_model) // block * block if per_token_model else 0
+    # the model dtype's capacity in the same memory: vLLM's KV budget per rank when it has one (CPU:
+    # VLLM_CPU_KVCACHE_SPACE, or --kv-cache-memory-bytes), else the bytes each rank's cache was given
+    rank_per_token_model = stage_layers * rank_heads * model_slot
+    budget = int(getattr(cc, "kv_cache_memory_bytes", None) or tokens * stage_layers * rank_heads * slot)
+    model_capacity = (budget // rank_per_token_model) // block * block if rank_per_token_model else 0
     mml = int(mc.max_model_len)
     return {
         "model": model_name, "kv_cache_dtype": dtype, "model_dtype": str(model_dtype).replace("torch.", ""),

@@ -129,9 +129,9 @@ class ServerMetrics:
         self.registry.register(_SchedulerCollector(counts))
         self.ttft = Histogram("e8kv_time_to_first_token_seconds", "Time from request arrival to its first token.",
                               buckets=TTFT_BUCKETS, registry=self.registry)
-        self.itl = Histogram("e8kv_inter_token_latency_seconds", "Time between successive output tokens.",
+        self.itl = Histogram("e8kv_inter_token_latency_seconds", "Time between successive output tokens of a choice (a chunk of k tokens: k samples of gap / k).",
                              buckets=ITL_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("e8kv_e2e_request_latency_seconds", "Time from request arrival to its last token.",
+        self.e2e = Histogram("e8kv_e2e_request_latency_seconds", "Time from request arrival to its last token (requests whose choices all finished; aborted ones are left out).",
                              buckets=E2E_BUCKETS, registry=self.registry)
         self.prompt_tokens = Counter("e8kv_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
         self.generation_tokens = Counter("e8kv_generation_tokens", "Tokens generated.", registry=self.registry)

@@ -4,6 +4,7 @@ middleware (through FastAPI's ASGI app with no engine), request models, and the 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -349,3 +350,78 @@ def test_tokenizing_runs_off_the_event_loop_one_call_at_a_time() -> None:
     assert out == [0, 2, 4, 6] and overlaps[0] == 1 and ticks >= 10  # the loop kept running meanwhile
     assert threads and all(n.startswith("e8vllm-tokenize") for n in threads) and len(toks) == 1
     h._tok_pool.shutdown()
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_kv_summary_counts_every_rank_and_stage(tp: int, pp: int) -> None:
+    """vLLM's KV budget and block count are per rank (one pipeline stage's layers, one tensor-parallel
+    rank's heads); the byte totals cover the whole engine. With `auto`, the model-dtype capacity in the
+    same budget equals vLLM's own."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from e8vllm.server.engine import kv_summary
+
+    layers, heads, head, block = 30, 4, 64, 16
+
+    def cfg(dtype: str, blocks: int) -> SimpleNamespace:
+        mc = SimpleNamespace(get_head_size=lambda: head, get_num_layers=lambda pc: layers // pp,
+                             get_total_num_hidden_layers=lambda: layers, get_num_kv_heads=lambda pc: heads // tp,
+                             dtype=torch.bfloat16, max_model_len=1024, model="/nonexistent")
+        budget = blocks * block * (layers // pp) * (heads // tp) * 2 * head * 2
+        cc = SimpleNamespace(cache_dtype=dtype, block_size=block, num_gpu_blocks=blocks,
+                             kv_cache_memory_bytes=budget if dtype == "auto" else None)
+        return SimpleNamespace(cache_config=cc, model_config=mc,
+                               parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp))
+
+    s = kv_summary(cfg("auto", 100), "m")
+    assert s["capacity_tokens"] == {"e8": 1600, "model_dtype": 1600}
+    assert s["kv_cache_bytes"] == 1600 * layers * heads * 2 * head * 2 and s["bytes_saved"] == 0
+    e8 = kv_summary(cfg("e8_k4v4", 376), "m")  # 68 B per token-head instead of 256
+    assert e8["kv_cache_bytes"] == 376 * block * layers * heads * 68
+    assert e8["capacity_tokens"]["model_dtype"] == (376 * block * 68 // 256) // block * block
+    assert e8["compression_ratio"] == pytest.approx(256 / 68)
+
+
+def test_request_timer_skips_aborted_requests_and_first_chunks() -> None:
+    """E2E latency only for requests whose choices all finished (not aborted, client not gone); no
+    inter-token samples for a choice's first chunk (its tokens came together, and its wait is not a
+    gap after another choice's token); TTFT from the request's arrival."""
+    from types import SimpleNamespace
+
+    from e8vllm.server.engine import Delta
+    from e8vllm.server.routes.common import _Timer
+
+    class H:
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def observe(self, v: float) -> None:
+            self.values.append(v)
+
+        def inc(self, v: float = 1) -> None:
+            self.values.append(v)
+
+    def metrics() -> SimpleNamespace:
+        return SimpleNamespace(ttft=H(), itl=H(), e2e=H(), prompt_tokens=H(), generation_tokens=H())
+
+    def d(choice: int, k: int, finish: str | None = None) -> Delta:
+        return Delta(choice=choice, prompt_index=0, text="", token_ids=[1] * k, logprobs=None,
+                     finish_reason=finish, prompt_tokens=5)
+
+    m = metrics()
+    t = _Timer(m, 2, t0=time.monotonic() - 1.0)  # arrived a second ago (tokenizing, queueing)
+    for delta in (d(0, 3), d(1, 1), d(0, 2), d(1, 1, "stop"), d(0, 1, "length")):
+        t.on_delta(delta)
+    t.done()
+    assert len(m.ttft.values) == 1 and m.ttft.values[0] >= 1.0
+    assert len(m.itl.values) == 2 + 1 + 1  # choice 0: 2 then 1 token after its first chunk; choice 1: 1
+    assert len(m.e2e.values) == 1 and m.generation_tokens.values == [3, 1, 2, 1, 1]
+    for finals in ([d(0, 1, "abort"), d(1, 1, "stop")], [d(0, 1, "stop")]):  # an abort; a choice never ended
+        m = metrics()
+        t = _Timer(m, 2)
+        for delta in finals:
+            t.on_delta(delta)
+        t.done()
+        assert m.e2e.values == [] and len(m.ttft.values) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -42,6 +43,7 @@ def chat_prompt(tok: Any, body: ChatRequest) -> list[int]:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
+    t0 = time.monotonic()
     ctx = common.context(request)
     handle = ctx.ready()
     common.check_model(handle, body.model)
@@ -51,4 +53,4 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     fmt = common.Formatter("chat.completion", "chat.completion.chunk", _choice, _final,
                            common.chat_logprobs(k or 0), common.merge_chat_logprobs)
     params = common.sampling_params(body, max_tokens, k, handle.sampling_defaults)
-    return await common.run(request, ctx, handle, body, [ids], params, fmt, k)
+    return await common.run(request, ctx, handle, body, [ids], params, fmt, k, t0)

@@ -165,16 +165,21 @@ class Formatter:
 
 
 class _Timer:
-    """Request metrics: TTFT, ITL (per token), E2E, token counters."""
+    """Request metrics: TTFT (the request's first token), ITL (per token, within each choice), E2E,
+    token counters. ``t0``: when the request arrived (before tokenizing)."""
 
-    def __init__(self, metrics: ServerMetrics | None) -> None:
+    def __init__(self, metrics: ServerMetrics | None, n_choices: int, t0: float | None = None) -> None:
         self.m = metrics
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic() if t0 is None else t0
         self.first: float | None = None
         self.last: dict[int, float] = {}
+        self.finish: dict[int, str] = {}
+        self.n_choices = n_choices
         self.seen_prompt: set[int] = set()
 
     def on_delta(self, d: Delta) -> None:
+        if d.finish_reason is not None:
+            self.finish[d.choice] = d.finish_reason
         if self.m is None:
             return
         now = time.monotonic()
@@ -188,17 +193,16 @@ class _Timer:
         if self.first is None:
             self.first = now
             self.m.ttft.observe(now - self.t0)
-            k_itl = k - 1
-            gap = 0.0
-        else:
-            prev = self.last.get(d.choice, self.first)
-            gap, k_itl = (now - prev) / k, k
-        for _ in range(k_itl):
-            self.m.itl.observe(gap)
+        prev = self.last.get(d.choice)
+        if prev is not None:  # a choice's first chunk has no gap of its own (its tokens came together)
+            for _ in range(k):
+                self.m.itl.observe((now - prev) / k)
         self.last[d.choice] = now
 
     def done(self) -> None:
-        if self.m is not None and self.first is not None:
+        """E2E latency of a request whose choices all finished (not aborted, no client gone)."""
+        complete = len(self.finish) == self.n_choices and "abort" not in self.finish.values()
+        if self.m is not None and self.first is not None and complete:
             self.m.e2e.observe(time.monotonic() - self.t0)
 
 
@@ -218,14 +222,16 @@ def _json(obj: Any) -> str:
 
 
 async def run(request: Request, ctx: AppContext, handle: EngineHandle, req: SamplingFields,
-              prompts: list[list[int]], params: Any, fmt: Formatter, logprobs_k: int | None) -> Any:
-    """Run the request; a JSON response or an SSE stream."""
+              prompts: list[list[int]], params: Any, fmt: Formatter, logprobs_k: int | None,
+              t0: float | None = None) -> Any:
+    """Run the request; a JSON response or an SSE stream. ``t0``: the request's arrival
+    (``time.monotonic()``), for the latency metrics."""
     if len(prompts) * req.n > MAX_CHOICES:
         raise APIError(400, f"too many choices: prompts x n = {len(prompts) * req.n} > {MAX_CHOICES}",
                        param="n", code="invalid_value")
     rid = f"{'cmpl' if fmt.object_name == 'text_completion' else 'chatcmpl'}-{time.time_ns():x}"
     created = int(time.time())
-    timer = _Timer(ctx.metrics)
+    timer = _Timer(ctx.metrics, len(prompts) * req.n, t0)
     gen = Generation(handle, prompts, params, ctx.active, n=req.n)
     gen.start()
     watcher = asyncio.create_task(_watch_disconnect(request, gen))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -39,6 +40,7 @@ def _prompts(tok: Any, prompt: Any) -> list[list[int]]:
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
+    t0 = time.monotonic()
     ctx = common.context(request)
     handle = ctx.ready()
     common.check_model(handle, body.model)
@@ -48,4 +50,4 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         common.check_token_ids(handle, p)
         budgets.append(common.prompt_budget(handle, len(p), body.max_tokens, DEFAULT_MAX_TOKENS))
     params = common.sampling_params(body, min(budgets), body.logprobs, handle.sampling_defaults)
-    return await common.run(request, ctx, handle, body, prompts, params, FORMAT, body.logprobs)
+    return await common.run(request, ctx, handle, body, prompts, params, FORMAT, body.logprobs, t0)
