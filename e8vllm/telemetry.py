@@ -151,7 +151,9 @@ def error_stats(x: Any, x_hat: Any) -> TensorStats:
     """Error sums of vectors ``x`` [N, D] against their reconstructions ``x_hat`` [N, D] (float64).
 
     Cosine of a pair with a zero vector: 1 if both are zero, else 0. Cosines are clamped to
-    [-1, 1] before bucketing (rounding can exceed 1 by an ulp).
+    [-1, 1] before bucketing (rounding can exceed 1 by an ulp). Pairs with a NaN or Inf (the
+    model's own overflow, stored clamped by the write path) are left out: they are not quantization
+    error, and one would turn the process's counters into NaN for good.
     """
     import torch
 
@@ -159,6 +161,8 @@ def error_stats(x: Any, x_hat: Any) -> TensorStats:
     y = torch.as_tensor(x_hat).detach().to(torch.float64).to(x.device)
     if x.dim() != 2 or x.shape != y.shape:
         raise ValueError(f"x and x_hat must both be [N, D], got {tuple(x.shape)} and {tuple(y.shape)}")
+    keep = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)
+    x, y = x[keep], y[keep]
     n = x.shape[0]
     if n == 0:
         return TensorStats()

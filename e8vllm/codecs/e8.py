@@ -348,9 +348,14 @@ class E8Codec(Codec):
         n, d = y.shape
         rms = y.square().mean(1).sqrt()
         scales = [fp16_round(rms * f) for f in _scale_factors(self.n_scales, 0.75, 1.25)]
+        # a vector whose every candidate scale underflows fp16 (zero, or RMS below ~5e-8) is stored
+        # with scale 0 and decodes to exact zeros (searching at the stand-in scale 1 would emit a
+        # full-size codeword)
+        vanishing = scales[-1] == 0
         scales = [torch.where(s > 0, s, torch.ones_like(s)) for s in scales]  # candidate scales [N] each
         if y.device.type == "cpu" and _e8_fast.available():  # the same search, compiled (numba)
-            return _e8_fast.encode_rotated(self.code, y.float(), torch.stack(scales, 1))
+            fields, scale = _e8_fast.encode_rotated(self.code, y.float(), torch.stack(scales, 1))
+            return fields, torch.where(vanishing, torch.zeros_like(scale), scale)
         best_err = torch.full((n,), INF, device=y.device)
         best_fields = torch.zeros((n, d), dtype=torch.int64, device=y.device)
         best_scale = torch.zeros(n, device=y.device)
@@ -361,7 +366,7 @@ class E8Codec(Codec):
             best_err = torch.where(better, err, best_err)
             best_fields[better] = fields.reshape(n, d)[better]
             best_scale = torch.where(better, s, best_scale)
-        return best_fields, best_scale
+        return best_fields, torch.where(vanishing, torch.zeros_like(best_scale), best_scale)
 
     def decode_rotated(self, fields: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """(fields int64 [N, D], scale float32 [N]) -> rotated vectors float32 [N, D]."""
@@ -465,6 +470,7 @@ class E8VoronoiCodec(Codec):
         dev = y.device
         best = (torch.full((n,), INF, device=dev), torch.zeros((n, d), dtype=torch.int64, device=dev),
                 torch.zeros(n, device=dev))
+        vanishing = fp16_round(rms * 1.6 * self.step) == 0  # scale 0: decodes to exact zeros
         for f in _scale_factors(self.n_scales, 0.6, 1.6):
             s = fp16_round(rms * f * self.step)
             s = torch.where(s > 0, s, torch.ones_like(s))
@@ -473,7 +479,8 @@ class E8VoronoiCodec(Codec):
             better = err < best[0]
             best[1][better] = k.reshape(n, d)[better]
             best = (torch.where(better, err, best[0]), best[1], torch.where(better, s, best[2]))
-        return torch.cat([pack_bits(best[1], self.bits), fp16_bytes(best[2])], 1)
+        scale = torch.where(vanishing, torch.zeros_like(best[2]), best[2])
+        return torch.cat([pack_bits(best[1], self.bits), fp16_bytes(scale)], 1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: uint8 [N, code_bytes] -> float32 [N, D]."""

@@ -166,6 +166,7 @@ class E8PCodec(Codec):
         best_words = torch.zeros((n, d // 8), dtype=torch.int64)
         best_scale = torch.zeros(n)
         factors = [1.0] if self.n_scales == 1 else torch.linspace(0.8, 1.2, self.n_scales).tolist()
+        vanishing = fp16_round(rms * max(factors)) == 0  # scale 0: decodes to exact zeros
         for f in factors:
             s = fp16_round(rms * f)
             s = torch.where(s > 0, s, torch.ones_like(s))
@@ -176,7 +177,7 @@ class E8PCodec(Codec):
             best_words[better] = words.reshape(n, -1)[better]
             best_scale = torch.where(better, s, best_scale)
         lo_hi = torch.stack([best_words & 0xFF, best_words >> 8], -1).reshape(n, -1).to(torch.uint8)
-        return torch.cat([lo_hi, fp16_bytes(best_scale)], 1)
+        return torch.cat([lo_hi, fp16_bytes(torch.where(vanishing, torch.zeros_like(best_scale), best_scale))], 1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: uint8 [N, code_bytes] -> float32 [N, D]."""

@@ -42,6 +42,7 @@ Nothing here imports vLLM.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -490,6 +491,29 @@ def check_cache_layout(kv_cache: Tensor, num_kv_heads: int, fmt: E8KVFormat, wha
 # ---------------------------------------------------------------------------------------------
 # (a) write path
 # ---------------------------------------------------------------------------------------------
+logger = logging.getLogger("e8vllm.kernels")
+#: the write path warned about non-finite K/V in this process (once)
+_NONFINITE_WARNED = [False]
+#: what a non-finite K/V value is stored as: 0 for NaN, ±this for ±Inf (fp16's largest finite value)
+NONFINITE_CLAMP = 65504.0
+
+
+def _finite_kv(x: Tensor, name: str) -> Tensor:
+    """``x`` with NaN -> 0 and ±Inf -> ±:data:`NONFINITE_CLAMP`, and a warning (once per process).
+
+    Non-finite K/V come from the model's own numerics (an overflow), not from a request: the codecs
+    refuse them (``ValueError``), and raising inside the engine's forward would kill the engine for
+    every request. Stock vLLM caches them as they are; here the affected values are clamped and the
+    sequence's output is as unreliable as it would be there."""
+    if bool(torch.isfinite(x).all()):
+        return x
+    if not _NONFINITE_WARNED[0]:
+        _NONFINITE_WARNED[0] = True
+        logger.warning("e8vllm: the model produced NaN/Inf %s values (a numerical overflow); they are stored "
+                       "as 0 / +-%g in the E8 cache (this warning is shown once)", name, NONFINITE_CLAMP)
+    return torch.nan_to_num(x, nan=0.0, posinf=NONFINITE_CLAMP, neginf=-NONFINITE_CLAMP)
+
+
 def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor,
                    fmt: E8KVFormat) -> None:
     """Encode and scatter new tokens into the packed cache (in place).
@@ -512,6 +536,7 @@ def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: T
             return
         slots, key, value = slots[idx], key[idx], value[idx]
     bs = kv_cache.shape[2]
+    key, value = _finite_kv(key, "key"), _finite_kv(value, "value")
     # advanced indices around a slice: the indexed result is [n, H, C]
     kv_cache[slots // bs, :, slots % bs, :] = fmt.encode_kv(key, value).to(kv_cache.device)
 

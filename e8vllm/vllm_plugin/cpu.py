@@ -121,7 +121,8 @@ class E8CPUAttentionImpl(E8ImplMixin, CPUAttentionBackendImpl):
         if self._e8_check_layer(kv_cache_dtype, num_heads=num_heads, head_size=head_size,
                                 num_kv_heads=num_kv_heads, alibi_slopes=alibi_slopes,
                                 sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-                                attn_type=attn_type, sinks=sinks) and extra:
+                                attn_type=attn_type, sinks=sinks,
+                                kv_sharing_target_layer_name=kv_sharing_target_layer_name) and extra:
             raise e8spec.E8UnsupportedError(
                 f"e8vllm: {kv_cache_dtype}: unsupported attention options {sorted(extra)}")
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,

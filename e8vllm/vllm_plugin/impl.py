@@ -97,7 +97,7 @@ class E8ImplMixin:
 
     def _e8_check_layer(self, kv_cache_dtype: str, *, num_heads: int, head_size: int, num_kv_heads: int,
                         alibi_slopes: Any, sliding_window: Any, logits_soft_cap: Any, attn_type: Any,
-                        sinks: Any) -> bool:
+                        sinks: Any, kv_sharing_target_layer_name: str | None = None) -> bool:
         """True for an e8 dtype the layer can serve; E8UnsupportedError naming every reason otherwise."""
         self.e8 = e8spec.is_e8_dtype(kv_cache_dtype)
         if self.e8:
@@ -106,7 +106,8 @@ class E8ImplMixin:
                 kv_cache_dtype, head_size=head_size, alibi_slopes=alibi_slopes,
                 sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
                 attn_type=str(getattr(attn_type, "value", attn_type)), sinks=sinks,
-                num_heads=num_heads, num_kv_heads=num_kv_heads), "attention layer")
+                num_heads=num_heads, num_kv_heads=num_kv_heads,
+                kv_sharing_target_layer_name=kv_sharing_target_layer_name), "attention layer")
         return self.e8
 
     def _e8_setup(self, kv_cache_dtype: str, head_size: int) -> None:

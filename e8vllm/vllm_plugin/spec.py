@@ -320,9 +320,12 @@ def _head_size_reason(name: str, head_size: int) -> str | None:
 def layer_unsupported_reasons(name: str, *, head_size: int, alibi_slopes: Any = None,
                               sliding_window: int | None = None, logits_soft_cap: float | None = None,
                               attn_type: str = "decoder", sinks: Any = None,
-                              num_heads: int = 1, num_kv_heads: int = 1) -> list[str]:
+                              num_heads: int = 1, num_kv_heads: int = 1,
+                              kv_sharing_target_layer_name: str | None = None) -> list[str]:
     """Why one attention layer (impl constructor arguments) cannot use dtype ``name``; [] if it can."""
     out: list[str] = []
+    if kv_sharing_target_layer_name:  # it would read the target's codes with its own calibration
+        out.append(f"cross-layer KV sharing (this layer reads {kv_sharing_target_layer_name}'s cache)")
     if sliding_window is not None and sliding_window not in (-1, 0):
         out.append(f"sliding-window attention (window {sliding_window})")
     if alibi_slopes is not None:
@@ -355,6 +358,11 @@ def config_unsupported_reasons(vllm_config: Any) -> list[str]:
         parse_e8_dtype(name)
     except ValueError as e:
         return [str(e)]
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        # pages handed to or from another engine carry no record of the codecs, encoder variant and
+        # calibration that wrote them: an engine with other settings would decode them wrongly
+        out.append("KV transfer connectors (kv_transfer_config): E8 pages do not record the codecs and "
+                   "calibration that wrote them")
     if mc is None:
         return out
     hf = getattr(mc, "hf_text_config", None) or getattr(mc, "hf_config", None)

@@ -76,3 +76,17 @@ def test_codec_rejects_bad_input(name):
             c.decode(bad)
     with pytest.raises(ValueError):
         codecs.get(name, head_dim=60)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zero_and_vanishing_vectors_decode_near_zero(name):
+    """A zero vector (or one far below any scale's range) must not come back as a full-size
+    codeword: scale codecs used to search it at a stand-in scale of 1 (e8-*, e8p: |x̂| up to 2)."""
+    c = _make(name, 64)
+    x = torch.zeros(4, 64)
+    x[1] = 1e-9
+    x[2, 5] = -3e-8
+    x[3] = torch.randn(64)  # an ordinary row beside them
+    out = c.decode(c.encode(x))
+    assert out[:3].abs().max().item() < 1e-3, out[:3].abs().max(dim=1).values
+    assert torch.isfinite(out).all()

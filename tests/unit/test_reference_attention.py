@@ -195,6 +195,29 @@ def test_write_skips_negative_slots(fmt44: E8KVFormat) -> None:
     assert torch.equal(cache[0], before[0])
 
 
+def test_write_survives_nonfinite_kv(fmt44: E8KVFormat, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """NaN/Inf K/V (a model overflow) must not raise inside the engine's forward (that kills the engine
+    for every request): they are stored as 0 / +-65504 with one warning; finite rows are unaffected."""
+    import e8vllm.kernels.reference as ref
+
+    monkeypatch.setattr(ref, "_NONFINITE_WARNED", [False])
+    k, v = torch.randn(4, 3, D), torch.randn(4, 3, D)
+    want = torch.zeros(2, 3, 16, fmt44.slot_bytes, dtype=torch.uint8)
+    slots = torch.tensor([0, 1, 2, 3])
+    fixed_k, fixed_v = k.clone(), v.clone()
+    k[1, 0, 3], k[2, 1, 0], v[3, 2, 7] = float("nan"), float("inf"), float("-inf")
+    fixed_k[1, 0, 3], fixed_k[2, 1, 0], fixed_v[3, 2, 7] = 0.0, 65504.0, -65504.0
+    write_kv_cache(fixed_k, fixed_v, want, slots, fmt44)
+    got = torch.zeros_like(want)
+    with caplog.at_level("WARNING", logger="e8vllm.kernels"):
+        write_kv_cache(k, v, got, slots, fmt44)
+        write_kv_cache(k, v, got, slots, fmt44)
+    assert torch.equal(got, want)
+    assert caplog.text.count("NaN/Inf") == 1
+    with pytest.raises(ValueError, match="NaN or Inf"):  # the codec API itself still refuses them
+        fmt44.k_codec.encode(k.reshape(-1, D))
+
+
 @pytest.mark.parametrize("fast_max", [1024, 0])  # batched-search encoder / the codec's own
 def test_write_then_decode_is_codec_roundtrip(fmt32: E8KVFormat, fast_max: int,
                                               monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,6 +61,17 @@ def test_error_stats_matches_direct_computation() -> None:
     assert s.snr_db == pytest.approx(10 * math.log10(energy / err))
 
 
+def test_error_stats_leaves_out_nonfinite_pairs() -> None:
+    """A model overflow (NaN/Inf K or V) must not turn the process's error counters into NaN."""
+    x, y = torch.randn(5, 8), torch.randn(5, 8)
+    ref = tm.error_stats(x[[0, 3, 4]], y[[0, 3, 4]])
+    x[1, 2], y[2, 0] = float("nan"), float("inf")
+    got = tm.error_stats(x, y)
+    assert got.vectors == 3 and math.isfinite(got.squared_error)
+    assert (got.squared_error, got.signal_energy, got.cosine_sum) == pytest.approx(
+        (ref.squared_error, ref.signal_energy, ref.cosine_sum))
+
+
 def test_error_stats_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError):
         tm.error_stats(torch.zeros(3, 8), torch.zeros(4, 8))

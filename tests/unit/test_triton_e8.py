@@ -543,8 +543,11 @@ def test_fp16_scale_formats(variant, one_thread):
     fmt = E8KVFormat.from_bits(64, 4, 3, variant)
     assert fmt.k_codec.name.startswith("e8-") and supported(fmt)
     case = random_case(fmt, [37, 21], [1, 1], h_q=4, h_kv=2, write=False)
-    ref, got = _write_both(case)
-    assert torch.equal(got, ref)
+    case.key[3], case.value[5, 1], case.key[7, 0] = 0.0, 1e-9, 2e-8  # scale 0 (exact zeros), as the codec
+    for rows in (None, 16):  # one row per program / the 16-row path
+        ref, got = _write_both(case, block_rows=rows)
+        assert torch.equal(got, ref)
+    assert case.fmt.decode_kv_rotated(ref[case.slots[3] // 16, :, case.slots[3] % 16])[0].abs().max() == 0
     case = random_case(fmt, [70, 33, 1, 50, 20], [1, 33, 1, 9, 1], h_q=8, h_kv=2)
     _check_attention(case, prefill={"kernel": "values", "block_m": 64, "tile_n": 32})
     dec = random_case(fmt, [70, 33, 50], [1, 1, 1], h_q=8, h_kv=2, seed=3)

@@ -120,6 +120,7 @@ def test_layer_check_accepts_plain_decoder() -> None:
     ({"attn_type": "encoder_only"}, "encoder_only attention"),
     ({"sinks": torch.zeros(9)}, "attention sinks"),
     ({"head_size": 60}, "head size 60"),
+    ({"kv_sharing_target_layer_name": "model.layers.3.self_attn.attn"}, "cross-layer KV sharing"),
 ])
 def test_layer_check_reasons(kw: dict[str, Any], needle: str) -> None:
     args: dict[str, Any] = {"head_size": 64, "num_heads": 9, "num_kv_heads": 3, **kw}
@@ -177,6 +178,15 @@ def _cfg(dtype: str = "e8_k4v4", **hf: Any) -> SimpleNamespace:
 def test_config_check_reasons(hf: dict[str, Any], needle: str) -> None:
     reasons = config_unsupported_reasons(_cfg(**hf))
     assert any(needle in r for r in reasons), reasons
+
+
+def test_config_check_refuses_kv_transfer() -> None:
+    """KV connectors move pages between engines; E8 pages do not record the settings that wrote them."""
+    cfg = _cfg()
+    cfg.kv_transfer_config = SimpleNamespace(kv_connector="LMCacheConnectorV1")
+    assert any("kv_transfer_config" in r for r in config_unsupported_reasons(cfg))
+    cfg.kv_transfer_config = None
+    assert config_unsupported_reasons(cfg) == []
 
 
 def test_config_check_accepts_llama_and_qwen_style_disabled_window() -> None:

@@ -563,6 +563,10 @@ def _write_rows(pid, x_ptr, sx0, sx1, slot_ptr, cache_ptr, cs0, cs1, cs2, code_o
     if SETS == 2:
         tail = best_sw | (best_e << 8)
     else:
+        # a row whose largest candidate scale underflows fp16 stores scale 0 (exact zeros), as the codec
+        fmx = tl.load(fac_ptr + NS - 1)
+        smx = tl.minimum(tl.maximum(rms * fmx, -_FP16_MAX), _FP16_MAX).to(tl.float16).to(tl.float32)
+        best_s = tl.where(smx > 0, best_s, 0.0)
         tail = best_s.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
     tl.store(slot_base + scale_off, (tail & 255).to(tl.uint8), mask=valid)
     tl.store(slot_base + scale_off + 1, ((tail >> 8) & 255).to(tl.uint8), mask=valid)
