@@ -253,13 +253,14 @@ def fast_e8_encode(codec: Codec, x: Tensor) -> Tensor:
                       dtype=torch.float32, device=y.device)
     m = fs.shape[0]
     scales = fp16_round(rms[None, :] * fs[:, None])  # [m, n]
+    vanishing = scales[-1] == 0  # the codec's rule: scale 0 (exact zeros) when every candidate underflows
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     fields, err = codec.code.encode((y[None] / scales[..., None]).reshape(-1, 8))  # type: ignore[attr-defined]
     err = err.reshape(m, n, -1).sum(2) * scales.square()
     best = torch.argmin(err, dim=0) if m > 1 else torch.zeros(n, dtype=torch.int64, device=y.device)
     ar = torch.arange(n, device=y.device)
     fields = fields.reshape(m, n, d)[best, ar]
-    scale = scales[best, ar]
+    scale = torch.where(vanishing, torch.zeros_like(scales[0]), scales[best, ar])
     sb = scale.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
     return torch.cat([pack_fields(fields, codec.bits), sb], 1)  # type: ignore[attr-defined]
 
