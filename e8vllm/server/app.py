@@ -87,8 +87,7 @@ def build_app(config: ServerConfig) -> FastAPI:
                     except Exception:  # noqa: BLE001
                         pass
                 h.engine.shutdown()
-                if h._tok_pool is not None:
-                    h._tok_pool.shutdown(wait=False, cancel_futures=True)
+                h.stop_tokenizing()
             if tdir.exists():
                 shutil.rmtree(tdir, ignore_errors=True)
 

@@ -109,6 +109,11 @@ class EngineHandle:
         return await asyncio.get_running_loop().run_in_executor(
             self._tok_pool, functools.partial(fn, self._tok_copy, *args))
 
+    def stop_tokenizing(self) -> None:
+        """Shut the tokenizing thread down (server shutdown); queued calls are cancelled."""
+        if self._tok_pool is not None:
+            self._tok_pool.shutdown(wait=False, cancel_futures=True)
+
     @property
     def dead(self) -> bool:
         try:
@@ -200,7 +205,6 @@ def kv_summary(vllm_config: Any, model_name: str) -> dict[str, Any]:
     stage_layers = int(mc.get_num_layers(pc))
     total_layers = int(getattr(mc, "get_total_num_hidden_layers", lambda: stage_layers)())
     rank_heads = int(mc.get_num_kv_heads(pc))
-    layers = total_layers
     kv_heads = rank_heads * int(pc.tensor_parallel_size)
     block = int(cc.block_size)
     blocks = int(cc.num_gpu_blocks or 0)
@@ -233,8 +237,8 @@ def kv_summary(vllm_config: Any, model_name: str) -> dict[str, Any]:
         quantized = dtype != "auto"
         calibration = {"kv_centering": False, "calibration_file": None}
     slot = k_bytes + v_bytes
-    per_token = layers * kv_heads * slot
-    per_token_model = layers * kv_heads * model_slot
+    per_token = total_layers * kv_heads * slot
+    per_token_model = total_layers * kv_heads * model_slot
     kv_bytes = tokens * per_token
     model_bytes = tokens * per_token_model
     # the model dtype's capacity in the same memory: vLLM's KV budget per rank when it has one (CPU:
@@ -248,7 +252,7 @@ def kv_summary(vllm_config: Any, model_name: str) -> dict[str, Any]:
         "quantized": quantized, "codec_key": codec_k, "codec_value": codec_v,
         "bits_key": k_bytes * 8 / head, "bits_value": v_bytes * 8 / head, "rotation": rotation,
         "kv_calibration": calibration,
-        "head_size": head, "num_layers": layers, "num_kv_heads": kv_heads, "block_size": block,
+        "head_size": head, "num_layers": total_layers, "num_kv_heads": kv_heads, "block_size": block,
         "num_blocks": blocks, "slot_bytes": slot, "model_dtype_slot_bytes": model_slot,
         "kv_cache_bytes": kv_bytes, "model_dtype_bytes": model_bytes, "bytes_saved": model_bytes - kv_bytes,
         "compression_ratio": (model_bytes / kv_bytes) if kv_bytes else 1.0,

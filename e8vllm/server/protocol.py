@@ -203,7 +203,7 @@ class ChatRequest(SamplingFields):
     @model_validator(mode="before")
     @classmethod
     def _chat_before(cls, data: object) -> object:
-        _check_unsupported(_nulls_are_defaults(data), CHAT_UNSUPPORTED)
+        _check_unsupported(data, CHAT_UNSUPPORTED)  # null counts as unused: every table allows None
         return data
 
     @model_validator(mode="after")

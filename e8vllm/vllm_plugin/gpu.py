@@ -180,7 +180,7 @@ class E8TritonImpl(E8ImplMixin, TritonAttentionImpl):
                                   num_kv_heads=num_kv_heads, alibi_slopes=alibi_slopes,
                                   sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
                                   attn_type=attn_type, sinks=sinks,
-                                kv_sharing_target_layer_name=kv_sharing_target_layer_name)
+                                  kv_sharing_target_layer_name=kv_sharing_target_layer_name)
         # the stock constructor only knows vLLM's dtypes: build it as "auto", then restore ours
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          "auto" if e8 else kv_cache_dtype, logits_soft_cap, attn_type,

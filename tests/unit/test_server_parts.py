@@ -349,7 +349,7 @@ def test_tokenizing_runs_off_the_event_loop_one_call_at_a_time() -> None:
     out, ticks = asyncio.run(main())
     assert out == [0, 2, 4, 6] and overlaps[0] == 1 and ticks >= 10  # the loop kept running meanwhile
     assert threads and all(n.startswith("e8vllm-tokenize") for n in threads) and len(toks) == 1
-    h._tok_pool.shutdown()
+    h.stop_tokenizing()
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
